@@ -1,0 +1,5 @@
+import dashkv
+
+
+def test_version():
+    assert dashkv.__version__
