@@ -1,0 +1,97 @@
+"""Binary codes: packing, Hamming and asymmetric scans, top-k (plain-torch reference implementations).
+
+Layout (shared with the fast kernels in `dashkv.kernels`): a b-bit code is b/64 little-endian words
+stored as `torch.int64` (bit-identical to uint64; torch's uint64 lacks most ops). Bit i of the code is
+bit (i % 64) of word i // 64, i.e. bit (i % 8) of byte i // 8 of the code's bytes. A set bit means +1,
+a clear bit means -1.
+
+Scores are *similarities* (larger = more relevant):
+- Hamming:     b - 2 * popcount(c_q XOR c_k)  ==  <sign(q'), sign(k')>      (integer in [-b, b])
+- asymmetric:  <f_q(q), c_k> with c_k in {-1, +1}^b                       (real query, binary key)
+"""
+
+from __future__ import annotations
+
+import torch
+
+_BIT_WEIGHTS = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)  # 1, 2, 4, ..., 128
+POPCOUNT_LUT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
+
+
+def check_bits(bits: int) -> None:
+    if bits < 64 or bits % 64:
+        raise ValueError(f"bits must be a positive multiple of 64, got {bits}")
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Pack (..., b) bits (bool, or {-1,+1}/real where > 0 means set) into (..., b/64) int64 words."""
+    b = bits.shape[-1]
+    check_bits(b)
+    set_ = bits if bits.dtype == torch.bool else bits > 0
+    by = set_.reshape(*set_.shape[:-1], b // 8, 8).to(torch.uint8)
+    packed = (by * _BIT_WEIGHTS).sum(-1, dtype=torch.int32).to(torch.uint8)  # (..., b/8) bytes
+    return packed.contiguous().view(torch.int64)
+
+
+def unpack_bits(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_bits`: (..., W) int64 words -> (..., 64*W) bool."""
+    if words.dtype != torch.int64:
+        raise TypeError(f"packed codes must be int64 words, got {words.dtype}")
+    by = words.contiguous().view(torch.uint8)  # (..., 8W), little-endian
+    bits = (by.unsqueeze(-1) & _BIT_WEIGHTS) != 0
+    return bits.reshape(*words.shape[:-1], words.shape[-1] * 64)
+
+
+def to_signs(words: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Packed codes -> {-1, +1} vectors."""
+    return unpack_bits(words).to(dtype) * 2 - 1
+
+
+def popcount(words: torch.Tensor) -> torch.Tensor:
+    """Number of set bits per code: (..., W) int64 -> (...) int32."""
+    by = words.contiguous().view(torch.uint8).long()
+    return POPCOUNT_LUT[by].sum(-1, dtype=torch.int32)
+
+
+def hamming_similarity(q_words: torch.Tensor, k_words: torch.Tensor) -> torch.Tensor:
+    """b - 2*popcount(q XOR k): q (..., W) against k (..., N, W) -> (..., N) int32."""
+    bits = 64 * k_words.shape[-1]
+    x = torch.bitwise_xor(q_words.unsqueeze(-2), k_words)
+    return bits - 2 * popcount(x)
+
+
+def hamming_similarity_reference(q_words: torch.Tensor, k_words: torch.Tensor) -> torch.Tensor:
+    """Bit-by-bit reference of `hamming_similarity` (slow, obviously correct)."""
+    qb = unpack_bits(q_words).unsqueeze(-2)
+    kb = unpack_bits(k_words)
+    differ = (qb != kb).sum(-1, dtype=torch.int32)
+    return kb.shape[-1] - 2 * differ
+
+
+def asymmetric_scores_reference(q_proj: torch.Tensor, k_words: torch.Tensor) -> torch.Tensor:
+    """<q_proj, c_k> for q_proj (..., b) float against k (..., N, W): unpack and multiply."""
+    signs = to_signs(k_words, q_proj.dtype)  # (..., N, b)
+    return (signs * q_proj.unsqueeze(-2)).sum(-1)
+
+
+def byte_tables(q_proj: torch.Tensor) -> torch.Tensor:
+    """Per-byte look-up tables of the asymmetric score: (..., b) -> (..., b/8, 256).
+
+    table[p, v] = sum_t q[8p+t] * (+1 if bit t of v else -1); the score of a key is then the sum of
+    b/8 table entries, one per code byte: b/8 look-ups instead of b multiply-adds.
+    """
+    b = q_proj.shape[-1]
+    q = q_proj.reshape(*q_proj.shape[:-1], b // 8, 8)
+    v = torch.arange(256)
+    signs = ((v.unsqueeze(-1) >> torch.arange(8)) & 1).to(q_proj.dtype) * 2 - 1  # (256, 8)
+    return torch.einsum("...pt,vt->...pv", q, signs)
+
+
+def asymmetric_scores(q_proj: torch.Tensor, k_words: torch.Tensor) -> torch.Tensor:
+    """Asymmetric scores through byte look-up tables (what the fast kernels do), in torch."""
+    tables = byte_tables(q_proj)  # (..., P, 256)
+    by = k_words.contiguous().view(torch.uint8).long()  # (..., N, P)
+    n, p = by.shape[-2:]
+    batch = torch.broadcast_shapes(tables.shape[:-2], by.shape[:-2])
+    t = tables.expand(*batch, p, 256).unsqueeze(-3).expand(*batch, n, p, 256)
+    return t.gather(-1, by.expand(*batch, n, p).unsqueeze(-1)).squeeze(-1).sum(-1)

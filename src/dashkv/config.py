@@ -1,0 +1,165 @@
+"""DashKVConfig: every knob of a DASH-KV decode step, validated in one place.
+
+The budget is the number of cached tokens a query head (or KV head) may read per decode step, and it
+counts *everything* read from K/V: sinks, the recent window, the exact (critical) candidates and the
+low-precision tier. Reporting it that way keeps comparisons with baselines at equal budget honest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from fractions import Fraction
+from typing import Any, Literal
+
+Scorer = Literal["asymmetric", "hamming"]
+Grouping = Literal["kv_head", "query_head"]
+
+
+def parse_budget(value: str | float | int) -> float | int:
+    """Parse a budget given as a fraction ("1/16", "0.0625") or a token count ("512").
+
+    Integers (and integer strings) are token counts; anything else is a fraction of the context.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"budget must be a fraction in (0, 1] or a token count >= 1, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value
+    text = str(value).strip()
+    try:
+        if "/" in text:
+            return float(Fraction(text))
+        if text.isdigit():
+            return int(text)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(
+            f"budget must be a fraction like 1/16 or 0.0625, or a token count like 512; got {value!r}"
+        ) from None
+
+
+@dataclass
+class DashKVConfig:
+    """Configuration of DASH-KV decoding.
+
+    bits:            code length b of the key codes (multiple of 64).
+    budget:          tokens read per step: a fraction of the context in (0, 1] or a count >= 1.
+    sink:            first tokens always attended exactly (attention sinks).
+    window:          most recent tokens always attended exactly.
+    adaptive:        size the critical candidate set per head and step from the estimated attention mass.
+    mass_target:     with `adaptive`, stop adding candidates once this share of the estimated mass is in.
+    k_min, k_max:    bounds of the critical candidate count (k_max None = what the budget leaves).
+    lowprec_fraction: share of the candidate budget served from an 8-bit copy of K/V (0 disables it).
+    scorer:          "asymmetric" (real-valued query projection against binary keys) or "hamming".
+    grouping:        one candidate set per "kv_head" (G query heads summed) or per "query_head".
+    dense_layers:    layers kept dense (diffuse early layers).
+    min_context:     contexts up to this many tokens are decoded densely (selection cannot pay off).
+    """
+
+    bits: int = 64
+    budget: float | int = 1 / 16
+    sink: int = 4
+    window: int = 64
+    adaptive: bool = False
+    mass_target: float = 0.95
+    k_min: int = 16
+    k_max: int | None = None
+    lowprec_fraction: float = 0.0
+    scorer: Scorer = "asymmetric"
+    grouping: Grouping = "kv_head"
+    dense_layers: tuple[int, ...] = (0, 1)
+    min_context: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.budget = parse_budget(self.budget)
+        self.dense_layers = tuple(int(i) for i in self.dense_layers)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that is out of range."""
+
+        def bad(name: str, allowed: str) -> ValueError:
+            return ValueError(f"DashKVConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+        if not isinstance(self.bits, int) or self.bits < 64 or self.bits % 64:
+            raise bad("bits", "must be a positive multiple of 64 (64, 128, 192, ...)")
+        b = self.budget
+        if isinstance(b, int):
+            if b < 1:
+                raise bad("budget", "a token count must be >= 1 (or give a fraction in (0, 1])")
+        elif not (isinstance(b, float) and math.isfinite(b) and 0.0 < b <= 1.0):
+            raise bad("budget", "a fraction must be in (0, 1] (or give a token count >= 1)")
+        for name in ("sink", "window", "k_min", "min_context"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise bad(name, "must be an integer >= 0")
+        if self.k_max is not None and (not isinstance(self.k_max, int) or self.k_max < max(1, self.k_min)):
+            raise bad("k_max", f"must be None or an integer >= k_min ({self.k_min}) and >= 1")
+        if not (0.0 < self.mass_target <= 1.0):
+            raise bad("mass_target", "must be in (0, 1]")
+        if not (0.0 <= self.lowprec_fraction < 1.0):
+            raise bad("lowprec_fraction", "must be in [0, 1)")
+        if self.scorer not in ("asymmetric", "hamming"):
+            raise bad("scorer", "must be 'asymmetric' or 'hamming'")
+        if self.grouping not in ("kv_head", "query_head"):
+            raise bad("grouping", "must be 'kv_head' or 'query_head'")
+        if any(i < 0 for i in self.dense_layers):
+            raise bad("dense_layers", "layer indices must be >= 0")
+
+    # ---- budget arithmetic -------------------------------------------------------------------
+    def budget_tokens(self, n: int) -> int:
+        """Total tokens read per step at context length n (never more than n).
+
+        A fractional budget never drops below sink + window + k_min: at short contexts a fraction would
+        otherwise leave no room for candidates (reports use the measured fraction, not the nominal one).
+        """
+        if isinstance(self.budget, int):
+            return min(n, self.budget)
+        floor = self.sink + self.window + self.k_min
+        return min(n, max(1, floor, math.ceil(self.budget * n)))
+
+    def plan(self, n: int) -> "StepPlan":
+        """Split the budget at context n into sinks, window, exact candidates and low-precision tier."""
+        total = self.budget_tokens(n)
+        if total >= n or n <= self.min_context:
+            return StepPlan(n=n, dense=True, sink=0, window=0, critical=0, lowprec=0)
+        sink = min(self.sink, total)
+        window = min(self.window, total - sink)
+        free = total - sink - window
+        lowprec = int(math.floor(free * self.lowprec_fraction))
+        critical = free - lowprec
+        if self.k_max is not None:
+            critical = min(critical, self.k_max)
+        return StepPlan(n=n, dense=False, sink=sink, window=window, critical=critical, lowprec=lowprec)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dense_layers"] = list(self.dense_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DashKVConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown DashKVConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How one decode step at context n spends its budget (counts per selecting head)."""
+
+    n: int
+    dense: bool
+    sink: int
+    window: int
+    critical: int
+    lowprec: int
+
+    @property
+    def total(self) -> int:
+        return self.n if self.dense else self.sink + self.window + self.critical + self.lowprec

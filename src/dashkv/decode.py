@@ -1,0 +1,91 @@
+"""One decode step of one layer, top to bottom: plan -> codes/scores -> selection -> attention.
+
+This is the whole DASH-KV data path; the transformers integration (`dashkv.hf`) calls it for every
+full-attention layer at every decode step, and the evaluation harness calls it for every method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import QuantizedRows, dense_decode_attention, sparse_decode_attention
+from .config import DashKVConfig
+from .selection import H2OPolicy, LayerState, SelectionPolicy, valid_positions
+
+
+@dataclass
+class StepStats:
+    """Tokens read per step, for tests and reports: sum over steps of tokens read per selecting head."""
+
+    steps: int = 0
+    attended: int = 0  # tokens read, summed over steps, batch rows and selecting heads
+    context: int = 0  # context length, summed the same way
+    per_step: list[tuple[int, int, float]] = field(default_factory=list)  # (layer, N, mean tokens read)
+
+    def record(self, layer_idx: int, n: int, attended: torch.Tensor, keep: bool) -> None:
+        self.steps += 1
+        self.attended += int(attended.sum())
+        self.context += n * attended.numel()
+        if keep:
+            self.per_step.append((layer_idx, n, float(attended.float().mean())))
+
+    @property
+    def fraction(self) -> float:
+        return self.attended / self.context if self.context else 1.0
+
+
+def decode_step(policy: SelectionPolicy | None, config: DashKVConfig, state: LayerState, query: torch.Tensor,
+                keys: torch.Tensor, values: torch.Tensor, scaling: float, start: torch.Tensor | None = None,
+                lowprec: tuple[QuantizedRows, QuantizedRows] | None = None, fast: bool = True,
+                stats: StepStats | None = None) -> torch.Tensor:
+    """Attention output (B, Hq, 1, d) of one decode query against the whole cache of one layer.
+
+    policy None means dense. `start` (B,) marks left padding. With `fast`, the default DASH-KV
+    configuration (fixed-size exact tier) runs in the fused CPU kernel; everything else runs the torch
+    reference path, which the kernel is tested against.
+    """
+    b, hkv, n, _ = keys.shape
+    plan = config.plan(n)
+    valid = None if start is None else valid_positions(n, start, b)
+    if policy is None or plan.dense:
+        if stats is not None:
+            stats.record(state.layer_idx, n, (valid.sum(-1, keepdim=True) if valid is not None
+                                              else torch.full((b, 1), n)), keep=False)
+        return dense_decode_attention(query, keys, values, scaling, valid)
+
+    q = query[:, :, 0, :]
+    if fast and _fast_path_applies(policy, config, keys):
+        from .kernels.cpu import dashkv_decode_cpu
+
+        out, idx_count = dashkv_decode_cpu(
+            q.float(), policy.query_projection(state.layer_idx, q), keys, values, state.codes,
+            sink=plan.sink, window=plan.window, critical=plan.critical, scaling=scaling,
+            grouping=config.grouping, scorer=config.scorer, start=start, return_counts=True)
+        if stats is not None:
+            stats.record(state.layer_idx, n, idx_count, keep=True)
+        return out[:, :, None, :].to(query.dtype)
+
+    selection = policy.select(state, q, keys, plan, scaling, start)
+    want_probs = isinstance(policy, H2OPolicy)
+    result = sparse_decode_attention(query, keys, values, selection, scaling, lowprec, return_probs=want_probs)
+    if want_probs:
+        result, probs = result
+        policy.observe(state, selection, probs)
+    if stats is not None:
+        stats.record(state.layer_idx, n, selection.attended(), keep=True)
+    return result
+
+
+def _fast_path_applies(policy: SelectionPolicy, config: DashKVConfig, keys: torch.Tensor) -> bool:
+    """The fused kernel serves DASH-KV/SimHash with a fixed exact tier, fp32, on the CPU."""
+    if not policy.uses_codes or config.adaptive or config.lowprec_fraction > 0:
+        return False
+    if keys.device.type != "cpu" or keys.dtype != torch.float32:
+        return False
+    try:
+        from .kernels import cpu  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,251 @@
+"""Asymmetric hash encoders: a key encoder per (layer, KV head), a query encoder per (layer, query head).
+
+Keys are encoded once, when they enter the cache, and the b-bit sign codes are reused at every later
+step; queries are encoded once per step and never stored, so they keep a real-valued projection
+(DESIGN §1-2). Both maps are small head-wise MLPs (depth 1 = linear). `HashEncoders` holds the set for a
+whole model and round-trips through safetensors with metadata that pins it to the model it fits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from . import __version__
+from .codes import check_bits, pack_bits
+
+FORMAT = "dashkv-encoders"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "encoders.safetensors"
+CONFIG_NAME = "encoders.json"
+SHAPE_FIELDS = ("model_type", "num_layers", "num_q_heads", "num_kv_heads", "head_dim")
+
+
+class EncoderFileError(ValueError):
+    """An encoder directory is missing, truncated, corrupt or not a dashkv encoder file."""
+
+
+class EncoderMismatchError(ValueError):
+    """Encoders were calibrated for a model of another shape."""
+
+
+class HeadwiseMLP(nn.Module):
+    """One small MLP per head, evaluated for all heads at once: (B, H, N, d_in) -> (B, H, N, d_out)."""
+
+    def __init__(self, heads: int, d_in: int, d_out: int, hidden: int = 0, depth: int = 1, bias: bool = True):
+        super().__init__()
+        if depth not in (1, 2):
+            raise ValueError(f"encoder depth must be 1 (linear) or 2 (one hidden layer), got {depth}")
+        if depth == 2 and hidden < 1:
+            raise ValueError("a depth-2 encoder needs hidden >= 1")
+        self.heads, self.d_in, self.d_out, self.hidden, self.depth = heads, d_in, d_out, hidden, depth
+        dims = [d_in, d_out] if depth == 1 else [d_in, hidden, d_out]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for a, b in zip(dims[:-1], dims[1:]):
+            w = torch.empty(heads, a, b)
+            nn.init.normal_(w, std=1.0 / math.sqrt(a))
+            self.weights.append(nn.Parameter(w))
+            self.biases.append(nn.Parameter(torch.zeros(heads, b), requires_grad=bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.einsum("bhnd,hde->bhne", x, w.to(x.dtype)) + b.to(x.dtype)[None, :, None, :]
+            if i < len(self.weights) - 1:
+                x = torch.nn.functional.gelu(x)
+        return x
+
+
+class LayerEncoders(nn.Module):
+    """The encoders of one attention layer, plus a per-query-head temperature.
+
+    `log_scale` maps the relaxed similarity <tanh f_q(q), c_k> to attention logits; calibration
+    learns it with the KL objective, and the adaptive critical set uses it to estimate attention mass.
+    """
+
+    def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, bits: int, hidden: int, depth: int,
+                 bias: bool = True):
+        super().__init__()
+        self.query = HeadwiseMLP(num_q_heads, head_dim, bits, hidden, depth, bias)
+        self.key = HeadwiseMLP(num_kv_heads, head_dim, bits, hidden, depth, bias)
+        self.log_scale = nn.Parameter(torch.zeros(num_q_heads))
+
+
+class HashEncoders(nn.Module):
+    """All layers' encoders for one model, with the metadata that says which model they fit."""
+
+    def __init__(self, shape: Mapping[str, Any], bits: int, layers: Iterable[int], *, hidden: int = 0,
+                 depth: int = 1, kind: str = "learned", bias: bool = True, meta: Mapping[str, Any] | None = None):
+        super().__init__()
+        check_bits(bits)
+        missing = [f for f in SHAPE_FIELDS if f not in shape]
+        if missing:
+            raise ValueError(f"model shape lacks {missing}")
+        self.shape = {f: shape[f] for f in SHAPE_FIELDS}
+        self.bits, self.hidden, self.depth, self.kind, self.bias = bits, hidden, depth, kind, bias
+        self.layer_ids = tuple(sorted(int(i) for i in layers))
+        bad = [i for i in self.layer_ids if not 0 <= i < self.shape["num_layers"]]
+        if bad:
+            raise ValueError(f"layers {bad} outside the model's {self.shape['num_layers']} layers")
+        self.meta: dict[str, Any] = dict(meta or {})
+        s = self.shape
+        self.layers = nn.ModuleDict({
+            str(i): LayerEncoders(s["num_q_heads"], s["num_kv_heads"], s["head_dim"], bits, hidden, depth, bias)
+            for i in self.layer_ids
+        })
+        self.requires_grad_(False)
+
+    # ---- construction ----------------------------------------------------------------------------
+    @classmethod
+    def simhash(cls, shape: Mapping[str, Any], bits: int, layers: Iterable[int], seed: int = 0) -> "HashEncoders":
+        """SimHash baseline: random Gaussian hyperplanes shared by a KV head's keys and its queries."""
+        enc = cls(shape, bits, layers, depth=1, kind="simhash", bias=False)
+        g = torch.Generator().manual_seed(seed)
+        group = shape["num_q_heads"] // shape["num_kv_heads"]
+        for layer in enc.layers.values():
+            w = torch.randn(shape["num_kv_heads"], shape["head_dim"], bits, generator=g)
+            layer.key.weights[0].data.copy_(w)
+            layer.query.weights[0].data.copy_(w.repeat_interleave(group, dim=0))
+        return enc
+
+    # ---- use -------------------------------------------------------------------------------------
+    def has_layer(self, layer_idx: int) -> bool:
+        return str(layer_idx) in self.layers
+
+    def project_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
+        """Real-valued key projections (B, Hkv, N, b) — calibration uses them relaxed (tanh)."""
+        return self.layers[str(layer_idx)].key(keys)
+
+    def encode_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
+        """Packed key codes (B, Hkv, N, b/64) int64: computed once per token, stored in the cache."""
+        return pack_bits(self.project_keys(layer_idx, keys.float()) > 0)
+
+    def project_queries(self, layer_idx: int, queries: torch.Tensor) -> torch.Tensor:
+        """Real-valued query projections (B, Hq, Q, b): the asymmetric side, never stored."""
+        return self.layers[str(layer_idx)].query(queries.float())
+
+    def logit_scale(self, layer_idx: int) -> torch.Tensor:
+        return self.layers[str(layer_idx)].log_scale.exp()
+
+    # ---- compatibility ---------------------------------------------------------------------------
+    def check_compatible(self, model_or_shape: Any, bits: int | None = None) -> None:
+        """Raise EncoderMismatchError naming every field where these encoders and the model differ."""
+        shape = _shape_dict(model_or_shape)
+        diffs = [f"{f}: encoders {self.shape[f]!r} vs model {shape[f]!r}"
+                 for f in SHAPE_FIELDS if f in shape and shape[f] != self.shape[f]]
+        if bits is not None and bits != self.bits:
+            diffs.append(f"bits: encoders {self.bits} vs config {bits}")
+        if diffs:
+            name = self.meta.get("model_name", "another model")
+            raise EncoderMismatchError(
+                f"these encoders were calibrated for {name} and do not fit this model ("
+                + "; ".join(diffs) + "). Calibrate encoders for it with `dashkv calibrate`.")
+
+    # ---- persistence -----------------------------------------------------------------------------
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "dashkv_version": __version__,
+            "model": self.shape, "bits": self.bits, "layers": list(self.layer_ids), "hidden": self.hidden,
+            "depth": self.depth, "kind": self.kind, "bias": self.bias, "meta": self.meta,
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = True) -> Path:
+        """Write encoders.safetensors + encoders.json atomically (a temp dir renamed into place)."""
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        config = self.config_dict()
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-encoders-", dir=out.parent))
+        try:
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"dashkv": json.dumps(config)})
+            config["sha256"] = _sha256(tmp / WEIGHTS_NAME)
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            if out.exists():
+                old = out.with_name(out.name + ".old-" + tmp.name[-6:])
+                out.rename(old)
+                tmp.rename(out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "HashEncoders":
+        """Load and validate; every failure names the file and what is wrong with it."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        if not d.is_dir():
+            raise EncoderFileError(f"encoder directory {d} does not exist")
+        cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
+        for p in (cfg_path, w_path):
+            if not p.is_file():
+                raise EncoderFileError(f"{p} is missing: {d} is not a dashkv encoder directory")
+        try:
+            config = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EncoderFileError(f"{cfg_path} is not valid JSON ({e})") from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            raise EncoderFileError(f"{cfg_path} is not a dashkv encoder file (format != {FORMAT!r})")
+        if config.get("format_version", 0) > FORMAT_VERSION:
+            raise EncoderFileError(
+                f"{cfg_path} has format_version {config['format_version']}; this dashkv reads <= {FORMAT_VERSION}")
+        digest = config.get("sha256")
+        if digest and _sha256(w_path) != digest:
+            raise EncoderFileError(f"{w_path} is corrupt or truncated (checksum does not match {cfg_path})")
+        try:
+            tensors = load_file(str(w_path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise EncoderFileError(f"{w_path} is corrupt or truncated ({e})") from None
+        try:
+            enc = cls(config["model"], int(config["bits"]), config["layers"], hidden=int(config["hidden"]),
+                      depth=int(config["depth"]), kind=config.get("kind", "learned"),
+                      bias=bool(config.get("bias", True)), meta=config.get("meta", {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise EncoderFileError(f"{cfg_path} has invalid fields ({e})") from None
+        expected = enc.state_dict()
+        if set(tensors) != set(expected):
+            missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+            raise EncoderFileError(f"{w_path} does not match {cfg_path}: missing {missing[:4]}, unexpected {extra[:4]}")
+        for k, v in tensors.items():
+            if v.shape != expected[k].shape:
+                raise EncoderFileError(
+                    f"{w_path}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+        enc.load_state_dict(tensors)
+        return enc
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _shape_dict(model_or_shape: Any) -> dict[str, Any]:
+    if isinstance(model_or_shape, Mapping):
+        return dict(model_or_shape)
+    if hasattr(model_or_shape, "to_dict") and all(hasattr(model_or_shape, f) for f in SHAPE_FIELDS):
+        return {f: getattr(model_or_shape, f) for f in SHAPE_FIELDS}
+    from .models import model_shape  # a transformers model or config
+
+    s = model_shape(model_or_shape)
+    return {f: getattr(s, f) for f in SHAPE_FIELDS}

@@ -1,0 +1,377 @@
+"""Selection policies: which cached tokens one decode step reads, for DASH-KV and every baseline.
+
+Every policy answers the same question over the same attention path (`dashkv.attention`): given the
+query of this step and what the cache holds for a layer, return a `Selection` of at most the budget's
+tokens per selecting head. So DASH-KV, StreamingLLM, H2O, SnapKV, Quest, SimHash and oracle top-k are
+compared at equal budget by construction; sinks and the recent window count inside that budget.
+
+Most policies only differ in `score`: a relevance per cached token, from which `build_selection` takes
+sinks, window and the top candidates. Policies that need statistics (H2O, SnapKV) or per-token
+metadata (DASH-KV's key codes, Quest's page bounds) keep them in the per-layer `LayerState`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .codes import asymmetric_scores, hamming_similarity, pack_bits
+from .config import DashKVConfig, StepPlan
+from .encoders import HashEncoders
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class Selection:
+    """Tokens read by one decode step: one row of indices per selecting head.
+
+    indices: (B, Hs, K) int64 positions in [0, N); Hs is the KV-head count (one set shared by a group of
+             query heads) or the query-head count (one set per query head).
+    exact:   (B, Hs, K) bool, served from full-precision K/V.
+    lowprec: (B, Hs, K) bool or None, served from the 8-bit copy. A slot in neither is unused.
+    """
+
+    indices: torch.Tensor
+    exact: torch.Tensor
+    lowprec: torch.Tensor | None = None
+
+    @property
+    def heads(self) -> int:
+        return self.indices.shape[1]
+
+    def attended(self) -> torch.Tensor:
+        """Tokens read per (batch, selecting head): (B, Hs) int64."""
+        used = self.exact if self.lowprec is None else (self.exact | self.lowprec)
+        return used.sum(-1)
+
+
+@dataclass
+class LayerState:
+    """Per-layer, per-sequence state a policy keeps beside the cache (codes, statistics)."""
+
+    layer_idx: int
+    codes: torch.Tensor | None = None  # (B, Hkv, N, W) packed key codes, kept by the cache
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def valid_positions(n: int, start: torch.Tensor | None, batch: int, device=None) -> torch.Tensor:
+    """(B, N) bool: True where a cached position holds a real token (left padding excluded)."""
+    pos = torch.arange(n, device=device)
+    if start is None:
+        return torch.ones(batch, n, dtype=torch.bool, device=device)
+    return pos[None, :] >= start[:, None]
+
+
+def build_selection(scores: torch.Tensor, plan: StepPlan, start: torch.Tensor | None,
+                    mass_logits: torch.Tensor | None = None, config: DashKVConfig | None = None) -> Selection:
+    """Sinks ∪ window ∪ top-scoring candidates, within the plan's budget.
+
+    scores: (B, Hs, N) relevance (larger = better). `mass_logits`, if given with `config.adaptive`,
+    are per-token logits whose softmax estimates attention mass: the exact tier then stops at the
+    smallest candidate count whose estimated mass (with sinks and window) reaches `config.mass_target`,
+    bounded by [k_min, plan.critical]; the rest of the candidate budget goes to the low-precision tier
+    if it is enabled, and is skipped otherwise.
+    """
+    bsz, hs, n = scores.shape
+    device = scores.device
+    pos = torch.arange(n, device=device)
+    st = torch.zeros(bsz, dtype=torch.long, device=device) if start is None else start.to(device)
+    valid = pos[None, :] >= st[:, None]  # (B, N)
+    window_start = n - plan.window
+    fixed = valid & ((pos[None, :] < st[:, None] + plan.sink) | (pos[None, :] >= window_start))  # (B, N)
+    candidate = valid & ~fixed
+    k = min(plan.critical + plan.lowprec, n)
+    cand_scores = scores.float().masked_fill(~candidate[:, None, :], NEG_INF)
+    top_vals, top_idx = cand_scores.topk(k, dim=-1, sorted=True) if k > 0 else (
+        cand_scores[..., :0], torch.zeros(bsz, hs, 0, dtype=torch.long, device=device))
+    top_ok = top_vals > NEG_INF
+    slot = torch.arange(k, device=device)
+    n_exact = torch.full((bsz, hs, 1), plan.critical, dtype=torch.long, device=device)
+    if config is not None and config.adaptive and mass_logits is not None and k > 0:
+        logits = mass_logits.float().masked_fill(~valid[:, None, :], NEG_INF)
+        probs = torch.softmax(logits, dim=-1)
+        fixed_mass = (probs * fixed[:, None, :]).sum(-1, keepdim=True)
+        cum = fixed_mass + probs.gather(-1, top_idx).cumsum(-1)  # mass after taking 1..k candidates
+        reached = (cum >= config.mass_target).float()
+        first = torch.where(reached.any(-1, keepdim=True), reached.argmax(-1, keepdim=True) + 1,
+                            torch.full_like(n_exact, k))
+        n_exact = first.clamp(min=min(config.k_min, plan.critical), max=plan.critical)
+    exact_c = top_ok & (slot < n_exact)
+    lowprec_c = top_ok & (slot >= n_exact) if plan.lowprec > 0 else None
+
+    # fixed positions (sinks then window), one row per batch element, shared by all selecting heads
+    sink_idx = st[:, None] + torch.arange(plan.sink, device=device)[None, :]
+    win_idx = torch.arange(window_start, n, device=device)[None, :].expand(bsz, -1)
+    fixed_idx = torch.cat([sink_idx, win_idx], dim=1).clamp(max=n - 1)
+    fixed_ok = torch.cat([
+        (sink_idx < window_start) & (sink_idx < n),
+        win_idx >= st[:, None],
+    ], dim=1)
+    indices = torch.cat([fixed_idx[:, None, :].expand(-1, hs, -1), top_idx], dim=-1)
+    exact = torch.cat([fixed_ok[:, None, :].expand(-1, hs, -1), exact_c], dim=-1)
+    lowprec = None
+    if lowprec_c is not None:
+        lowprec = torch.cat([torch.zeros_like(fixed_ok)[:, None, :].expand(-1, hs, -1), lowprec_c], dim=-1)
+    return Selection(indices=indices, exact=exact, lowprec=lowprec)
+
+
+def group_queries(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """(B, Hq, d) -> (B, Hkv, G, d): the query heads that share each KV head."""
+    b, hq, d = query.shape
+    return query.reshape(b, num_kv_heads, hq // num_kv_heads, d)
+
+
+class SelectionPolicy:
+    """Base policy: subclasses define `score` (and optionally the hooks)."""
+
+    name = "base"
+    uses_codes = False  # True: the cache stores packed key codes from `encode_keys`
+
+    def __init__(self, config: DashKVConfig):
+        self.config = config
+
+    # hooks -------------------------------------------------------------------------------------
+    def encode_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def on_prefill(self, state: LayerState, query: torch.Tensor, keys: torch.Tensor, scaling: float,
+                   start: torch.Tensor | None) -> None:
+        """Called once after prefill with all prompt queries (B, Hq, L, d) and keys (B, Hkv, N, d)."""
+
+    def observe(self, state: LayerState, selection: Selection, probs: torch.Tensor) -> None:
+        """Called after each sparse step with the attention probabilities over the selection."""
+
+    # selection ---------------------------------------------------------------------------------
+    def score(self, state: LayerState, query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+        """(B, Hs, N) relevance of each cached token for this step's query (B, Hq, d)."""
+        raise NotImplementedError
+
+    def select(self, state: LayerState, query: torch.Tensor, keys: torch.Tensor, plan: StepPlan,
+               scaling: float, start: torch.Tensor | None) -> Selection:
+        return build_selection(self.score(state, query, keys, scaling), plan, start)
+
+    def grouped(self, per_query_head: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+        """Combine (B, Hq, N) per-query-head scores into the policy's selecting heads."""
+        if self.config.grouping == "query_head":
+            return per_query_head
+        b, hq, n = per_query_head.shape
+        return per_query_head.reshape(b, num_kv_heads, hq // num_kv_heads, n).sum(2)
+
+
+class DashKVPolicy(SelectionPolicy):
+    """DASH-KV: learned asymmetric hashing. Keys -> b-bit codes once; queries -> real projections."""
+
+    name = "dashkv"
+    uses_codes = True
+
+    def __init__(self, config: DashKVConfig, encoders: HashEncoders):
+        super().__init__(config)
+        if encoders.bits != config.bits:
+            raise ValueError(f"encoders have {encoders.bits} bits but the config asks for {config.bits}")
+        self.encoders = encoders
+
+    def encode_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
+        return self.encoders.encode_keys(layer_idx, keys)
+
+    def query_projection(self, layer_idx: int, query: torch.Tensor) -> torch.Tensor:
+        """(B, Hq, d) -> (B, Hq, b) real-valued projection."""
+        return self.encoders.project_queries(layer_idx, query[:, :, None, :])[:, :, 0, :]
+
+    def per_head_scores(self, state: LayerState, query: torch.Tensor) -> torch.Tensor:
+        codes = state.codes  # (B, Hkv, N, W)
+        b, hq, _ = query.shape
+        hkv = codes.shape[1]
+        proj = self.query_projection(state.layer_idx, query).reshape(b, hkv, hq // hkv, -1)
+        if self.config.scorer == "hamming":
+            s = hamming_similarity(pack_bits(proj > 0), codes[:, :, None]).float()
+        else:
+            s = asymmetric_scores(proj, codes[:, :, None])
+        return s.reshape(b, hq, -1)  # (B, Hq, N)
+
+    def score(self, state, query, keys, scaling):
+        return self.grouped(self.per_head_scores(state, query), keys.shape[1])
+
+    def select(self, state, query, keys, plan, scaling, start):
+        per_head = self.per_head_scores(state, query)
+        scores = self.grouped(per_head, keys.shape[1])
+        mass_logits = None
+        if self.config.adaptive:
+            # relaxed similarity -> logits with the calibrated temperature (asymmetric score / b in [-1, 1])
+            scale = self.encoders.logit_scale(state.layer_idx).to(per_head.device)
+            logits = per_head / self.config.bits * scale[None, :, None]
+            mass_logits = self.grouped(torch.softmax(logits, -1), keys.shape[1]).clamp_min(1e-30).log()
+        return build_selection(scores, plan, start, mass_logits, self.config)
+
+
+class SimHashPolicy(DashKVPolicy):
+    """Random-hyperplane LSH with the same bits, symmetric Hamming scan (the classic baseline)."""
+
+    name = "simhash"
+
+    def __init__(self, config: DashKVConfig, encoders: HashEncoders):
+        cfg = DashKVConfig(**{**config.to_dict(), "scorer": "hamming", "adaptive": False})
+        super().__init__(cfg, encoders)
+
+
+class OraclePolicy(SelectionPolicy):
+    """Exact top-k by true attention probability: the upper bound of any top-k selection."""
+
+    name = "oracle"
+
+    def score(self, state, query, keys, scaling):
+        b, hq, d = query.shape
+        hkv = keys.shape[1]
+        q = group_queries(query, hkv)
+        logits = torch.einsum("bhgd,bhnd->bhgn", q.float(), keys.float()) * scaling
+        return self.grouped(torch.softmax(logits, -1).reshape(b, hq, -1), hkv)
+
+
+class StreamingPolicy(SelectionPolicy):
+    """StreamingLLM: sinks plus the most recent tokens; the whole budget goes to recency."""
+
+    name = "streaming"
+
+    def score(self, state, query, keys, scaling):
+        n = keys.shape[2]
+        recency = torch.arange(n, dtype=torch.float32, device=keys.device)
+        hs = query.shape[1] if self.config.grouping == "query_head" else keys.shape[1]
+        return recency.expand(keys.shape[0], hs, n)
+
+
+class H2OPolicy(SelectionPolicy):
+    """H2O: heavy hitters by attention accumulated over prefill and every decode step, plus recent tokens."""
+
+    name = "h2o"
+
+    def on_prefill(self, state, query, keys, scaling, start):
+        state.stats["acc"] = _accumulated_prefill_attention(query, keys, scaling, start, last=None)
+
+    def observe(self, state, selection, probs):
+        acc = state.stats.get("acc")
+        if acc is None:
+            return
+        # probs: (B, Hs, K) attention mass per selected slot, summed over the head's queries
+        if selection.heads == acc.shape[1]:
+            acc.scatter_add_(-1, selection.indices, probs.to(acc.dtype))
+        else:  # one set per query head: accumulate per query head, then per KV head
+            b, hkv, n = acc.shape
+            tmp = acc.new_zeros(b, selection.heads, n).scatter_add_(-1, selection.indices, probs.to(acc.dtype))
+            acc += tmp.reshape(b, hkv, -1, n).sum(2)
+
+    def score(self, state, query, keys, scaling):
+        n = keys.shape[2]
+        acc = state.stats.get("acc")
+        b, hkv = keys.shape[:2]
+        if acc is None:
+            acc = torch.zeros(b, hkv, n)
+        if acc.shape[-1] < n:  # new tokens arrived since the last step
+            acc = torch.cat([acc, acc.new_zeros(b, hkv, n - acc.shape[-1])], -1)
+        state.stats["acc"] = acc
+        return self._to_heads(acc, query.shape[1])
+
+    def _to_heads(self, acc, hq):
+        if self.config.grouping == "query_head":
+            return acc.repeat_interleave(hq // acc.shape[1], dim=1)
+        return acc
+
+
+class SnapKVPolicy(SelectionPolicy):
+    """SnapKV: the prompt's last `observe` queries vote (pooled) once after prefill; fixed afterwards.
+
+    Tokens generated after prefill have no vote; they are covered by the recent window.
+    """
+
+    name = "snapkv"
+    observe_window = 32
+    pool = 7
+
+    def on_prefill(self, state, query, keys, scaling, start):
+        votes = _accumulated_prefill_attention(query, keys, scaling, start, last=self.observe_window)
+        pad = self.pool // 2
+        votes = torch.nn.functional.max_pool1d(votes.flatten(0, 1)[:, None, :], self.pool, 1, pad)[:, 0]
+        state.stats["votes"] = votes.reshape(keys.shape[0], keys.shape[1], -1)
+
+    def score(self, state, query, keys, scaling):
+        n = keys.shape[2]
+        votes = state.stats.get("votes")
+        b, hkv = keys.shape[:2]
+        if votes is None:
+            votes = torch.zeros(b, hkv, 0)
+        if votes.shape[-1] < n:
+            votes = torch.cat([votes, votes.new_zeros(b, hkv, n - votes.shape[-1])], -1)
+        if self.config.grouping == "query_head":
+            return votes.repeat_interleave(query.shape[1] // hkv, dim=1)
+        return votes
+
+
+class QuestPolicy(SelectionPolicy):
+    """Quest: per-page (16 tokens) min/max key bounds give an upper bound of q·k; read the top pages."""
+
+    name = "quest"
+    page = 16
+
+    def score(self, state, query, keys, scaling):
+        b, hkv, n, d = keys.shape
+        pages = math.ceil(n / self.page)
+        pad = pages * self.page - n
+        kp = torch.nn.functional.pad(keys.float(), (0, 0, 0, pad), value=float("nan"))
+        kp = kp.reshape(b, hkv, pages, self.page, d)
+        kmax = torch.nan_to_num(kp, nan=-torch.inf).amax(3)
+        kmin = torch.nan_to_num(kp, nan=torch.inf).amin(3)
+        q = group_queries(query, hkv).float()  # (B, Hkv, G, d)
+        bound = torch.maximum(q[:, :, :, None, :] * kmax[:, :, None], q[:, :, :, None, :] * kmin[:, :, None]).sum(-1)
+        bound = bound.reshape(b, -1, pages)  # (B, Hq, pages)
+        per_token = bound.repeat_interleave(self.page, dim=-1)[..., :n]
+        # ties inside a page break toward the page's later tokens, so whole pages are taken together
+        return self.grouped(per_token, hkv) + torch.arange(n, device=keys.device) * 1e-9
+
+
+def _accumulated_prefill_attention(query: torch.Tensor, keys: torch.Tensor, scaling: float,
+                                   start: torch.Tensor | None, last: int | None, chunk: int = 256) -> torch.Tensor:
+    """Causal attention probabilities of the prompt's queries, summed per key: (B, Hkv, N).
+
+    `last` limits the sum to the last queries (SnapKV's observation window). Chunked over queries so
+    an 8K prompt never materialises an N x N matrix.
+    """
+    b, hq, lq, d = query.shape
+    hkv, n = keys.shape[1], keys.shape[2]
+    g = hq // hkv
+    first = 0 if last is None else max(0, lq - last)
+    acc = torch.zeros(b, hkv, n)
+    kf = keys.float()
+    valid = valid_positions(n, start, b)
+    for s in range(first, lq, chunk):
+        e = min(lq, s + chunk)
+        q = query[:, :, s:e].float().reshape(b, hkv, g, e - s, d)
+        logits = torch.einsum("bhgqd,bhnd->bhgqn", q, kf) * scaling
+        qpos = torch.arange(s, e) + (n - lq)
+        causal = torch.arange(n)[None, :] <= qpos[:, None]  # (q, N)
+        mask = causal[None] & valid[:, None, :]  # (B, q, N)
+        logits = logits.masked_fill(~mask[:, None, None], NEG_INF)
+        acc += torch.softmax(logits, -1).nan_to_num(0.0).sum((2, 3))
+    return acc
+
+
+POLICIES = {
+    "dashkv": DashKVPolicy, "simhash": SimHashPolicy, "oracle": OraclePolicy, "streaming": StreamingPolicy,
+    "h2o": H2OPolicy, "snapkv": SnapKVPolicy, "quest": QuestPolicy,
+}
+METHODS = ("dense",) + tuple(POLICIES)
+
+
+def make_policy(name: str, config: DashKVConfig, encoders: HashEncoders | None = None) -> SelectionPolicy | None:
+    """The policy called `name`; None for "dense" (full attention, no selection)."""
+    if name == "dense":
+        return None
+    if name not in POLICIES:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    cls = POLICIES[name]
+    if cls in (DashKVPolicy, SimHashPolicy):
+        if encoders is None:
+            raise ValueError(f"method {name!r} needs hash encoders")
+        return cls(config, encoders)
+    return cls(config)
