@@ -1,10 +1,244 @@
-"""The `dashkv` command."""
+"""The `dashkv` command: demo, generate, calibrate, eval, bench.
+
+Every subcommand validates its arguments before loading a model, and every error a user can cause
+(bad budget, wrong encoders, unsupported model, prompt too long, missing files) is printed as one
+`dashkv: error: ...` line with exit status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
 import sys
+import time
+from pathlib import Path
+
+EPILOG = """\
+examples:
+  dashkv demo                                   # needle in ~7K tokens, unmodified vs DASH-KV
+  dashkv generate --prompt-file doc.txt --max-new-tokens 64 --budget 1/16
+  dashkv calibrate --model smollm2-135m --text /usr/share/common-licenses --bits 64 --out enc/
+  dashkv eval --methods dashkv,dense,streaming --budgets 1/8,1/16 --tasks niah_single_1 --lengths 4096
+  dashkv bench kernel --n 4096,16384,65536 --bits 64 --budget 1/16
+  dashkv bench decode --model smollm2-135m --context 8192 --new-tokens 128
+
+The budget is the number of cached tokens each decode step reads per KV head, counting sinks,
+the recent window and every candidate: a fraction of the context (1/16, 0.0625) or a count (512).
+"""
+
+
+def _add_model_args(p: argparse.ArgumentParser, encoders: bool = True) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="alias (smollm2-135m), a local Hugging Face directory, or a .gguf file (default: %(default)s)")
+    if encoders:
+        p.add_argument("--encoders", default=None,
+                       help="directory written by `dashkv calibrate` (default: the shipped encoders of the "
+                            "default model)")
+
+
+def _add_dashkv_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budget", default="1/16", help="tokens read per step: fraction (1/16) or count (512)")
+    p.add_argument("--bits", type=int, default=64, help="key code length, a multiple of 64 (default: %(default)s)")
+    p.add_argument("--sink", type=int, default=4, help="first tokens always attended (default: %(default)s)")
+    p.add_argument("--window", type=int, default=64, help="recent tokens always attended (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dashkv", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="DASH-KV: fast long-context decoding by learned asymmetric hashing of the KV cache.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"dashkv {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="answer a needle-in-a-haystack prompt with and without DASH-KV",
+                       description="Loads the model with its encoders, hides a passkey in ~7K tokens of real "
+                                   "text and answers it with the unmodified model and with DASH-KV, then "
+                                   "repeats for a few needle depths. Prints a table and writes a PNG.")
+    _add_model_args(p)
+    _add_dashkv_args(p)
+    p.add_argument("--length", type=int, default=7000, help="prompt length in tokens (default: %(default)s)")
+    p.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths for the table (default: %(default)s)")
+    p.add_argument("--text", default=None,
+                   help="haystack text file or directory (default: Paul Graham essays if installed, else the "
+                        "Python standard library's docs)")
+    p.add_argument("--out", default="dashkv-demo", help="output directory for the plot (default: %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per answer (default: %(default)s)")
+
+    p = sub.add_parser("generate", help="generate text with DASH-KV from a prompt file",
+                       description="Runs model.generate with DASH-KV enabled and prints the text and decode speed.")
+    _add_model_args(p)
+    _add_dashkv_args(p)
+    p.add_argument("--prompt-file", required=True, help="text file holding the prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--method", default="dashkv", help="selection method (dashkv, dense, streaming, h2o, snapkv, "
+                                                      "quest, simhash, oracle)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("calibrate", help="learn the hash encoders of a model from plain text",
+                       description="Captures post-RoPE queries and keys of the frozen model over the text and "
+                                   "trains each layer's query and key encoders; writes encoders + a held-out report.")
+    _add_model_args(p, encoders=False)
+    p.add_argument("--text", nargs="+", required=True, help="calibration text files or directories")
+    p.add_argument("--heldout", nargs="*", default=None,
+                   help="held-out text for the report (default: the essays if installed)")
+    p.add_argument("--bits", type=int, default=64)
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--objective", default="kl", choices=["kl", "bce"])
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("eval", help="long-context accuracy of DASH-KV and the baselines at equal budget",
+                       description="RULER-style tasks generated offline, every method over the same attention "
+                                   "path. Resumable; writes JSON lines, CSV/Markdown summaries and plots.")
+    _add_model_args(p)
+    p.add_argument("--methods", default="dashkv,dense,streaming,h2o,snapkv,quest,simhash,oracle")
+    p.add_argument("--budgets", default="1/8,1/16")
+    p.add_argument("--tasks", default="niah_single_1,niah_single_2,passkey")
+    p.add_argument("--lengths", default="4096")
+    p.add_argument("--samples", type=int, default=20)
+    p.add_argument("--haystack", default="essays", help="noise, essays, jargon, or files:PATH[,PATH]")
+    p.add_argument("--out", default="dashkv-eval")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bits", type=int, default=64)
+
+    p = sub.add_parser("bench", help="benchmarks: kernel (one layer) or decode (end to end)")
+    bsub = p.add_subparsers(dest="bench", metavar="WHAT")
+    k = bsub.add_parser("kernel", help="one layer's decode attention, DASH-KV vs dense, same run")
+    k.add_argument("--n", default="4096,16384,65536,262144", help="context lengths")
+    k.add_argument("--bits", default="64,128")
+    k.add_argument("--budget", default="1/16")
+    k.add_argument("--shapes", default="smollm2,d128")
+    k.add_argument("--repeats", type=int, default=20)
+    k.add_argument("--json", default=None, help="write the rows as JSON here")
+    d = bsub.add_parser("decode", help="end-to-end tokens/s of generate, DASH-KV vs the unmodified model")
+    _add_model_args(d)
+    _add_dashkv_args(d)
+    d.add_argument("--context", type=int, default=8192)
+    d.add_argument("--new-tokens", type=int, default=128)
+    d.add_argument("--json", default=None)
+    return parser
+
+
+def _config_from(args: argparse.Namespace, **extra):
+    from .config import DashKVConfig
+
+    return DashKVConfig(bits=args.bits, budget=args.budget, sink=args.sink, window=args.window, **extra)
+
+
+def _encoders_from(args: argparse.Namespace):
+    if getattr(args, "encoders", None) is None:
+        return None
+    from .encoders import HashEncoders
+
+    return HashEncoders.from_pretrained(args.encoders)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .hf import enable
+    from .models import check_context_length, load_model
+
+    config = _config_from(args)  # validate before loading anything
+    prompt_path = Path(args.prompt_file)
+    if not prompt_path.is_file():
+        raise ValueError(f"prompt file {prompt_path} does not exist")
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be >= 1")
+    text = prompt_path.read_text(errors="replace")
+    encoders = _encoders_from(args)
+    model, tok = load_model(args.model)
+    if args.chat:
+        enc = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                      return_dict=True, return_tensors="pt")
+        input_ids = enc["input_ids"]
+    else:
+        input_ids = tok(text, return_tensors="pt")["input_ids"]
+    check_context_length(model, input_ids.shape[1] + args.max_new_tokens)
+    handle = None
+    if args.method != "dense":
+        handle = enable(model, encoders, config, method=args.method, track=True)
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=args.max_new_tokens,
+                         do_sample=args.sample, pad_token_id=tok.eos_token_id)
+    dt = time.perf_counter() - t0
+    new = out[0, input_ids.shape[1]:]
+    print(tok.decode(new, skip_special_tokens=True))
+    read = f", {100 * handle.stats.fraction:.1f}% of the context read per decode step" if handle else ""
+    print(f"\n[{args.method}] prompt {input_ids.shape[1]} tokens, {len(new)} new tokens in {dt:.2f} s "
+          f"({len(new) / dt:.1f} tok/s incl. prefill){read}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate_command
+
+    return calibrate_command(model=args.model, text=args.text, bits=args.bits, out=args.out, seq_len=args.seq_len,
+                             steps=args.steps, seed=args.seed, overwrite=args.overwrite, heldout=args.heldout,
+                             objective=args.objective)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.runner import eval_command
+
+    return eval_command(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "kernel":
+        from .bench import bench_kernel, format_table
+        from .config import parse_budget
+
+        ns = [int(x) for x in args.n.split(",")]
+        bits = [int(x) for x in args.bits.split(",")]
+        rows = bench_kernel(ns=ns, bits=bits, budget=parse_budget(args.budget), shapes=tuple(args.shapes.split(",")),
+                            repeats=args.repeats, json_path=args.json)
+        print(format_table(rows))
+        return 0
+    if args.bench == "decode":
+        from .bench_decode import bench_decode
+
+        return bench_decode(args)
+    raise ValueError("choose what to benchmark: `dashkv bench kernel` or `dashkv bench decode`")
+
+
+COMMANDS = {"demo": cmd_demo, "generate": cmd_generate, "calibrate": cmd_calibrate, "eval": cmd_eval,
+            "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("dashkv: not built yet")
-    return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from .encoders import EncoderFileError, EncoderMismatchError
+    from .errors import DashKVError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (DashKVError, EncoderFileError, EncoderMismatchError, ValueError, FileExistsError,
+            FileNotFoundError) as e:
+        if os.environ.get("DASHKV_DEBUG"):
+            raise
+        print(f"dashkv: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dashkv: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

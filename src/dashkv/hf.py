@@ -12,6 +12,7 @@ How it plugs in, using only transformers' public extension points:
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,18 @@ class DashKVHandle:
 
     def new_cache(self) -> DashKVCache:
         return DashKVCache(self)
+
+    def cache_from(self, source: Any) -> DashKVCache:
+        """A DashKVCache holding the same tokens as `source` (any transformers cache, e.g. one prefilled
+        by the unmodified model): keys are encoded with this handle's encoders as they are copied in.
+        Lets several methods decode from one prefill (prefill is dense and identical for all of them)."""
+        cache = self.new_cache()
+        for i, layer in enumerate(source.layers):
+            if not isinstance(cache.layers[i], DashKVLayer):
+                cache.layers[i] = copy.deepcopy(layer)  # dense / sliding layers: exactly as they were
+            elif getattr(layer, "keys", None) is not None and layer.get_seq_length() > 0:
+                cache.layers[i].update(layer.keys, layer.values)  # copied into our buffers, codes encoded
+        return cache
 
     def reset_stats(self) -> None:
         self.stats = StepStats()

