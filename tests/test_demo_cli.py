@@ -57,3 +57,18 @@ def test_help_teaches(capsys):
     out = capsys.readouterr().out
     for word in ("demo", "generate", "calibrate", "eval", "bench", "budget"):
         assert word in out
+
+
+def test_bench_decode_runs_on_a_tiny_model(tmp_path, capsys):
+    from dashkv.bench_decode import bench_decode
+
+    model = tiny_model("llama", vocab_size=49152)
+    s = model_shape(model)
+    enc = HashEncoders.simhash(s.to_dict(), 64, s.full_attention_layers)
+    args = argparse.Namespace(model="tiny", encoders=None, budget="1/8", bits=64, sink=4, window=16, context=700,
+                              new_tokens=5, json=str(tmp_path / "b.json"))
+    assert bench_decode(args, model, default_tokenizer(), enc) == 0
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["unmodified", "dense-dashkv-cache", "dashkv"]
+    assert all(r["decode_tokens"] == 4 and r["decode_tok_s"] > 0 for r in rows)
+    assert 0 < rows[2]["read_fraction_sparse_layers"] < 0.2
