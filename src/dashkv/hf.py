@@ -47,7 +47,7 @@ class DashKVHandle:
         self.managed_layers = managed_layers
         self.live_layers: dict[int, DashKVLayer] = {}
         self.stats = StepStats() if track else None
-        self.fast = False  # the fused CPU kernel is wired in once it lands
+        self.fast = True  # fused CPU kernel for the default configuration (tests flip it to compare paths)
         self.active = True
         self._previous_attn: str | None = None
         self._hook = None
