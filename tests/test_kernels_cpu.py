@@ -207,6 +207,18 @@ def test_views_of_a_larger_buffer_match_contiguous():
                                       return_indices=True, **kw)
             assert torch.equal(ia, ib)
             torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # views that start inside their buffer (batch rows 2..4 of 5, one head of a bigger head dimension)
+    kb5, vb5, cb5 = torch.randn(5, 4, cap, 16), torch.randn(5, 4, cap, 16), torch.randint(-2**63, 2**63 - 1, (5, 4, cap, 2))
+    kb5[2:, 1:, :900], vb5[2:, 1:, :900], cb5[2:, 1:, :900] = keys, values, codes
+    for scorer in ("asymmetric", "hamming"):
+        kw = dict(sink=4, window=64, critical=100, scaling=0.25, scorer=scorer, start=start)
+        a, ia = dashkv_decode_cpu(query, q_proj, keys, values, codes, return_indices=True, **kw)
+        b, ib = dashkv_decode_cpu(query, q_proj, kb5[2:, 1:, :900], vb5[2:, 1:, :900], cb5[2:, 1:, :900],
+                                  return_indices=True, **kw)
+        assert torch.equal(ia, ib)
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.testing.assert_close(dense_decode_cpu(query, kb5[2:, 1:, :900], vb5[2:, 1:, :900], 0.3, start),
+                               dense_decode_cpu(query, keys, values, 0.3, start), atol=0, rtol=0)
     # a non-contiguous query and a transposed-storage key tensor are accepted (copied)
     qt = query.transpose(0, 1).contiguous().transpose(0, 1)
     kt = keys.transpose(2, 3).contiguous().transpose(2, 3)

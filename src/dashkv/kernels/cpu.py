@@ -318,13 +318,13 @@ def _splits(target_units, base, cap):
 # the fused kernel
 # ---------------------------------------------------------------------------------------------
 @njit(parallel=True, cache=True)
-def _dashkv_kernel(q, qp, scaling, kf, ksb, ksh, vf, vsb, vsh, cf, csb, csh, N, W, start,
+def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0, csb, csh, N, W, start,
                    sink, window, critical, Hkv, per_query, hamming, nthreads, mode,
                    ws16, ws32, wsf, ws64, out):
     """Returns (status, need16, need32, needf, need64, idx_offset, Lmax).
 
-    kf, vf: (rows, d) views of the K/V storage; row of (b, h, j) = b*ksb + h*ksh + j (row strides).
-    cf: flat uint64 code words; word w of (b, h, j) = b*csb + h*csh + j*W + w.
+    kf, vf: (rows, d) views of the K/V storage; row of (b, h, j) = kb0 + b*ksb + h*ksh + j (row strides).
+    cf: flat uint64 code words; word w of (b, h, j) = cb0 + b*csb + h*csh + j*W + w.
     status 1: a workspace is too small (nothing computed; grow to the returned sizes and call again).
     ws64[:B*S] receives the number of tokens read per selecting head. mode 0: the whole step; 1: stop
     after the selection (scan + select, for timing); 2: stop after the scan.
@@ -444,7 +444,7 @@ def _dashkv_kernel(q, qp, scaling, kf, ksb, ksh, vf, vsb, vsh, cf, csb, csh, N, 
                 lo = min(clo[b] + ncand[b], clo[b] + c * cl)
                 hi = min(clo[b] + ncand[b], lo + cl)
                 m = hi - lo
-                cw = (b * csb + kvh * csh + lo * W)
+                cw = (cb0 + b * csb + kvh * csh + lo * W)
                 cu = cf[cw:cw + m * W]
                 buf = sbuf[u * _BLOCK:(u + 1) * _BLOCK]
                 for ns in range(NS):
@@ -553,7 +553,7 @@ def _dashkv_kernel(q, qp, scaling, kf, ksb, ksh, vf, vsb, vsh, cf, csb, csh, N, 
                     sc = np.empty(m, np.float32)
                     u0 = (b * Hkv + kvh) * nch  # its byte tables (any chunk's are identical)
                     lt = lut[u0 * LUTU + ns * P * 256:u0 * LUTU + (ns + 1) * P * 256]
-                    cbase = b * csb + kvh * csh
+                    cbase = cb0 + b * csb + kvh * csh
                     for r in range(m):
                         o = cbase + np.intp(eb[r]) * W
                         sc[r] = -_asym_exact(cf[o:o + W], W, lt)
@@ -573,7 +573,7 @@ def _dashkv_kernel(q, qp, scaling, kf, ksb, ksh, vf, vsb, vsh, cf, csb, csh, N, 
         r0 = min(lens[sidx], part * rpp)
         n = min(lens[sidx], r0 + rpp) - r0
         rows = idx[sidx * Lmax + r0:sidx * Lmax + r0 + n]
-        _attend_rows(qs, b * Hq + kvh * G + ns, Gq, d, kf, vf, b * ksb + kvh * ksh, b * vsb + kvh * vsh,
+        _attend_rows(qs, b * Hq + kvh * G + ns, Gq, d, kf, vf, kb0 + b * ksb + kvh * ksh, vb0 + b * vsb + kvh * vsh,
                      rows, n, 0, lg[au * rpp * Gq:(au + 1) * rpp * Gq], pm, pl, pacc, au * Gq)
 
     _merge_parts(B, Hq, Hkv, G, d, per_query, npart, pm, pl, pacc, out)
@@ -581,7 +581,7 @@ def _dashkv_kernel(q, qp, scaling, kf, ksb, ksh, vf, vsb, vsh, cf, csb, csh, N, 
 
 
 @njit(parallel=True, cache=True)
-def _dense_kernel(q, scaling, kf, ksb, ksh, vf, vsb, vsh, N, start, Hkv, nthreads, wsf, out):
+def _dense_kernel(q, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, N, start, Hkv, nthreads, wsf, out):
     """Dense GQA decode attention, split over (batch, KV head, chunk of positions). Returns 0 or need."""
     B, Hq, d = q.shape
     G = Hq // Hkv
@@ -615,7 +615,7 @@ def _dense_kernel(q, scaling, kf, ksb, ksh, vf, vsb, vsh, N, start, Hkv, nthread
         cl = -(-(N - s0) // npart)
         r0 = min(N, s0 + part * cl)
         n = min(N, r0 + cl) - r0
-        _attend_rows(qs, b * Hq + kvh * G, G, d, kf, vf, b * ksb + kvh * ksh, b * vsb + kvh * vsh,
+        _attend_rows(qs, b * Hq + kvh * G, G, d, kf, vf, kb0 + b * ksb + kvh * ksh, vb0 + b * vsb + kvh * vsh,
                      norows, n, r0, lg[au * rpp * G:(au + 1) * rpp * G], pm, pl, pacc, au * G)
     _merge_parts(B, Hq, Hkv, G, d, False, npart, pm, pl, pacc, out)
     return 0
@@ -676,10 +676,11 @@ def _grow(ws: list, sizes) -> None:
 
 
 def _flat(t: torch.Tensor):
-    """A 4-D (B, H, N, D) tensor whose (N, D) blocks are contiguous -> (flat 1-D numpy view, sB, sH).
+    """A 4-D (B, H, N, D) tensor whose (N, D) blocks are contiguous -> (flat 1-D numpy view, sB, sH, base).
 
-    Zero-copy for contiguous tensors and for views [:, :, :N] of a larger buffer (strides in elements,
-    multiples of D); anything else is copied once.
+    Element (b, h, n, i) is flat[base + b*sB + h*sH + n*D + i]. Zero-copy for contiguous tensors and for
+    views [:, :, :N] of a larger contiguous buffer (the cache's layout: the buffer itself is viewed, so
+    no per-call as_strided); anything else is copied once.
     """
     B, H, N, D = t.shape
     sb, sh, sn, sd = t.stride()
@@ -688,16 +689,23 @@ def _flat(t: torch.Tensor):
     if (sd != 1 and D > 1) or (sn != D and N > 1) or sb % D or sh % D or sb < 0 or sh < 0:
         t = t.contiguous()
         sb, sh = (0 if B == 1 else t.stride(0)), (0 if H == 1 else t.stride(1))
+    if t.is_contiguous():
+        return t.detach().numpy().reshape(-1), sb, sh, 0
+    base = t._base
+    if base is not None and base.is_contiguous() and base.dtype == t.dtype:
+        off = t.storage_offset() - base.storage_offset()
+        if off >= 0 and off % D == 0:
+            return base.detach().numpy().reshape(-1), sb, sh, off
     size = (B - 1) * sb + (H - 1) * sh + N * D
     flat = torch.as_strided(t.detach(), (size,), (1,), t.storage_offset())
-    return flat.numpy(), sb, sh
+    return flat.numpy(), sb, sh, 0
 
 
 def _rows(t: torch.Tensor):
-    """K or V (B, H, N, d) -> ((rows, d) numpy view of its storage, batch and head strides in rows)."""
-    flat, sb, sh = _flat(t)
+    """K or V (B, H, N, d) -> ((rows, d) numpy view of its storage, row strides sB, sH, base row)."""
+    flat, sb, sh, off = _flat(t)
     d = t.shape[-1]
-    return flat.reshape(-1, d), sb // d, sh // d
+    return flat.reshape(-1, d), sb // d, sh // d, off // d
 
 
 def _start_array(start, B: int) -> np.ndarray:
@@ -760,9 +768,9 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
         extra = ([torch.empty(B, hs, 0, dtype=torch.int64)] if return_indices else []) + (
             [torch.zeros(B, hs, dtype=torch.int64)] if return_counts else [])
         return (out, *extra) if extra else out
-    kf, ksb, ksh = _rows(keys)
-    vf, vsb, vsh = _rows(values)
-    cft, csb, csh = _flat(codes)
+    kf, ksb, ksh, kb0 = _rows(keys)
+    vf, vsb, vsh, vb0 = _rows(values)
+    cft, csb, csh, cb0 = _flat(codes)
     q = query.detach()
     q = (q if q.is_contiguous() else q.contiguous()).numpy()
     qp = q_proj.detach()
@@ -771,7 +779,7 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     qp = (qp if qp.is_contiguous() else qp.contiguous()).numpy()
     st = _start_array(start, B)
     ws = _workspace()
-    args = (q, qp, float(scaling), kf, ksb, ksh, vf, vsb, vsh, cft.view(np.uint64), csb, csh, N, W, st,
+    args = (q, qp, float(scaling), kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cft.view(np.uint64), cb0, csb, csh, N, W, st,
             int(sink), int(window), int(critical), Hkv, per_query, scorer == "hamming", numba.get_num_threads(), _mode)
     res = _dashkv_kernel(*args, ws[0], ws[1], ws[2], ws[3], out.numpy())
     if res[0] != 0:
@@ -808,13 +816,13 @@ def dense_decode_cpu(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     out = torch.empty(B, Hq, d, dtype=torch.float32)
     if N == 0:
         return out.zero_()
-    kf, ksb, ksh = _rows(keys)
-    vf, vsb, vsh = _rows(values)
+    kf, ksb, ksh, kb0 = _rows(keys)
+    vf, vsb, vsh, vb0 = _rows(values)
     q = query.detach()
     q = (q if q.is_contiguous() else q.contiguous()).numpy()
     st = _start_array(start, B)
     ws = _workspace()
-    args = (q, float(scaling), kf, ksb, ksh, vf, vsb, vsh, N, st, Hkv, numba.get_num_threads())
+    args = (q, float(scaling), kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, N, st, Hkv, numba.get_num_threads())
     need = _dense_kernel(*args, ws[2], out.numpy())
     if need != 0:
         _grow(ws, (0, 0, need, 0))

@@ -1,0 +1,196 @@
+"""Kernel benchmark: one layer's decode attention, DASH-KV fused CPU kernel vs dense, in the same run.
+
+    python -m dashkv.bench kernel --n 4096,16384,65536 --bits 64 --budget 1/16 --json out.json
+    dashkv bench kernel ...            (the CLI calls `bench_kernel` and `format_table`)
+
+For each (shape, N, bits), batch 1, float32, with random-normal K/V and key codes = sign of a random
+projection of the keys (the query projection uses the same projection), it times, round-robin in the
+same loop (so every method sees the same machine noise), the median over `repeats` rounds after warm-up:
+
+- `dashkv`: `dashkv_decode_cpu` (grouping="kv_head", scorer="asymmetric"): scan + select + attention;
+- `dashkv_select`: the same call stopped after the selection (scan + counting select), so the attention
+  part is `dashkv - dashkv_select`;
+- `dashkv_hamming`: the same with the popcount scan;
+- `sdpa`: `torch.nn.functional.scaled_dot_product_attention(q, K, V, enable_gqa=True)` -- torch's own
+  GQA path, no K/V copy (repeat_interleave would add a full K/V copy per call);
+- `dense_torch`: plain `matmul + softmax + matmul` on (B, Hkv, G, d) queries (no K/V copy);
+- `dense_numba`: the numba split-K dense kernel (`dense_decode_cpu`).
+`best_dense` is the faster of the last two. Bytes each method must read: dense 2*N*d*Hkv*4;
+DASH-KV N*(b/8)*Hkv code bytes + (sink+window+critical)*2*d*4 per selecting head (the 2-byte bucket
+per candidate is written and re-read from cache and not counted).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if "torch" not in sys.modules:  # standalone run: torch's OpenMP pool must not spin on a shared machine
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from fractions import Fraction  # noqa: E402
+
+import torch  # noqa: E402
+
+SHAPES = {"smollm2": (9, 3, 64), "d128": (32, 8, 128)}  # (query heads, KV heads, head dim)
+METHODS = ("dashkv", "dashkv_select", "dashkv_hamming", "sdpa", "dense_torch", "dense_numba")
+
+
+def _inputs(hq: int, hkv: int, d: int, n: int, bits: int, seed: int = 0):
+    from .codes import pack_bits
+
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(1, hkv, n, d, generator=g)
+    values = torch.randn(1, hkv, n, d, generator=g)
+    proj = torch.randn(d, bits, generator=g) / math.sqrt(d)
+    codes = torch.empty(1, hkv, n, bits // 64, dtype=torch.int64)
+    step = 1 << 15
+    for s in range(0, n, step):  # chunked: never materialise an (N, b) float projection of all heads
+        codes[:, :, s:s + step] = pack_bits(keys[:, :, s:s + step] @ proj > 0)
+    query = torch.randn(1, hq, d, generator=g)
+    q_proj = query @ proj
+    return query, q_proj, keys, values, codes
+
+
+def _time_round_robin(fns: dict, repeats: int, warmup: int = 3) -> dict:
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def bench_kernel(ns=(4096, 16384, 65536, 262144), bits=(64, 128), budget=1 / 16, shapes=("smollm2", "d128"),
+                 repeats: int | None = None, json_path: str | None = None, progress: bool = True,
+                 threads: int = 2, sink: int = 4, window: int = 64) -> list[dict]:
+    """Time one layer's decode attention for every (shape, N, bits); returns one dict per row.
+
+    repeats None: 20 rounds below N = 65536, 10 above. Threads: torch and numba both get `threads`.
+    """
+    import numba
+    import torch.nn.functional as F
+
+    from .config import DashKVConfig
+    from .kernels.cpu import dashkv_decode_cpu, dense_decode_cpu, dense_decode_torch, threading_info, warmup
+
+    torch.set_num_threads(threads)
+    numba.set_num_threads(threads)
+    t_ready = warmup()
+    env = threading_info()
+    env.update(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(), kernels_ready_s=round(t_ready, 2))
+    if progress:
+        print(f"# threads: torch {env['torch_threads']}, numba {env['numba_threads']} ({env['numba_layer']}); "
+              f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY'] or '(default)'}; kernels ready in {t_ready:.1f} s",
+              file=sys.stderr)
+    rows = []
+    for shape in shapes:
+        hq, hkv, d = SHAPES[shape]
+        for n in ns:
+            for b in bits:
+                cfg = DashKVConfig(bits=b, budget=budget, sink=sink, window=window)
+                plan = cfg.plan(n)
+                query, q_proj, keys, values, codes = _inputs(hq, hkv, d, n, b)
+                q4 = query[:, :, None, :]
+                scaling = d ** -0.5
+                kw = dict(sink=plan.sink, window=plan.window, critical=plan.critical, scaling=scaling)
+                fns = {
+                    "dashkv": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, **kw),
+                    "dashkv_select": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, _mode=1, **kw),
+                    "dashkv_hamming": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes,
+                                                                scorer="hamming", **kw),
+                    "sdpa": lambda: F.scaled_dot_product_attention(q4, keys, values, scale=scaling, enable_gqa=True),
+                    "dense_torch": lambda: dense_decode_torch(query, keys, values, scaling),
+                    "dense_numba": lambda: dense_decode_cpu(query, keys, values, scaling),
+                }
+                # sanity: the kernels compute attention (full budget == dense)
+                ref = fns["sdpa"]()[:, :, 0]
+                err = max(float((dense_decode_cpu(query, keys, values, scaling) - ref).abs().max()),
+                          float((dense_decode_torch(query, keys, values, scaling) - ref).abs().max()))
+                reps = repeats or (20 if n < 65536 else 10)
+                times = _time_round_robin(fns, reps)
+                med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+                best_name = min(("dense_torch", "dense_numba"), key=lambda k: med[k])
+                dense_bytes = 2 * n * d * hkv * 4
+                rows_read = plan.total if not plan.dense else n
+                dash_bytes = n * (b // 8) * hkv + rows_read * 2 * d * 4 * hkv
+                q = sorted(times["dashkv"])
+                row = {
+                    "shape": shape, "hq": hq, "hkv": hkv, "d": d, "n": n, "bits": b, "budget": str(budget),
+                    "tokens_read": rows_read, "sink": plan.sink, "window": plan.window, "critical": plan.critical,
+                    **{f"{k}_ms": round(v, 4) for k, v in med.items()},
+                    "dashkv_attention_ms": round(med["dashkv"] - med["dashkv_select"], 4),
+                    "best_dense": best_name, "best_dense_ms": round(med[best_name], 4),
+                    "sdpa_over_dashkv": round(med["sdpa"] / med["dashkv"], 2),
+                    "best_dense_over_dashkv": round(med[best_name] / med["dashkv"], 2),
+                    "dense_bytes": dense_bytes, "dashkv_bytes": dash_bytes,
+                    "dashkv_gbps": round(dash_bytes / med["dashkv"] / 1e6, 2),
+                    "sdpa_gbps": round(dense_bytes / med["sdpa"] / 1e6, 2),
+                    "best_dense_gbps": round(dense_bytes / med[best_name] / 1e6, 2),
+                    "dashkv_iqr_over_median": round((q[(3 * len(q)) // 4] - q[len(q) // 4]) / statistics.median(q), 3),
+                    "dense_max_abs_err": err, "repeats": reps, **env,
+                }
+                rows.append(row)
+                if progress:
+                    print(format_table([row], header=len(rows) == 1), file=sys.stderr, flush=True)
+                del query, q_proj, keys, values, codes, fns
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+_COLS = [
+    ("shape", "shape", "{}"), ("n", "N", "{}"), ("bits", "b", "{}"), ("tokens_read", "read", "{}"),
+    ("dashkv_ms", "dashkv ms", "{:.3f}"), ("dashkv_select_ms", "scan+sel", "{:.3f}"),
+    ("dashkv_attention_ms", "attn", "{:.3f}"), ("dashkv_hamming_ms", "hamming", "{:.3f}"),
+    ("sdpa_ms", "sdpa ms", "{:.3f}"), ("dense_torch_ms", "mm+sm", "{:.3f}"), ("dense_numba_ms", "numba", "{:.3f}"),
+    ("sdpa_over_dashkv", "sdpa/dkv", "{:.1f}x"), ("best_dense_over_dashkv", "best/dkv", "{:.1f}x"),
+    ("dashkv_gbps", "dkv GB/s", "{:.1f}"), ("sdpa_gbps", "sdpa GB/s", "{:.1f}"), ("best_dense_gbps", "best GB/s", "{:.1f}"),
+]
+
+
+def format_table(rows: list[dict], header: bool = True) -> str:
+    """Markdown table of `bench_kernel` rows."""
+    lines = []
+    if header:
+        lines.append("| " + " | ".join(h for _, h, _ in _COLS) + " |")
+        lines.append("|" + "|".join("---" for _ in _COLS) + "|")
+    for r in rows:
+        lines.append("| " + " | ".join(fmt.format(r[k]) for k, _, fmt in _COLS) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dashkv.bench", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    k = sub.add_parser("kernel", help="one layer's decode attention, DASH-KV vs dense")
+    k.add_argument("--n", default="4096,16384,65536,262144")
+    k.add_argument("--bits", default="64,128")
+    k.add_argument("--budget", default="1/16", help="fraction (1/16, 0.0625) or token count")
+    k.add_argument("--shapes", default="smollm2,d128")
+    k.add_argument("--repeats", type=int, default=None)
+    k.add_argument("--threads", type=int, default=2)
+    k.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    budget = a.budget.strip()
+    budget = int(budget) if budget.isdigit() else float(Fraction(budget))
+    rows = bench_kernel(ns=[int(x) for x in a.n.split(",")], bits=[int(x) for x in a.bits.split(",")],
+                        budget=budget, shapes=tuple(a.shapes.split(",")), repeats=a.repeats, json_path=a.json,
+                        threads=a.threads)
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
