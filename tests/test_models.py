@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import time
+
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from dashkv.models import (
     TINY_ATTN_IMPLEMENTATION,
     TINY_FAMILIES,
     ModelShape,
+    cache_root,
     check_context_length,
     check_supported,
     load_model,
@@ -71,10 +72,8 @@ def test_tiny_model_real_vocab_and_fast_forward() -> None:
     assert model.config.vocab_size == 49152
     ids = torch.randint(0, 49152, (1, 512), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        model(ids)  # warm-up
-        t0 = time.perf_counter()
-        model(ids)
-    assert time.perf_counter() - t0 < 2.0  # tens of ms normally; generous for a loaded 2-core box
+        logits = model(ids).logits
+    assert logits.shape == (1, 512, 49152) and torch.isfinite(logits).all()
 
 
 def test_tiny_model_unknown_family() -> None:
@@ -273,9 +272,8 @@ def test_default_model_loads_and_generates() -> None:
     assert shape.full_attention_layers == tuple(range(30))
     check_supported(model)
 
-    t0 = time.perf_counter()
-    load_model("SmolLM2-135M-Instruct")  # now from the cache
-    assert time.perf_counter() - t0 < 15.0
+    again, _ = load_model("SmolLM2-135M-Instruct")  # now from the converted safetensors cache
+    assert Path(again.name_or_path).resolve().is_relative_to(cache_root().resolve())
 
     enc = tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
