@@ -48,8 +48,8 @@ FULL = "full"  # budget label of the dense rows
 
 #: Tokens generated per answer (RULER uses 128 for niah, 30 vt, 120 cwe, 50 fwe; these fit the answers).
 MAX_NEW_TOKENS = {
-    "niah_single_1": 16, "niah_single_2": 16, "niah_single_3": 40,
-    "niah_multikey_1": 16, "niah_multikey_2": 16, "niah_multikey_3": 40,
+    "niah_single_1": 14, "niah_single_2": 14, "niah_single_3": 40,
+    "niah_multikey_1": 14, "niah_multikey_2": 14, "niah_multikey_3": 40,
     "niah_multivalue": 56, "niah_multiquery": 56,
     "vt": 40, "cwe": 80, "fwe": 24, "passkey": 12,
 }
@@ -251,6 +251,14 @@ def _answer_prefix_guess(task: str) -> str:
     return " The special magic numbers for whimsical-watermelon-xxxxxxxx mentioned in the provided text are"
 
 
+def _complete(task: str, answers: Sequence[str] | None):
+    """Early exit once the string-match score is 1: more text can only add matches, so the score of the
+    truncated prediction equals that of the full generation (saves the tokens after a correct answer)."""
+    if not answers:
+        return None
+    return lambda text: score_sample(task, text, answers) >= 1.0
+
+
 def _max_new(plan: EvalPlan, task: str) -> int:
     if task == PERPLEXITY_TASK:
         return plan.continuation
@@ -392,9 +400,10 @@ def _newline_after_content(text: str) -> bool:
 
 @torch.inference_mode()
 def greedy_decode(model: Any, cache: Any, last_id: int, max_new_tokens: int, stop_ids: Iterable[int] = (),
-                  tokenizer: Any = None, newline_stop: bool = False) -> list[int]:
+                  tokenizer: Any = None, newline_stop: bool = False, done: Any = None) -> list[int]:
     """Greedy tokens after feeding `last_id` into `cache`; stops at a stop id, a newline (after some
-    text, with `newline_stop`) or `max_new_tokens`. Stop ids are not returned."""
+    text, with `newline_stop`), when `done(text)` says the answer is complete, or after `max_new_tokens`.
+    Stop ids are not returned."""
     stop = set(stop_ids)
     out: list[int] = []
     prev = last_id
@@ -404,8 +413,9 @@ def greedy_decode(model: Any, cache: Any, last_id: int, max_new_tokens: int, sto
         if nxt in stop:
             break
         out.append(nxt)
-        if newline_stop and tokenizer is not None:
-            if _newline_after_content(tokenizer.decode(out, skip_special_tokens=True)):
+        if tokenizer is not None and (newline_stop or done is not None):
+            text = tokenizer.decode(out, skip_special_tokens=True)
+            if (newline_stop and _newline_after_content(text)) or (done is not None and done(text)):
                 break
         prev = nxt
     return out
@@ -421,8 +431,8 @@ class DecodeResult:
 
 def decode_method(model: Any, pre: Prefilled, method: str, config: DashKVConfig, encoders: Any = None, *,
                   max_new_tokens: int = 16, stop_ids: Iterable[int] = (), tokenizer: Any = None,
-                  newline_stop: bool = False, targets: Sequence[int] | None = None, track: bool = True
-                  ) -> tuple[DecodeResult, Any]:
+                  newline_stop: bool = False, targets: Sequence[int] | None = None, track: bool = True,
+                  done: Any = None) -> tuple[DecodeResult, Any]:
     """Decode one method from a fresh copy of the prefilled cache. `targets`: teacher-forced NLL instead
     of greedy generation. Returns the result and the handle (None for dense; already disabled)."""
     from transformers.cache_utils import DynamicCache
@@ -444,7 +454,8 @@ def decode_method(model: Any, pre: Prefilled, method: str, config: DashKVConfig,
             tokens: list[int] = []
         else:
             nll = None
-            tokens = greedy_decode(model, cache, pre.last_id, max_new_tokens, stop_ids, tokenizer, newline_stop)
+            tokens = greedy_decode(model, cache, pre.last_id, max_new_tokens, stop_ids, tokenizer, newline_stop,
+                                   done)
         seconds = time.perf_counter() - t0
     finally:
         if handle is not None:
@@ -525,10 +536,6 @@ def _encoders_for(plan: EvalPlan, model: Any) -> dict[str, Any]:
     return out
 
 
-def _units(plan: EvalPlan, task: str, length: int) -> list[int]:
-    return list(range(plan.samples))
-
-
 def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any] | None = None,
              summary: bool = True) -> list[dict[str, Any]]:
     """Run every missing row of `plan` (appending to OUT/results.jsonl) and write the summaries."""
@@ -550,9 +557,9 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
 
     work = []  # (task, length, index, pending cells)
     total = done_in_plan = 0
-    for task in plan.tasks:
-        for length in plan.lengths:
-            for i in _units(plan, task, length):
+    for i in range(plan.samples):  # sample index outermost: a partial run covers every task and length
+        for task in plan.tasks:
+            for length in plan.lengths:
                 pending = [c for c in cells if key(task, length, i, *c) not in done]
                 total += len(cells)
                 done_in_plan += len(cells) - len(pending)
@@ -602,7 +609,7 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
                 config = plan.config(1.0 if method == DENSE else budgets[blabel])
                 res, _ = decode_method(model, pre, method, config, encoders.get(method), max_new_tokens=max_new,
                                        stop_ids=stop, tokenizer=tokenizer, newline_stop=task in NEWLINE_STOP,
-                                       targets=targets)
+                                       targets=targets, done=_complete(task, answers))
                 row: dict[str, Any] = {
                     "model": plan.model, "seed": plan.seed, "task": task, "length": length, "index": index,
                     "method": method, "budget": blabel,
@@ -637,6 +644,11 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
 def eval_command(args: Any) -> int:
     plan = validate_plan(args)  # everything checked before the model loads
     from ..models import load_model
+
+    # One intra-op thread by default: on a shared 2-core machine two OpenMP threads that get descheduled
+    # spin at every barrier (measured: decode 6-8x slower, prefill 15-25% slower than one thread).
+    threads = getattr(args, "threads", None) or int(os.environ.get("DASHKV_EVAL_THREADS", "1"))
+    torch.set_num_threads(max(1, threads))
 
     model, tokenizer = load_model(plan.model)
     torch.set_grad_enabled(False)
