@@ -27,6 +27,7 @@ FORMAT = "dashkv-encoders"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "encoders.safetensors"
 CONFIG_NAME = "encoders.json"
+DEFAULT_ENCODERS_DIR = Path(__file__).parent / "data" / "encoders"
 SHAPE_FIELDS = ("model_type", "num_layers", "num_q_heads", "num_kv_heads", "head_dim")
 
 
@@ -117,6 +118,17 @@ class HashEncoders(nn.Module):
             layer.query.weights[0].data.copy_(w.repeat_interleave(group, dim=0))
         return enc
 
+    @classmethod
+    def for_default_model(cls, bits: int = 64) -> "HashEncoders":
+        """The encoders shipped with dashkv for the default model (SmolLM2-135M-Instruct)."""
+        d = DEFAULT_ENCODERS_DIR / f"smollm2-135m-b{bits}"
+        if not d.is_dir():
+            have = sorted(p.name for p in DEFAULT_ENCODERS_DIR.glob("smollm2-135m-b*")) if DEFAULT_ENCODERS_DIR.is_dir() else []
+            raise EncoderFileError(
+                f"no shipped encoders for the default model at {bits} bits (shipped: {', '.join(have) or 'none'}); "
+                "calibrate them with `dashkv calibrate`")
+        return cls.from_pretrained(d)
+
     # ---- use -------------------------------------------------------------------------------------
     def has_layer(self, layer_idx: int) -> bool:
         return str(layer_idx) in self.layers
@@ -158,8 +170,13 @@ class HashEncoders(nn.Module):
             "depth": self.depth, "kind": self.kind, "bias": self.bias, "meta": self.meta,
         }
 
-    def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = True) -> Path:
-        """Write encoders.safetensors + encoders.json atomically (a temp dir renamed into place)."""
+    def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = True,
+                        dtype: torch.dtype | None = None) -> Path:
+        """Write encoders.safetensors + encoders.json atomically (a temp dir renamed into place).
+
+        dtype (e.g. torch.float16) stores the weights in that dtype (half the size for shipped files);
+        `from_pretrained` loads them back into float32 parameters.
+        """
         from safetensors.torch import save_file
 
         out = Path(directory)
@@ -167,7 +184,7 @@ class HashEncoders(nn.Module):
             raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
         out.parent.mkdir(parents=True, exist_ok=True)
         config = self.config_dict()
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tensors = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.state_dict().items()}
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-encoders-", dir=out.parent))
         try:
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"dashkv": json.dumps(config)})

