@@ -628,10 +628,16 @@ def _evaluate_layers(caps, layer_ids, positions, methods, groupings, plans_cfg, 
 
 
 def write_report(report: Mapping[str, Any], out_dir: str | Path) -> None:
+    """report.json + recall.png into out_dir (each written to a temp name, then renamed)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    plot_report(report, out / "recall.png")
+    tmp = out / ".report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    tmp.replace(out / "report.json")
+    plot_report(report, out / ".recall.tmp.png")
+    (out / ".recall.tmp.png").replace(out / "recall.png")
+    for f in ("report.json", "recall.png"):
+        (out / f).chmod(0o644)
 
 
 def plot_report(report: Mapping[str, Any], path: str | Path) -> None:
@@ -760,6 +766,9 @@ def save_encoders(enc: HashEncoders, out: str | Path, *, overwrite: bool = False
             enc.save_pretrained(target)
         if report is not None:
             write_report(report, target)
+        target.chmod(0o755)  # mkdtemp makes 0700 / 0600: shipped and shared encoders must be world-readable
+        for f in target.iterdir():
+            f.chmod(0o644)
         if out.exists():
             old = out.with_name(out.name + ".old-" + staging.name[-6:])
             out.rename(old)
