@@ -72,3 +72,12 @@ def test_bench_decode_runs_on_a_tiny_model(tmp_path, capsys):
     assert [r["method"] for r in rows] == ["unmodified", "dense-dashkv-cache", "dashkv"]
     assert all(r["decode_tokens"] == 4 and r["decode_tok_s"] > 0 for r in rows)
     assert 0 < rows[2]["read_fraction_sparse_layers"] < 0.2
+
+
+def test_calibrate_command_rejects_bad_input(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("dashkv.models.load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    assert cli.main(["calibrate", "--text", "/nonexistent", "--out", str(tmp_path / "e")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["calibrate", "--text", "/etc/hostname", "--bits", "48", "--out", str(tmp_path / "e")]) == 2
+    assert "multiple of 64" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()

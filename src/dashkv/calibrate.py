@@ -785,9 +785,15 @@ def build_parser():
     """argparse for `python -m dashkv.calibrate` (the same options `dashkv calibrate` takes)."""
     import argparse
 
+    p = argparse.ArgumentParser(prog="python -m dashkv.calibrate", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p) -> None:
+    """The calibration options, shared by `python -m dashkv.calibrate` and `dashkv calibrate`."""
     from .config import parse_budget
 
-    p = argparse.ArgumentParser(prog="python -m dashkv.calibrate", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="alias, .gguf file or local HF directory")
     p.add_argument("--text", nargs="+", required=True, help="calibration text files / directories")
     p.add_argument("--heldout", nargs="*", default=None, help="held-out text for the evaluation report")
@@ -813,7 +819,11 @@ def build_parser():
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    return run_args(build_parser().parse_args(argv))
+
+
+def run_args(a) -> int:
+    """Run a calibration from parsed `add_arguments` options."""
     return calibrate_command(a.model, a.text, a.bits, a.out, a.seq_len, a.steps, a.seed, a.overwrite, a.heldout,
                              num_sequences=a.sequences, objective=a.objective, query_relax=a.query_relax,
                              depth=a.depth, hidden=a.hidden, heldout_seq_len=a.heldout_seq_len,

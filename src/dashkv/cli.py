@@ -81,17 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="learn the hash encoders of a model from plain text",
                        description="Captures post-RoPE queries and keys of the frozen model over the text and "
                                    "trains each layer's query and key encoders; writes encoders + a held-out report.")
-    _add_model_args(p, encoders=False)
-    p.add_argument("--text", nargs="+", required=True, help="calibration text files or directories")
-    p.add_argument("--heldout", nargs="*", default=None,
-                   help="held-out text for the report (default: the essays if installed)")
-    p.add_argument("--bits", type=int, default=64)
-    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--objective", default="kl", choices=["kl", "bce"])
-    p.add_argument("--overwrite", action="store_true")
+    from .calibrate import add_arguments as add_calibration_arguments
+
+    add_calibration_arguments(p)
 
     p = sub.add_parser("eval", help="long-context accuracy of DASH-KV and the baselines at equal budget",
                        description="RULER-style tasks generated offline, every method over the same attention "
@@ -184,11 +176,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibrate import calibrate_command
+    from .calibrate import run_args
 
-    return calibrate_command(model=args.model, text=args.text, bits=args.bits, out=args.out, seq_len=args.seq_len,
-                             steps=args.steps, seed=args.seed, overwrite=args.overwrite, heldout=args.heldout,
-                             objective=args.objective)
+    return run_args(args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
