@@ -56,10 +56,9 @@ def decode_step(policy: SelectionPolicy | None, config: DashKVConfig, state: Lay
         return dense_decode_attention(query, keys, values, scaling, valid)
 
     q = query[:, :, 0, :]
-    if fast and _fast_path_applies(policy, config, keys):
-        from .kernels.cpu import dashkv_decode_cpu
-
-        out, idx_count = dashkv_decode_cpu(
+    kernel = _fast_kernel(policy, config, keys) if fast else None
+    if kernel is not None:
+        out, idx_count = kernel(
             q.float(), policy.query_projection(state.layer_idx, q), keys, values, state.codes,
             sink=plan.sink, window=plan.window, critical=plan.critical, scaling=scaling,
             grouping=config.grouping, scorer=config.scorer, start=start, return_counts=True)
@@ -78,14 +77,23 @@ def decode_step(policy: SelectionPolicy | None, config: DashKVConfig, state: Lay
     return result
 
 
-def _fast_path_applies(policy: SelectionPolicy, config: DashKVConfig, keys: torch.Tensor) -> bool:
-    """The fused kernel serves DASH-KV/SimHash with a fixed exact tier, fp32, on the CPU."""
+def _fast_kernel(policy: SelectionPolicy, config: DashKVConfig, keys: torch.Tensor):
+    """The fused kernel for this step, or None for the torch reference path.
+
+    The fused kernels serve DASH-KV/SimHash with a fixed-size exact tier: numba on the CPU (fp32),
+    Triton on CUDA. The adaptive set and the 8-bit tier run on the reference path.
+    """
     if not policy.uses_codes or config.adaptive or config.lowprec_fraction > 0:
-        return False
-    if keys.device.type != "cpu" or keys.dtype != torch.float32:
-        return False
+        return None
     try:
-        from .kernels import cpu  # noqa: F401
+        if keys.device.type == "cpu" and keys.dtype == torch.float32:
+            from .kernels.cpu import dashkv_decode_cpu
+
+            return dashkv_decode_cpu
+        if keys.device.type == "cuda":
+            from .kernels.triton_kernels import dashkv_decode_triton, triton_available
+
+            return dashkv_decode_triton if triton_available() else None
     except ImportError:
-        return False
-    return True
+        return None
+    return None
