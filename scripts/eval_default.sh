@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 OUT=${1:-runs/eval-default}
-TASKS=${TASKS:-niah_single_2}
+TASKS=${TASKS:-niah_single_1}
 LENGTHS=${LENGTHS:-4096,8192}
 SAMPLES=${SAMPLES:-20}
 BUDGETS=${BUDGETS:-1/8,1/16}
