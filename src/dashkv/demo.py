@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -85,7 +85,7 @@ def prefill(model: Any, ids: torch.Tensor) -> Any:
 
 @torch.no_grad()
 def greedy_decode(model: Any, cache: Any, last_token: torch.Tensor, max_new_tokens: int,
-                  stop_ids: set[int]) -> tuple[list[int], float]:
+                  stop: Callable[[list[int]], bool] | None = None) -> tuple[list[int], float]:
     """Greedy decoding from a prefilled cache; every step is a single-token decode step."""
     tokens: list[int] = []
     nxt = last_token.reshape(1, 1)
@@ -94,23 +94,25 @@ def greedy_decode(model: Any, cache: Any, last_token: torch.Tensor, max_new_toke
         logits = model(input_ids=nxt, cache=cache, use_cache=True).logits[:, -1]
         tok = int(logits.argmax(-1))
         tokens.append(tok)
-        if tok in stop_ids:
+        if stop is not None and stop(tokens):
             break
         nxt = torch.tensor([[tok]])
     return tokens, time.perf_counter() - t0
 
 
-def stop_token_ids(tokenizer: Any) -> set[int]:
-    ids = set()
-    for attr in ("eos_token_id", "pad_token_id"):
-        v = getattr(tokenizer, attr, None)
-        if isinstance(v, int):
-            ids.add(v)
-    for text in ("\n", ".\n"):
-        enc = tokenizer.encode(text, add_special_tokens=False)
-        if len(enc) == 1:
-            ids.add(enc[0])
-    return ids
+def answer_stop(tokenizer: Any) -> Callable[[list[int]], bool]:
+    """Stop at end-of-sequence, or at a line break once the answer has some content (a small model
+    often opens its answer with a line break, which must not end it)."""
+    eos = {v for v in (getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "pad_token_id", None))
+           if isinstance(v, int)}
+
+    def stop(tokens: list[int]) -> bool:
+        if tokens[-1] in eos:
+            return True
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        return text.endswith("\n") and any(ch.isalnum() for ch in text)
+
+    return stop
 
 
 # ---- the demo -----------------------------------------------------------------------------------------
@@ -166,7 +168,7 @@ def run_demo(args: argparse.Namespace, model: Any = None, tokenizer: Any = None,
     task = getattr(args, "task", "niah_single_2")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stops = stop_token_ids(tokenizer)
+    stop = answer_stop(tokenizer)
 
     # enable once up front so a wrong encoder file fails before the long prefill
     handle = enable(model, encoders, config, track=True)
@@ -190,11 +192,11 @@ def run_demo(args: argparse.Namespace, model: Any = None, tokenizer: Any = None,
             reset_peak_rss()
             if method == "unmodified":
                 cache, fraction = copy.deepcopy(dense_cache), 1.0
-                toks, dt = greedy_decode(model, cache, ids[:, -1], args.new_tokens, stops)
+                toks, dt = greedy_decode(model, cache, ids[:, -1], args.new_tokens, stop)
             else:
                 handle = enable(model, encoders, config, track=True)
                 cache = handle.cache_from(dense_cache)
-                toks, dt = greedy_decode(model, cache, ids[:, -1], args.new_tokens, stops)
+                toks, dt = greedy_decode(model, cache, ids[:, -1], args.new_tokens, stop)
                 fraction = _read_fraction(handle, shape)
                 disable(model)
             text = tokenizer.decode(toks, skip_special_tokens=True).strip()
