@@ -773,20 +773,20 @@ def summary_markdown(agg: dict[tuple, dict[str, float]], plan: EvalPlan | None =
                 if any(vals):
                     lines.append(f"| {m} | " + " | ".join(vals) + " | |")
             lines.append("")
-            lines += [f"### cost at context {length} (mean per sample)", "",
-                      "| method | budget | read | decode s | new tokens | s / token |", "|---|---|---:|---:|---:|---:|"]
-            for m in methods:
-                for c in cols:
-                    got = [agg[(t, length, m, c)] for t in tasks if (t, length, m, c) in agg]
-                    if not got:
-                        continue
-                    dec = sum(a["decode_s"] for a in got) / len(got)
-                    tok = sum(a["new_tokens"] for a in got) / len(got)
-                    read = sum(a["read_fraction"] for a in got) / len(got)
-                    lines.append(f"| {m} | {c} | {100 * read:.1f}% | {dec:.2f} | {tok:.1f} | "
-                                 f"{dec / max(tok, 1):.3f} |")
-            pre = [a["prefill_s"] for k, a in agg.items() if k[1] == length]
-            if pre:
-                lines += ["", f"prefill (dense, once per sample, shared by all methods): "
-                              f"{sum(pre) / len(pre):.1f} s mean", ""]
+        lines += [f"### cost at context {length} (mean per sample)", "",
+                  "| method | budget | read | decode s | new tokens | s / token |", "|---|---|---:|---:|---:|---:|"]
+        for m in methods:
+            for c in cols:
+                got = [agg[(t, length, m, c)] for t in tasks if (t, length, m, c) in agg]
+                if not got:
+                    continue
+                dec = sum(a["decode_s"] for a in got) / len(got)
+                tok = sum(a["new_tokens"] for a in got) / len(got)
+                read = sum(a["read_fraction"] for a in got) / len(got)
+                lines.append(f"| {m} | {c} | {100 * read:.1f}% | {dec:.2f} | {tok:.1f} | "
+                             f"{dec / max(tok, 1):.3f} |")
+        pre = [a["prefill_s"] for k, a in agg.items() if k[1] == length]
+        if pre:
+            lines += ["", f"prefill (dense, once per sample, shared by all methods): "
+                          f"{sum(pre) / len(pre):.1f} s mean", ""]
     return "\n".join(lines) + "\n"
