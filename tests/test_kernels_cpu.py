@@ -9,29 +9,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_refs import reference_scores
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dashkv.codes import asymmetric_scores_reference, hamming_similarity_reference, pack_bits
+from dashkv.codes import pack_bits
 from dashkv.kernels.cpu import dashkv_decode_cpu, dense_decode_cpu, dense_decode_torch
 
 
 # ---------------------------------------------------------------------------------------------
 # slow references
 # ---------------------------------------------------------------------------------------------
-def reference_scores(q_proj, codes, grouping, scorer):
-    """(B, Hs, N) float scores per selecting head, from the bit-by-bit references."""
-    b, hq, _ = q_proj.shape
-    hkv, n = codes.shape[1], codes.shape[2]
-    g = hq // hkv
-    c = codes.repeat_interleave(g, dim=1)
-    if scorer == "asymmetric":
-        s = asymmetric_scores_reference(q_proj.float(), c)
-    else:
-        s = hamming_similarity_reference(pack_bits(q_proj > 0), c).float()
-    return s.reshape(b, hkv, g, n).sum(2) if grouping == "kv_head" else s
-
-
 def reference_allowed(scores, start, sink, window, critical):
     """(B, Hs, N) bool: sinks ∪ window ∪ top-critical candidates (stable sort: lower position wins)."""
     bsz, hs, n = scores.shape

@@ -17,6 +17,7 @@ import os
 
 import pytest
 import torch
+from kernel_refs import reference_scores
 
 # The interpreter, always (GPU runs: scripts/gpu_check.py). Triton reads this when a kernel is decorated,
 # i.e. when dashkv.kernels.triton_kernels is imported; the module avoids triton.language's own @jit
@@ -25,7 +26,6 @@ os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="triton is not installed (pip install 'dashkv[gpu]')")
 
 from dashkv.attention import sparse_decode_attention  # noqa: E402
-from dashkv.codes import asymmetric_scores_reference, hamming_similarity_reference, pack_bits  # noqa: E402
 from dashkv.config import StepPlan  # noqa: E402
 from dashkv.selection import Selection, build_selection  # noqa: E402
 
@@ -56,23 +56,10 @@ def make_inputs(seed, batch, g, hkv, words, d, n, ties=False, starts=None, cap=N
     return query, q_proj, keys, values, codes, start
 
 
-def reference_scores(q_proj, codes, grouping, scorer):
-    """(B, Hs, N) float64 scores from the bit-by-bit references."""
-    b, hq, _ = q_proj.shape
-    hkv, n = codes.shape[1], codes.shape[2]
-    g = hq // hkv
-    c = codes.repeat_interleave(g, dim=1)
-    if scorer == "asymmetric":
-        s = asymmetric_scores_reference(q_proj.double(), c)
-    else:
-        s = hamming_similarity_reference(pack_bits(q_proj > 0), c).double()
-    return s.reshape(b, hkv, g, n).sum(2) if grouping == "kv_head" else s
-
-
 def reference_selection(q_proj, codes, *, sink, window, critical, grouping, scorer, start):
     """build_selection on tie-free scores: ties go to the lower position, as in the kernels."""
     n = codes.shape[2]
-    s = reference_scores(q_proj, codes, grouping, scorer)
+    s = reference_scores(q_proj, codes, grouping, scorer, dtype=torch.float64)
     assert torch.equal(s * 4, (s * 4).round())  # dyadic projections: exact scores
     # integer score * 4, shifted left by the position bits, plus (n - 1 - position): exact in float32
     tie_free = (s * 4) * (1 << max(1, (n - 1).bit_length())) + (n - 1 - torch.arange(n, dtype=torch.float64))
@@ -166,7 +153,7 @@ def test_scan_scores_and_keys(scorer, impl):
     for grouping in ("kv_head", "query_head"):
         s = tk.dashkv_scan_triton(q_proj, codes, sink=3, window=5, grouping=grouping, scorer=scorer, start=start,
                                   _asym_impl=impl)
-        ref = reference_scores(q_proj, codes, grouping, scorer).float()
+        ref = reference_scores(q_proj, codes, grouping, scorer, dtype=torch.float64).float()
         pos = torch.arange(70)
         cand = (pos[None, :] >= start[:, None] + 3) & (pos[None, :] < 65)
         assert torch.equal(s, ref.masked_fill(~cand[:, None, :], float("-inf")))

@@ -33,6 +33,7 @@ import torch
 from .capture import LayerCapture, capture_qkv
 from .config import DashKVConfig
 from .encoders import HashEncoders, LayerEncoders
+from .fsutil import swap_into_place
 from .errors import DashKVError
 
 # directories: every non-hidden text file is read (licence files have no extension); these never are
@@ -769,13 +770,7 @@ def save_encoders(enc: HashEncoders, out: str | Path, *, overwrite: bool = False
         target.chmod(0o755)  # mkdtemp makes 0700 / 0600: shipped and shared encoders must be world-readable
         for f in target.iterdir():
             f.chmod(0o644)
-        if out.exists():
-            old = out.with_name(out.name + ".old-" + staging.name[-6:])
-            out.rename(old)
-            target.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            target.rename(out)
+        swap_into_place(target, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="niah_single_1,niah_single_2,passkey")
     p.add_argument("--lengths", default="4096")
     p.add_argument("--samples", type=int, default=20)
-    p.add_argument("--haystack", default="essays", help="noise, essays, jargon, or files:PATH[,PATH]")
+    p.add_argument("--haystack", default="default",
+                   help="default (each task's RULER haystack), noise, essays, jargon, or files:PATH[,PATH]")
     p.add_argument("--out", default="dashkv-eval")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bits", type=int, default=64)

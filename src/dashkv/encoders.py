@@ -22,6 +22,7 @@ from torch import nn
 
 from . import __version__
 from .codes import check_bits, pack_bits
+from .fsutil import swap_into_place
 
 FORMAT = "dashkv-encoders"
 FORMAT_VERSION = 1
@@ -194,13 +195,7 @@ class HashEncoders(nn.Module):
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"dashkv": json.dumps(config)})
             config["sha256"] = _sha256(tmp / WEIGHTS_NAME)
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-            if out.exists():
-                old = out.with_name(out.name + ".old-" + tmp.name[-6:])
-                out.rename(old)
-                tmp.rename(out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(out)
+            swap_into_place(tmp, out)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
