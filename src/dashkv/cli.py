@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 EPILOG = """\
@@ -157,16 +156,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     handle = None
     if args.method != "dense":
         handle = enable(model, encoders, config, method=args.method, track=True)
+    from .bench_decode import TimingStreamer
+
     torch.manual_seed(args.seed)
-    t0 = time.perf_counter()
+    streamer = TimingStreamer()
     out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=args.max_new_tokens,
-                         do_sample=args.sample, pad_token_id=tok.eos_token_id)
-    dt = time.perf_counter() - t0
+                         do_sample=args.sample, pad_token_id=tok.eos_token_id, streamer=streamer)
+    t = streamer.times  # prompt, then one entry per new token: decode speed excludes the prefill
     new = out[0, input_ids.shape[1]:]
     print(tok.decode(new, skip_special_tokens=True))
-    read = f", {100 * handle.stats.fraction:.1f}% of the context read per decode step" if handle else ""
-    print(f"\n[{args.method}] prompt {input_ids.shape[1]} tokens, {len(new)} new tokens in {dt:.2f} s "
-          f"({len(new) / dt:.1f} tok/s incl. prefill){read}", file=sys.stderr)
+    decode = f", decode {(len(t) - 2) / (t[-1] - t[1]):.1f} tok/s" if len(t) > 2 else ""
+    read = (f", sparse layers read {100 * handle.stats.fraction:.1f}% of the context per step"
+            if handle is not None and handle.stats is not None and handle.stats.per_step else "")
+    print(f"\n[{args.method}] prompt {input_ids.shape[1]} tokens, {len(new)} new tokens; prefill "
+          f"{t[1] - t[0]:.2f} s{decode}{read}", file=sys.stderr)
     return 0
 
 
