@@ -190,3 +190,18 @@ def test_lowprec_tier_error_is_bounded():
 def test_unknown_method_is_named():
     with pytest.raises(ValueError, match="unknown method 'magic'"):
         make_policy("magic", DashKVConfig())
+
+
+def test_quest_reads_the_whole_page_holding_the_most_aligned_key():
+    torch.manual_seed(0)
+    b, hkv, g, n, d = 1, 2, 3, 640, 16
+    q = torch.randn(b, hkv * g, d)
+    k = torch.randn(b, hkv, n, d) * 0.1
+    hot = 333  # inside page 20 (positions 320..335)
+    k[:, :, hot] = q.reshape(b, hkv, g, d).sum(2) * 3  # strongly aligned with every query of the group
+    cfg = DashKVConfig(budget=68 + 32, sink=4, window=64)
+    policy = make_policy("quest", cfg)
+    sel = policy.select(LayerState(0), q, k, cfg.plan(n), 0.25, None)
+    for h in range(hkv):
+        chosen = set(sel.indices[0, h][sel.exact[0, h]].tolist())
+        assert set(range(320, 336)) <= chosen  # the hot key's page, whole
