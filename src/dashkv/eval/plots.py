@@ -70,13 +70,7 @@ def plot_accuracy_vs_budget(agg: dict[tuple, dict[str, float]], path: Path, meth
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 8), bbox_to_anchor=(0.5, 1.02))
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+    return _finish(fig, axes, path, legend_y=1.02, top=0.95)
 
 
 def plot_accuracy_vs_length(agg: dict[tuple, dict[str, float]], path: Path, methods: Sequence[str]) -> Path:
@@ -105,10 +99,16 @@ def plot_accuracy_vs_length(agg: dict[tuple, dict[str, float]], path: Path, meth
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
+    return _finish(fig, axes, path, legend_y=1.05, top=0.92)
+
+
+def _finish(fig, axes, path, legend_y: float, top: float):
+    """One legend for all panels above them, then save and close the figure."""
+    plt = _plt()
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 8), bbox_to_anchor=(0.5, 1.05))
-    fig.tight_layout(rect=(0, 0, 1, 0.92))
+        fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 8), bbox_to_anchor=(0.5, legend_y))
+    fig.tight_layout(rect=(0, 0, 1, top))
     out = _save(fig, path)
     plt.close(fig)
     return out
