@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -57,22 +57,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# ---- prompt and decoding ------------------------------------------------------------------------------
-def build_prompt_ids(tokenizer: Any, sample: Any) -> torch.Tensor:
-    """Chat-formatted prompt (if the tokenizer has a template) ending with the task's answer prefix."""
-    if getattr(tokenizer, "chat_template", None):
-        enc = tokenizer.apply_chat_template([{"role": "user", "content": sample.prompt}],
-                                            add_generation_prompt=True, return_dict=True, return_tensors="pt")
-        ids = enc["input_ids"]
-    else:
-        ids = torch.tensor([tokenizer.encode(sample.prompt)])
-    prefix = sample.answer_prefix.strip()
-    if prefix:
-        extra = tokenizer.encode(prefix, add_special_tokens=False)
-        ids = torch.cat([ids, torch.tensor([extra], dtype=ids.dtype)], dim=1)
-    return ids
-
-
+# ---- prompt and decoding (prompt building and greedy decoding are the evaluation harness's) --------
 @torch.no_grad()
 def prefill(model: Any, ids: torch.Tensor) -> Any:
     """Dense prefill of all but the last prompt token with the unmodified model; returns its cache."""
@@ -81,38 +66,6 @@ def prefill(model: Any, ids: torch.Tensor) -> Any:
     cache = DynamicCache(config=model.config)
     model(input_ids=ids[:, :-1], cache=cache, use_cache=True)
     return cache
-
-
-@torch.no_grad()
-def greedy_decode(model: Any, cache: Any, last_token: torch.Tensor, max_new_tokens: int,
-                  stop: Callable[[list[int]], bool] | None = None) -> tuple[list[int], float]:
-    """Greedy decoding from a prefilled cache; every step is a single-token decode step."""
-    tokens: list[int] = []
-    nxt = last_token.reshape(1, 1)
-    t0 = time.perf_counter()
-    for _ in range(max_new_tokens):
-        logits = model(input_ids=nxt, cache=cache, use_cache=True).logits[:, -1]
-        tok = int(logits.argmax(-1))
-        tokens.append(tok)
-        if stop is not None and stop(tokens):
-            break
-        nxt = torch.tensor([[tok]])
-    return tokens, time.perf_counter() - t0
-
-
-def answer_stop(tokenizer: Any) -> Callable[[list[int]], bool]:
-    """Stop at end-of-sequence, or at a line break once the answer has some content (a small model
-    often opens its answer with a line break, which must not end it)."""
-    eos = {v for v in (getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "pad_token_id", None))
-           if isinstance(v, int)}
-
-    def stop(tokens: list[int]) -> bool:
-        if tokens[-1] in eos:
-            return True
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        return text.endswith("\n") and any(ch.isalnum() for ch in text)
-
-    return stop
 
 
 # ---- the demo -----------------------------------------------------------------------------------------
@@ -153,6 +106,7 @@ def run_demo(args: argparse.Namespace, model: Any = None, tokenizer: Any = None,
     from tqdm.auto import tqdm
 
     from .encoders import HashEncoders
+    from .eval.runner import build_prompt_ids, greedy_decode, stop_ids
     from .eval.tasks import make_sample
     from .hf import disable, enable
     from .models import check_context_length, load_model, model_shape
@@ -168,7 +122,7 @@ def run_demo(args: argparse.Namespace, model: Any = None, tokenizer: Any = None,
     task = getattr(args, "task", "niah_single_2")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stop = answer_stop(tokenizer)
+    stops = stop_ids(tokenizer, model)
 
     # enable once up front so a wrong encoder file fails before the long prefill
     handle = enable(model, encoders, config, track=True)
@@ -183,21 +137,21 @@ def run_demo(args: argparse.Namespace, model: Any = None, tokenizer: Any = None,
     for depth in depths:
         sample = make_sample(task, tokenizer, args.length, seed=0, index=int(depth * 100), depth=depth,
                              haystack=haystack)
-        ids = build_prompt_ids(tokenizer, sample)
+        ids = torch.tensor([build_prompt_ids(tokenizer, sample)])
         bar.set_postfix_str(f"depth {depth:.0%}: prefill {ids.shape[1]} tokens")
         dense_cache = prefill(model, ids)
         bar.update(1)
         for method in ("unmodified", "dashkv"):
             bar.set_postfix_str(f"depth {depth:.0%}: {method}")
             reset_peak_rss()
-            if method == "unmodified":
-                cache, fraction = copy.deepcopy(dense_cache), 1.0
-                toks, dt = greedy_decode(model, cache, ids[:, -1], args.new_tokens, stop)
-            else:
-                handle = enable(model, encoders, config, track=True)
-                cache = handle.cache_from(dense_cache)
-                toks, dt = greedy_decode(model, cache, ids[:, -1], args.new_tokens, stop)
-                fraction = _read_fraction(handle, shape)
+            handle = None if method == "unmodified" else enable(model, encoders, config, track=True)
+            cache = copy.deepcopy(dense_cache) if handle is None else handle.cache_from(dense_cache)
+            t0 = time.perf_counter()
+            toks = greedy_decode(model, cache, int(ids[0, -1]), args.new_tokens, stops, tokenizer=tokenizer,
+                                 newline_stop=True)
+            dt = time.perf_counter() - t0
+            fraction = 1.0 if handle is None else _read_fraction(handle, shape)
+            if handle is not None:
                 disable(model)
             text = tokenizer.decode(toks, skip_special_tokens=True).strip()
             correct = all(a.lower() in text.lower() for a in sample.answers)

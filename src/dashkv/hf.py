@@ -134,6 +134,8 @@ def enable(model: Any, encoders: HashEncoders | None = None, config: DashKVConfi
         managed = tuple(candidates)
     policy = make_policy(method, config, encoders)
 
+    if policy is not None and policy.uses_codes:
+        _warm_cpu_kernels()
     handle = DashKVHandle(model, policy, config, method, managed, track)
     handle.max_positions = shape.max_position_embeddings
     _register_attention()
@@ -164,6 +166,23 @@ def disable(model: Any) -> None:
 
 def is_enabled(model: Any) -> bool:
     return getattr(model, _HANDLE_ATTR, None) is not None
+
+
+_KERNELS_WARM = False
+
+
+def _warm_cpu_kernels() -> None:
+    """Compile (first run ever) or load (later processes, ~1 s) the fused CPU kernels once per process,
+    at enable time, so the cost never lands inside the first decode step a user or a benchmark times."""
+    global _KERNELS_WARM
+    if _KERNELS_WARM:
+        return
+    try:
+        from .kernels.cpu import warmup
+    except ImportError:  # numba missing: the torch reference path serves
+        return
+    warmup()
+    _KERNELS_WARM = True
 
 
 # ---- transformers plumbing ----------------------------------------------------------------------------

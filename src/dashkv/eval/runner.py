@@ -502,7 +502,8 @@ def _append_row(path: Path, row: dict[str, Any]) -> None:
 
 
 # ---- the run -----------------------------------------------------------------------------------------
-def _stop_ids(tokenizer: Any, model: Any) -> set[int]:
+def stop_ids(tokenizer: Any, model: Any) -> set[int]:
+    """End-of-answer token ids: the tokenizer's and the model's EOS and the usual chat end markers."""
     ids: set[int] = set()
     for source in (getattr(tokenizer, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)):
         if isinstance(source, int):
@@ -544,7 +545,7 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
     rows = load_results(results_path)
     done = {row_key(r) for r in rows}
     encoders = _encoders_for(plan, model) if encoders is None else encoders
-    stop = _stop_ids(tokenizer, model)
+    stop = stop_ids(tokenizer, model)
     cells = plan.cells()
     (plan.out / "run.json").write_text(json.dumps({
         "model": plan.model, "encoders": plan.encoders, "methods": plan.methods,
