@@ -187,3 +187,14 @@ def test_default_model_full_budget_is_token_identical_on_a_2k_prompt():
         out = model.generate(ids, **kw)
         assert handle.method == "dashkv" and len(handle.managed_layers) == 28
     assert torch.equal(out, ref)
+
+
+def test_enable_warms_the_fused_kernels_once(monkeypatch):
+    calls = []
+    monkeypatch.setattr(hf, "_KERNELS_WARM", False)
+    monkeypatch.setattr("dashkv.kernels.cpu.warmup", lambda: calls.append(1) or 0.0)
+    model = tiny_model("llama")
+    hf.enable(model, _simhash(model))
+    hf.enable(model, _simhash(model))
+    hf.disable(model)
+    assert calls == [1]
