@@ -191,10 +191,10 @@ def test_default_model_full_budget_is_token_identical_on_a_2k_prompt():
 
 def test_enable_warms_the_fused_kernels_once(monkeypatch):
     calls = []
-    monkeypatch.setattr(hf, "_KERNELS_WARM", False)
-    monkeypatch.setattr("dashkv.kernels.cpu.warmup", lambda: calls.append(1) or 0.0)
+    monkeypatch.setattr(hf, "_KERNELS_WARM", set())
+    monkeypatch.setattr("dashkv.kernels.cpu.warmup", lambda dtypes: calls.append(dtypes) or 0.0)
     model = tiny_model("llama")
     hf.enable(model, _simhash(model))
     hf.enable(model, _simhash(model))
     hf.disable(model)
-    assert calls == [1]
+    assert calls == [(torch.float32,)]

@@ -19,7 +19,7 @@ examples:
   dashkv calibrate --model smollm2-135m --text /usr/share/common-licenses --bits 64 --out enc/
   dashkv eval --methods dashkv,dense,streaming --budgets 1/8,1/16 --tasks niah_single_1 --lengths 4096
   dashkv bench kernel --n 4096,16384,65536 --bits 64 --budget 1/16
-  dashkv bench decode --model smollm2-135m --context 8192 --new-tokens 128
+  dashkv bench decode --model smollm2-135m --context 8192 --batch 1,8 --dtype bfloat16
 
 The budget is the number of cached tokens each decode step reads per KV head, counting sinks,
 the recent window and every candidate: a fraction of the context (1/16, 0.0625) or a count (512).
@@ -108,12 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--shapes", default="smollm2,d128")
     k.add_argument("--repeats", type=int, default=20)
     k.add_argument("--json", default=None, help="write the rows as JSON here")
-    d = bsub.add_parser("decode", help="end-to-end tokens/s of generate, DASH-KV vs the unmodified model")
+    d = bsub.add_parser("decode", help="decode step time: DASH-KV vs StaticCache, DynamicCache and the floor",
+                        description="Prefills every row once from the same prompt, then times decode steps "
+                                    "round-robin (one step of each row in turn). Ratios are against "
+                                    "transformers' StaticCache measured in the same run.")
     _add_model_args(d)
     _add_dashkv_args(d)
-    d.add_argument("--context", type=int, default=8192)
-    d.add_argument("--new-tokens", type=int, default=128)
-    d.add_argument("--json", default=None)
+    d.add_argument("--context", type=int, default=8192, help="prompt tokens before decoding (default: %(default)s)")
+    d.add_argument("--batch", default="1", help="batch sizes, comma-separated, e.g. 1,8 (default: %(default)s)")
+    d.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="model and KV dtype (default: %(default)s)")
+    d.add_argument("--steps", type=int, default=32, help="timed decode steps per row (default: %(default)s)")
+    d.add_argument("--warmup", type=int, default=4, help="untimed steps per row first (default: %(default)s)")
+    d.add_argument("--profile", action="store_true",
+                   help="afterwards, time each part of DASH-KV's decode step inside a real generate")
+    d.add_argument("--json", default=None, help="write the rows as JSON here")
     return parser
 
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import logging
+
 import torch
+import torch.nn.functional as F
 
 from .attention import QuantizedRows, dense_decode_attention, sparse_decode_attention
 from .config import DashKVConfig
@@ -53,13 +56,17 @@ def decode_step(policy: SelectionPolicy | None, config: DashKVConfig, state: Lay
         if stats is not None:
             stats.record(state.layer_idx, n, (valid.sum(-1, keepdim=True) if valid is not None
                                               else torch.full((b, 1), n)), keep=False)
+        if fast:  # what the unmodified model runs: a dense step costs what it costs there
+            mask = None if valid is None else valid[:, None, None, :]
+            return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
+                                                  enable_gqa=True)
         return dense_decode_attention(query, keys, values, scaling, valid)
 
     q = query[:, :, 0, :]
     kernel = _fast_kernel(policy, config, keys) if fast else None
     if kernel is not None:
         out, idx_count = kernel(
-            q.float(), policy.query_projection(state.layer_idx, q), keys, values, state.codes,
+            q, policy.query_projection(state.layer_idx, q), keys, values, state.codes,
             sink=plan.sink, window=plan.window, critical=plan.critical, scaling=scaling,
             grouping=config.grouping, scorer=config.scorer, start=start, return_counts=True)
         if stats is not None:
@@ -77,23 +84,48 @@ def decode_step(policy: SelectionPolicy | None, config: DashKVConfig, state: Lay
     return result
 
 
+_FALLBACKS_WARNED: set[str] = set()
+log = logging.getLogger(__name__)
+
+
+def _fallback(reason: str) -> None:
+    """Say once per process and reason that a step runs the (slower) torch reference path."""
+    if reason not in _FALLBACKS_WARNED:
+        _FALLBACKS_WARNED.add(reason)
+        log.warning("dashkv: %s: decode steps run the torch reference path (correct, slower than the fused "
+                    "kernel)", reason)
+
+
 def _fast_kernel(policy: SelectionPolicy, config: DashKVConfig, keys: torch.Tensor):
-    """The fused kernel for this step, or None for the torch reference path.
+    """The fused kernel for this step, or None for the torch reference path (warned once per reason).
 
-    The fused kernels serve DASH-KV/SimHash with a fixed-size exact tier: numba on the CPU (fp32),
-    Triton on CUDA. The adaptive set and the 8-bit tier run on the reference path.
+    The fused kernels serve DASH-KV/SimHash with a fixed-size exact tier: numba on the CPU (float32,
+    bfloat16 or float16 K/V, on the calling thread), Triton on CUDA. The adaptive set and the 8-bit tier
+    run on the reference path.
     """
-    if not policy.uses_codes or config.adaptive or config.lowprec_fraction > 0:
+    if not policy.uses_codes:
+        return None  # baselines (oracle, Quest, H2O, ...) have no fused kernel by design
+    if config.adaptive or config.lowprec_fraction > 0:
+        _fallback("the adaptive critical set and the 8-bit tier have no fused kernel yet")
         return None
-    try:
-        if keys.device.type == "cpu" and keys.dtype == torch.float32:
+    if keys.device.type == "cpu":
+        if keys.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            _fallback(f"K/V dtype {keys.dtype} has no fused CPU kernel")
+            return None
+        try:
             from .kernels.cpu import dashkv_decode_cpu
-
-            return dashkv_decode_cpu
-        if keys.device.type == "cuda":
+        except ImportError:
+            _fallback("numba is not installed")
+            return None
+        return dashkv_decode_cpu
+    if keys.device.type == "cuda":
+        try:
             from .kernels.triton_kernels import dashkv_decode_triton, triton_available
-
-            return dashkv_decode_triton if triton_available() else None
-    except ImportError:
+        except ImportError:
+            triton_available = None
+        if triton_available is not None and triton_available():
+            return dashkv_decode_triton
+        _fallback("Triton is not available for CUDA tensors")
         return None
+    _fallback(f"device {keys.device.type} has no fused kernel")
     return None

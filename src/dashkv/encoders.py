@@ -144,11 +144,43 @@ class HashEncoders(nn.Module):
 
     def encode_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
         """Packed key codes (B, Hkv, N, b/64) int64: computed once per token, stored in the cache."""
+        fast = self._fast_linear(layer_idx, "key", keys)
+        if fast is not None:
+            from .kernels.cpu import encode_linear_cpu
+
+            return encode_linear_cpu(keys, *fast)
         return pack_bits(self.project_keys(layer_idx, keys.float()) > 0)
 
     def project_queries(self, layer_idx: int, queries: torch.Tensor) -> torch.Tensor:
         """Real-valued query projections (B, Hq, Q, b): the asymmetric side, never stored."""
+        fast = self._fast_linear(layer_idx, "query", queries)
+        if fast is not None:
+            from .kernels.cpu import linear_heads_cpu
+
+            return linear_heads_cpu(queries, *fast)
         return self.layers[str(layer_idx)].query(queries.float())
+
+    _FAST_MAX_TOKENS = 8  # decode steps: a compiled loop beats a batched matmul's dispatch below this
+
+    def _fast_linear(self, layer_idx: int, side: str, x: torch.Tensor):
+        """float32 (weight, bias) numpy arrays of a linear encoder for the compiled CPU path of a decode
+        step's few tokens, or None (MLP encoders, long inputs, other devices: torch serves those).
+        Cached per layer and side; a parameter changed in place (its version counter moved) is re-read."""
+        if self.depth != 1 or x.device.type != "cpu" or x.shape[-2] > self._FAST_MAX_TOKENS or x.dim() != 4:
+            return None
+        cache = self.__dict__.setdefault("_fast_weights", {})
+        hit = cache.get((layer_idx, side))
+        if hit is not None and hit[0]._version == hit[1] and hit[2]._version == hit[3]:
+            return hit[4]
+        try:
+            import dashkv.kernels.cpu  # noqa: F401  (numba present?)
+        except ImportError:
+            return None
+        mlp = getattr(self.layers[str(layer_idx)], side)
+        w, b = mlp.weights[0], mlp.biases[0]
+        arrays = (w.detach().float().contiguous().numpy(), b.detach().float().contiguous().numpy())
+        cache[(layer_idx, side)] = (w, w._version, b, b._version, arrays)
+        return arrays
 
     def logit_scale(self, layer_idx: int) -> torch.Tensor:
         return self.layers[str(layer_idx)].log_scale.exp()

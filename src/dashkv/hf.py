@@ -135,7 +135,7 @@ def enable(model: Any, encoders: HashEncoders | None = None, config: DashKVConfi
     policy = make_policy(method, config, encoders)
 
     if policy is not None and policy.uses_codes:
-        _warm_cpu_kernels()
+        _warm_cpu_kernels(model.dtype)
     handle = DashKVHandle(model, policy, config, method, managed, track)
     handle.max_positions = shape.max_position_embeddings
     _register_attention()
@@ -168,21 +168,22 @@ def is_enabled(model: Any) -> bool:
     return getattr(model, _HANDLE_ATTR, None) is not None
 
 
-_KERNELS_WARM = False
+_KERNELS_WARM: set = set()
 
 
-def _warm_cpu_kernels() -> None:
-    """Compile (first run ever) or load (later processes, ~1 s) the fused CPU kernels once per process,
-    at enable time, so the cost never lands inside the first decode step a user or a benchmark times."""
-    global _KERNELS_WARM
-    if _KERNELS_WARM:
+def _warm_cpu_kernels(dtype: torch.dtype) -> None:
+    """Compile (first run ever) or load (later processes, ~1 s) the fused CPU kernels for this K/V dtype
+    once per process, at enable time, so the cost never lands inside the first decode step a user or a
+    benchmark times."""
+    if dtype in _KERNELS_WARM:
         return
     try:
-        from .kernels.cpu import warmup
+        from .kernels.cpu import KV_DTYPES, warmup
     except ImportError:  # numba missing: the torch reference path serves
         return
-    warmup()
-    _KERNELS_WARM = True
+    if dtype in KV_DTYPES:
+        warmup((dtype,))
+    _KERNELS_WARM.add(dtype)
 
 
 # ---- transformers plumbing ----------------------------------------------------------------------------
