@@ -36,23 +36,25 @@ class StepStats:
         return self.attended / self.context if self.context else 1.0
 
 
-def decode_step(policy: SelectionPolicy | None, config: DashKVConfig, state: LayerState, query: torch.Tensor,
+def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.Tensor,
                 keys: torch.Tensor, values: torch.Tensor, scaling: float, start: torch.Tensor | None = None,
                 lowprec: tuple[QuantizedRows, QuantizedRows] | None = None, fast: bool = True,
                 stats: StepStats | None = None) -> torch.Tensor:
     """Attention output (B, Hq, 1, d) of one decode query against the whole cache of one layer.
 
-    policy None means dense. `start` (B,) marks left padding. With `fast`, the default DASH-KV
-    configuration (fixed-size exact tier) runs in the fused CPU kernel; everything else runs the torch
-    reference path, which the kernel is tested against.
+    policy None means dense. The step's configuration is the policy's own (`policy.config`, with
+    `policy.scorer`): the fused and reference paths cannot disagree on it. `start` (B,) marks left
+    padding. With `fast`, the default DASH-KV configuration (fixed-size exact tier) runs in the fused
+    kernel; everything else runs the torch reference path, which the kernel is tested against.
     """
     b, hkv, n, _ = keys.shape
-    plan = config.plan(n)
-    valid = None if start is None else valid_positions(n, start, b)
+    config = policy.config if policy is not None else None
+    plan = config.plan(n) if config is not None else None
+    valid = None if start is None else valid_positions(n, start, b, device=keys.device)
     if policy is None or plan.dense:
         if stats is not None:
             stats.record(state.layer_idx, n, (valid.sum(-1, keepdim=True) if valid is not None
-                                              else torch.full((b, 1), n)), keep=False)
+                                              else torch.full((b, 1), n, device=keys.device)), keep=False)
         return dense_decode_attention(query, keys, values, scaling, valid)
 
     q = query[:, :, 0, :]
@@ -61,7 +63,7 @@ def decode_step(policy: SelectionPolicy | None, config: DashKVConfig, state: Lay
         out, idx_count = kernel(
             q.float(), policy.query_projection(state.layer_idx, q), keys, values, state.codes,
             sink=plan.sink, window=plan.window, critical=plan.critical, scaling=scaling,
-            grouping=config.grouping, scorer=config.scorer, start=start, return_counts=True)
+            grouping=config.grouping, scorer=policy.scorer, start=start, return_counts=True)
         if stats is not None:
             stats.record(state.layer_idx, n, idx_count, keep=True)
         return out[:, :, None, :].to(query.dtype)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -22,6 +23,7 @@ from torch import nn
 
 from . import __version__
 from .codes import check_bits, pack_bits
+from .errors import DashKVError
 from .fsutil import swap_into_place
 
 FORMAT = "dashkv-encoders"
@@ -32,12 +34,54 @@ DEFAULT_ENCODERS_DIR = Path(__file__).parent / "data" / "encoders"
 SHAPE_FIELDS = ("model_type", "num_layers", "num_q_heads", "num_kv_heads", "head_dim")
 
 
-class EncoderFileError(ValueError):
+class EncoderFileError(DashKVError, ValueError):
     """An encoder directory is missing, truncated, corrupt or not a dashkv encoder file."""
 
 
-class EncoderMismatchError(ValueError):
+class EncoderMismatchError(DashKVError, ValueError):
     """Encoders were calibrated for a model of another shape."""
+
+
+class EncoderFingerprintError(EncoderMismatchError):
+    """Encoders were calibrated on another model's attention weights (same shape, other weights)."""
+
+
+FINGERPRINT_METHOD = "qk-signs-v1"
+_FINGERPRINT_SAMPLES = 4096
+_log = logging.getLogger(__name__)
+
+
+def attention_fingerprint(model: Any, layers: Iterable[int]) -> str:
+    """A digest of the attention weights encoders are calibrated on: sha256 over the signs of a fixed
+    strided sample (4096 elements) of q_proj and k_proj weights of each layer in `layers`, with shapes.
+
+    Why signs of a sample: cheap (a few thousand elements per layer, whatever the model size); the same
+    for a model loaded in fp32, bf16 or fp16 (casts never flip a sign; the sample is cast to fp16 first so
+    underflow is the same too); and a fine-tune or another checkpoint of the same shape flips the signs
+    of its smallest weights, so it does not match.
+    """
+    import numpy as np
+
+    wanted = sorted(int(i) for i in layers)
+    found: dict[int, Any] = {}
+    for m in model.modules():
+        idx = getattr(m, "layer_idx", None)
+        if idx in wanted and hasattr(m, "q_proj") and hasattr(m, "k_proj") and idx not in found:
+            found[idx] = m
+    h = hashlib.sha256(FINGERPRINT_METHOD.encode())
+    for i in wanted:
+        m = found.get(i)
+        if m is None:
+            h.update(f"{i}:missing;".encode())
+            continue
+        for name in ("q_proj", "k_proj"):
+            w = getattr(m, name).weight.detach()
+            flat = w.reshape(-1)
+            sample = flat[:: max(1, flat.numel() // _FINGERPRINT_SAMPLES)][:_FINGERPRINT_SAMPLES]
+            signs = (sample.to(torch.float16) > 0).cpu().numpy()
+            h.update(f"{i}:{name}:{tuple(w.shape)};".encode())
+            h.update(np.packbits(signs).tobytes())
+    return h.hexdigest()
 
 
 class HeadwiseMLP(nn.Module):
@@ -154,18 +198,55 @@ class HashEncoders(nn.Module):
         return self.layers[str(layer_idx)].log_scale.exp()
 
     # ---- compatibility ---------------------------------------------------------------------------
-    def check_compatible(self, model_or_shape: Any, bits: int | None = None) -> None:
-        """Raise EncoderMismatchError naming every field where these encoders and the model differ."""
+    @property
+    def calibrated_length(self) -> int | None:
+        """Context length (tokens) the encoders were calibrated on, if recorded."""
+        value = self.meta.get("calibrated_context", self.meta.get("seq_len"))
+        try:
+            return int(value) if value is not None else None
+        except (TypeError, ValueError):
+            return None
+
+    @property
+    def fingerprint(self) -> str | None:
+        """`attention_fingerprint` of the model the encoders were calibrated on, if recorded."""
+        fp = self.meta.get("attention_fingerprint")
+        return fp if isinstance(fp, str) else None
+
+    def check_compatible(self, model_or_shape: Any, bits: int | None = None, *, allow_mismatch: bool = False) -> None:
+        """Raise EncoderMismatchError naming every field where these encoders and the model differ.
+
+        Shapes must match. Given a model (not just a shape), the attention fingerprint must match too,
+        unless `allow_mismatch` (EncoderFingerprintError otherwise). Encoders saved before fingerprints
+        existed are accepted with one warning per process. SimHash encoders fit any model of the shape.
+        """
         shape = _shape_dict(model_or_shape)
         diffs = [f"{f}: encoders {self.shape[f]!r} vs model {shape[f]!r}"
                  for f in SHAPE_FIELDS if f in shape and shape[f] != self.shape[f]]
         if bits is not None and bits != self.bits:
             diffs.append(f"bits: encoders {self.bits} vs config {bits}")
+        name = self.meta.get("model_name", "another model")
         if diffs:
-            name = self.meta.get("model_name", "another model")
             raise EncoderMismatchError(
                 f"these encoders were calibrated for {name} and do not fit this model ("
                 + "; ".join(diffs) + "). Calibrate encoders for it with `dashkv calibrate`.")
+        if self.kind == "simhash" or not isinstance(model_or_shape, nn.Module):
+            return
+        if self.fingerprint is None:
+            from ._logging import warn_once
+
+            warn_once(_log, ("no-fingerprint", name),
+                      "dashkv: encoders for %s carry no attention fingerprint (saved by an older dashkv); "
+                      "cannot check they were calibrated on this model's weights", name)
+            return
+        ours = attention_fingerprint(model_or_shape, self.layer_ids)
+        if ours != self.fingerprint and not allow_mismatch:
+            raise EncoderFingerprintError(
+                f"these encoders were calibrated on the attention weights of {name}, not this model's "
+                f"(attention_fingerprint: encoders {self.fingerprint[:16]}... vs model {ours[:16]}..., "
+                f"{FINGERPRINT_METHOD} over q_proj/k_proj of layers {list(self.layer_ids)}): same shape, other "
+                "weights (a fine-tune, the base model, another checkpoint). Calibrate encoders for it with "
+                "`dashkv calibrate`, or pass allow_mismatch=True to use them anyway.")
 
     # ---- persistence -----------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
