@@ -267,7 +267,8 @@ def adopt(cache: DynamicCache, ctx: DecodeContext, managed_layers: Iterable[int]
     """Make a plain DynamicCache (a user's, or generate's default) DASH-KV-managed, in place: its managed
     layers become DashKVLayers holding the same tokens (keys are encoded as they are copied in), so the
     caller's cache object is the one that fills up. Layers that already are DashKVLayers keep the policy
-    they were created with (their codes were encoded by it)."""
+    they were created with (their codes were encoded by it). The object's class becomes DashKVCache (a
+    DynamicCache subclass without state of its own), so `cache.stats` is there too."""
     managed = tuple(managed_layers)
     if not cache.layers and getattr(cache, "layer_class_to_replicate", None) is not None:
         cache.layers = DynamicCache(config=model_config).layers  # DynamicCache() built without a config
@@ -288,3 +289,6 @@ def adopt(cache: DynamicCache, ctx: DecodeContext, managed_layers: Iterable[int]
         if layer.get_seq_length() > 0:
             new.update(layer.keys, layer.values)
         cache.layers[i] = new
+    if type(cache) is DynamicCache:
+        cache.__class__ = DashKVCache
+        cache.dashkv = ctx

@@ -435,9 +435,10 @@ def dashkv_attention_forward(module: Any, query: torch.Tensor, key: torch.Tensor
     ctx = layer.ctx
     policy = ctx.policy
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    n = key.shape[2]
+    n, q_len = key.shape[2], query.shape[2]
 
-    if query.shape[2] > 1:  # prefill (or verifying draft tokens): exact dense attention
+    chunk = 1 < q_len <= MAX_SPARSE_CHUNK and policy is not None and not policy.config.plan(n - q_len + 1).dense
+    if q_len > 1 and not chunk:  # prefill: exact dense attention (and the policy's prefill statistics)
         if policy is not None:
             start, _ = start_from_mask(attention_mask, n)
             policy.on_prefill(layer.state, query, key, scaling, start)
@@ -451,7 +452,36 @@ def dashkv_attention_forward(module: Any, query: torch.Tensor, key: torch.Tensor
         warn_once(logger, ("past-calibrated-length", id(policy)),
                   "dashkv: decoding at %d tokens, past the %d-token context the encoders were calibrated on; "
                   "selection quality there is unmeasured", n, ctx.calibrated_length)
-    out = decode_step(policy, layer.state, query, key, value, scaling, start=start, lowprec=layer.lowprec,
-                      fast=ctx.fast, stats=ctx.stats)
+    if q_len == 1:
+        out = decode_step(policy, layer.state, query, key, value, scaling, start=start, lowprec=layer.lowprec,
+                          fast=ctx.fast, stats=ctx.stats)
+    else:
+        out = _decode_rows(layer, query, key, value, scaling, start)
     return out.transpose(1, 2).contiguous(), None
 
+
+#: Multi-token forwards of at most this many tokens on a long cache (the draft model's steps and the
+#: main model's verification in assisted generation, prompt lookup) run as that many causal decode
+#: steps over views of the cache, so they are as sparse as single-token steps; longer ones are prefill.
+MAX_SPARSE_CHUNK = 16
+
+
+def _decode_rows(layer: DashKVLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+                 start: torch.Tensor | None) -> torch.Tensor:
+    """Row i of a q-token chunk attends to the first n - q + 1 + i cached tokens (causal)."""
+    from .attention import QuantizedRows
+    from .selection import LayerState
+
+    ctx, state = layer.ctx, layer.state
+    n, q_len = key.shape[2], query.shape[2]
+    outs = []
+    for i in range(q_len):
+        m = n - q_len + 1 + i
+        view = LayerState(layer_idx=state.layer_idx, stats=state.stats,  # the same statistics, updated in place
+                          codes=None if state.codes is None else state.codes[:, :, :m])
+        low = None
+        if layer.lowprec is not None:
+            low = tuple(QuantizedRows(r.q[:, :, :m], r.scale[:, :, :m]) for r in layer.lowprec)
+        outs.append(decode_step(ctx.policy, view, query[:, :, i:i + 1], key[:, :, :m], value[:, :, :m], scaling,
+                                start=start, lowprec=low, fast=ctx.fast, stats=ctx.stats))
+    return torch.cat(outs, dim=2)
