@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from dashkv import decode, hf
+from dashkv import _logging, hf
 from dashkv.config import DashKVConfig
 from dashkv.encoders import HashEncoders
 from dashkv.models import model_shape, tiny_model
@@ -67,13 +67,13 @@ def test_left_padded_batch_fused_matches_reference(family):
     assert torch.equal(fast, ref)
 
 
-def test_fallback_to_reference_path_warns_once(caplog, monkeypatch):
-    monkeypatch.setattr(decode, "_FALLBACKS_WARNED", set())
+def test_fallback_to_reference_path_warns_once(caplog):
+    _logging.reset_warnings()
     model = tiny_model("llama")
     ids = torch.randint(3, 500, (1, 300), generator=torch.Generator().manual_seed(3))
     adaptive = DashKVConfig(budget=1 / 8, sink=4, window=8, adaptive=True, dense_layers=())
-    with caplog.at_level(logging.WARNING, logger="dashkv.decode"):
+    with caplog.at_level(logging.WARNING, logger="dashkv"):
         _generate(model, ids, True, config=adaptive)
         _generate(model, ids, True, config=adaptive)
     hits = [r for r in caplog.records if "reference path" in r.getMessage()]
-    assert len(hits) == 1 and "adaptive" in hits[0].getMessage()
+    assert len(hits) == 1 and "adaptive=True" in hits[0].getMessage()

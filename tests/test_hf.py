@@ -64,11 +64,15 @@ def test_disable_restores_bit_identical_logits_and_is_idempotent():
     assert model.config._attn_implementation == "eager"
 
 
-def test_training_mode_warns_and_stays_dense():
+def test_training_mode_warns_and_stays_dense(caplog):
+    from dashkv._logging import reset_warnings
+
+    reset_warnings()
     model = tiny_model("llama")
     model.train()
-    with pytest.warns(UserWarning, match="training mode"):
+    with caplog.at_level("WARNING", logger="dashkv"):
         handle = hf.enable(model, _simhash(model), DashKVConfig(budget=16, dense_layers=()), track=True)
+    assert "training mode" in caplog.text
     ids = _prompt(100)
     out = model(ids).logits  # training forward: dense, with gradients
     out.sum().backward()

@@ -51,7 +51,13 @@ class Selection:
 
 @dataclass
 class LayerState:
-    """Per-layer, per-sequence state a policy keeps beside the cache (codes, statistics)."""
+    """Per-layer, per-sequence state a policy keeps beside the cache (codes, statistics).
+
+    Owned by the cache layer (one per sequence batch and layer), never by the policy, so concurrent
+    `generate` calls on one model share nothing mutable. Contract for `stats`: every value is a tensor
+    laid out (B, H, N_seen, ...) -- batch first, one entry per cached token on dim 2 -- so the cache can
+    crop (dim 2) and reorder beams / select batch rows (dim 0) without knowing the policy.
+    """
 
     layer_idx: int
     codes: torch.Tensor | None = None  # (B, Hkv, N, W) packed key codes, kept by the cache
@@ -126,13 +132,24 @@ def group_queries(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 
 class SelectionPolicy:
-    """Base policy: subclasses define `score` (and optionally the hooks)."""
+    """Base policy: subclasses define `score` (and optionally the hooks).
+
+    The policy is the single owner of a decode step's configuration: `decode_step`, the fused kernels
+    and the cache all read `policy.config` (and `policy.scorer`), never a copy held elsewhere. The
+    policy keeps no per-sequence state (that lives in `LayerState`), so one policy serves concurrent
+    generate calls.
+    """
 
     name = "base"
     uses_codes = False  # True: the cache stores packed key codes from `encode_keys`
 
     def __init__(self, config: DashKVConfig):
         self.config = config
+
+    @property
+    def scorer(self) -> str:
+        """How key codes are scored against the query: "asymmetric" or "hamming" (code-based policies)."""
+        return self.config.scorer
 
     # hooks -------------------------------------------------------------------------------------
     def encode_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
@@ -208,13 +225,25 @@ class DashKVPolicy(SelectionPolicy):
 
 
 class SimHashPolicy(DashKVPolicy):
-    """Random-hyperplane LSH with the same bits, symmetric Hamming scan (the classic baseline)."""
+    """Random-hyperplane LSH with the same bits, symmetric Hamming scan (the classic baseline).
+
+    The scorer is forced into the policy's own config, so the fused kernels and the reference path
+    both run the Hamming scan (they read `policy.config`)."""
 
     name = "simhash"
+    forced_scorer = "hamming"
 
     def __init__(self, config: DashKVConfig, encoders: HashEncoders):
-        cfg = DashKVConfig(**{**config.to_dict(), "scorer": "hamming", "adaptive": False})
+        cfg = DashKVConfig(**{**config.to_dict(), "scorer": self.forced_scorer, "adaptive": False})
         super().__init__(cfg, encoders)
+
+
+class SimHashAsymPolicy(SimHashPolicy):
+    """Random hyperplanes (SimHash codes for keys) scored asymmetrically against the real-valued query
+    projection: isolates what the learned encoders add over random ones at the same scorer."""
+
+    name = "simhash_asym"
+    forced_scorer = "asymmetric"
 
 
 class OraclePolicy(SelectionPolicy):
@@ -357,7 +386,7 @@ def _accumulated_prefill_attention(query: torch.Tensor, keys: torch.Tensor, scal
 
 
 POLICIES = {
-    "dashkv": DashKVPolicy, "simhash": SimHashPolicy, "oracle": OraclePolicy, "streaming": StreamingPolicy,
+    "dashkv": DashKVPolicy, "simhash": SimHashPolicy, "simhash_asym": SimHashAsymPolicy, "oracle": OraclePolicy, "streaming": StreamingPolicy,
     "h2o": H2OPolicy, "snapkv": SnapKVPolicy, "quest": QuestPolicy,
 }
 METHODS = ("dense",) + tuple(POLICIES)
@@ -370,7 +399,7 @@ def make_policy(name: str, config: DashKVConfig, encoders: HashEncoders | None =
     if name not in POLICIES:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     cls = POLICIES[name]
-    if cls in (DashKVPolicy, SimHashPolicy):
+    if issubclass(cls, DashKVPolicy):
         if encoders is None:
             raise ValueError(f"method {name!r} needs hash encoders")
         return cls(config, encoders)
