@@ -282,7 +282,8 @@ class _PrefillCapture(SelectionPolicy):
             if acc is not None:
                 state.stats["acc"] = acc
             if tail is not None:
-                state.stats["votes"] = snapkv_pool(tail)
+                state.stats["votes"] = SnapKVPolicy.pool_votes(tail, min(SnapKVPolicy.observe_window,
+                                                                         query.shape[2]))
 
     def score(self, state, query, keys, scaling):  # pragma: no cover - never selects
         raise RuntimeError("the prefill capture policy does not select")
@@ -328,11 +329,8 @@ def prefill_attention_stats(query: torch.Tensor, keys: torch.Tensor, scaling: fl
 
 
 def snapkv_pool(votes: torch.Tensor) -> torch.Tensor:
-    """SnapKV's max pooling of the observation-window votes, exactly as `SnapKVPolicy.on_prefill`."""
-    pool = SnapKVPolicy.pool
-    b, hkv, n = votes.shape
-    pooled = torch.nn.functional.max_pool1d(votes.flatten(0, 1)[:, None, :], pool, 1, pool // 2)[:, 0]
-    return pooled.reshape(b, hkv, -1)
+    """SnapKV's votes from the window attention sums, exactly as `SnapKVPolicy.on_prefill`."""
+    return SnapKVPolicy.pool_votes(votes)
 
 
 @dataclass
