@@ -31,7 +31,9 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..config import DashKVConfig, parse_budget
-from ..selection import METHODS, SelectionPolicy, SnapKVPolicy
+from ..selection import METHODS, POLICIES, SelectionPolicy, SnapKVPolicy
+from .fidelity import (DEFAULT_POSITIONS, FIDELITY_KINDS, FIDELITY_TASKS, compare_logprobs, make_fidelity_documents,
+                       teacher_forced_logprobs)
 from .perplexity import DEFAULT_CONTINUATION, PERPLEXITY_TASK, make_documents, teacher_forced_nll
 from .scoring import score_sample
 from .tasks import TASKS, Sample, make_sample, sample_depths
@@ -42,7 +44,13 @@ __all__ = [
     "MAX_NEW_TOKENS", "budget_label",
 ]
 
-VALID_TASKS = tuple(TASKS) + (PERPLEXITY_TASK,)
+VALID_TASKS = tuple(TASKS) + (PERPLEXITY_TASK,) + FIDELITY_TASKS
+#: Methods the evaluation knows: the selection policies, plus "simhash_asym" (random hyperplanes scored
+#: with the asymmetric scorer; the policy arrives with the reliability branch, see `validate_plan`).
+EVAL_METHODS = tuple(dict.fromkeys(METHODS + ("simhash_asym",)))
+#: Methods that score with random-hyperplane codes (built once per run, seed 0).
+SIMHASH_METHODS = ("simhash", "simhash_asym")
+PREFILL_DTYPES = ("fp32", "bf16")
 DENSE = "dense"
 FULL = "full"  # budget label of the dense rows
 
@@ -89,16 +97,31 @@ class EvalPlan:
     chat: bool = True
     progress: bool = True
     config_overrides: dict[str, Any] = field(default_factory=dict)
+    #: more (methods, budgets) on the same prefills: "dense,dashkv,oracle,snapkv@1/8,1/32"
+    also: list[tuple[list[str], list[float | int]]] = field(default_factory=list)
+    prefill_dtype: str = "fp32"
+    positions: int = DEFAULT_POSITIONS  # teacher-forced positions per fidelity document
+
+    @property
+    def all_methods(self) -> list[str]:
+        return list(dict.fromkeys(self.methods + [m for ms, _ in self.also for m in ms]))
 
     @property
     def sparse_methods(self) -> list[str]:
-        return [m for m in self.methods if m != DENSE]
+        return [m for m in self.all_methods if m != DENSE]
+
+    @property
+    def all_budgets(self) -> list[float | int]:
+        return list(dict.fromkeys(self.budgets + [b for _, bs in self.also for b in bs]))
 
     def cells(self) -> list[tuple[str, str]]:
-        """(method, budget label) decoded per sample: dense once, every other method per budget."""
-        out = [(DENSE, FULL)] if DENSE in self.methods else []
-        out += [(m, budget_label(b)) for m in self.sparse_methods for b in self.budgets]
-        return out
+        """(method, budget label) decoded per sample: dense once, every other method per budget, then the
+        `also` cells (deduplicated), all from the same prefill."""
+        groups = [(self.methods, self.budgets)] + list(self.also)
+        out = [(DENSE, FULL)] if DENSE in self.all_methods else []
+        for methods, budgets in groups:
+            out += [(m, budget_label(b)) for m in methods if m != DENSE for b in budgets]
+        return list(dict.fromkeys(out))
 
     def config(self, budget: float | int) -> DashKVConfig:
         return DashKVConfig(budget=budget, bits=self.bits, **self.config_overrides)
@@ -148,12 +171,40 @@ def _model_config(name: str) -> Any:
         raise DashKVError(f"could not read the model config of {name}: {exc}") from exc
 
 
+def _check_methods(methods: list[str]) -> None:
+    bad = [m for m in methods if m not in EVAL_METHODS]
+    if bad:
+        raise ValueError(f"unknown method {bad[0]!r}; valid methods: {', '.join(EVAL_METHODS)}")
+    for m in methods:
+        if m != DENSE and m not in POLICIES:
+            raise ValueError(f"method {m!r} is not available in this build (dashkv.selection has no {m!r} policy "
+                             f"yet); drop it from --methods")
+
+
+def _parse_also(specs: Any) -> list[tuple[list[str], list[float | int]]]:
+    """--also "METHODS@BUDGETS" (repeatable): more cells on the same prefills."""
+    out = []
+    for spec in ([specs] if isinstance(specs, str) else list(specs or [])):
+        if "@" not in spec:
+            raise ValueError(f"--also {spec!r}: expected METHODS@BUDGETS, e.g. dense,dashkv,oracle@1/8,1/32")
+        m, b = spec.split("@", 1)
+        methods = _items(m, "also")
+        _check_methods(methods)
+        out.append((methods, list(dict.fromkeys(_parse_budget(x) for x in _items(b, "also")))))
+    return out
+
+
 def validate_plan(args: Any) -> EvalPlan:
     """Check every argument before any model work; raise ValueError with one clear line."""
     methods = _items(getattr(args, "methods", None), "methods")
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"unknown method {bad[0]!r}; valid methods: {', '.join(METHODS)}")
+    _check_methods(methods)
+    also = _parse_also(getattr(args, "also", None))
+    prefill_dtype = str(getattr(args, "prefill_dtype", "fp32") or "fp32")
+    if prefill_dtype not in PREFILL_DTYPES:
+        raise ValueError(f"--prefill-dtype {prefill_dtype!r}: choose {' or '.join(PREFILL_DTYPES)}")
+    positions = getattr(args, "positions", None) or DEFAULT_POSITIONS
+    if not isinstance(positions, int) or positions < 1:
+        raise ValueError(f"--positions must be an integer >= 1, got {positions!r}")
     tasks = _items(getattr(args, "tasks", None), "tasks")
     bad = [t for t in tasks if t not in VALID_TASKS]
     if bad:
@@ -205,7 +256,10 @@ def validate_plan(args: Any) -> EvalPlan:
     if PERPLEXITY_TASK in tasks and min(lengths) <= cont + 1:
         raise ValueError(f"length {min(lengths)} is too short for the perplexity task "
                          f"(continuation of {cont} tokens)")
-    if "dashkv" in methods and encoders is None:
+    if any(t in FIDELITY_TASKS for t in tasks) and min(lengths) <= positions + 1:
+        raise ValueError(f"length {min(lengths)} is too short for the fidelity tasks ({positions} scored positions)")
+    all_methods = list(dict.fromkeys(methods + [m for ms, _ in also for m in ms]))
+    if "dashkv" in all_methods and encoders is None:
         from ..hf import _DEFAULT_ENCODERS
 
         default_dir = _DEFAULT_ENCODERS / f"smollm2-135m-b{bits}"
@@ -219,7 +273,8 @@ def validate_plan(args: Any) -> EvalPlan:
     return EvalPlan(model=model, encoders=encoders, methods=methods, budgets=budgets, tasks=tasks, lengths=lengths,
                     samples=samples, haystack=haystack, out=Path(out), seed=int(getattr(args, "seed", 0) or 0),
                     bits=bits, max_new_tokens=None if mnt is None else int(mnt), continuation=cont,
-                    chat=not getattr(args, "no_chat", False), progress=not getattr(args, "quiet", False))
+                    chat=not getattr(args, "no_chat", False), progress=not getattr(args, "quiet", False),
+                    also=also, prefill_dtype=prefill_dtype, positions=positions)
 
 
 # ---- prompts ---------------------------------------------------------------------------------------
@@ -262,6 +317,8 @@ def _complete(task: str, answers: Sequence[str] | None):
 def _max_new(plan: EvalPlan, task: str) -> int:
     if task == PERPLEXITY_TASK:
         return plan.continuation
+    if task in FIDELITY_TASKS:
+        return plan.positions
     return plan.max_new_tokens or MAX_NEW_TOKENS.get(task, 32)
 
 
@@ -275,6 +332,7 @@ class _PrefillCapture(SelectionPolicy):
         super().__init__(config)
         self.want_acc, self.want_votes = want_acc, want_votes
 
+    @torch.autocast("cpu", enabled=False)
     def on_prefill(self, state, query, keys, scaling, start):
         if self.want_acc or self.want_votes:
             acc, tail = prefill_attention_stats(query, keys, scaling, start, want_acc=self.want_acc,
@@ -348,8 +406,12 @@ class Prefilled:
 
 @torch.inference_mode()
 def prefill_once(model: Any, ids: Sequence[int], methods: Iterable[str], bits: int = 64,
-                 config_overrides: dict[str, Any] | None = None) -> Prefilled:
-    """Dense prefill of `ids[:-1]` through the DASH-KV attention path, capturing what `methods` need."""
+                 config_overrides: dict[str, Any] | None = None, dtype: str = "fp32") -> Prefilled:
+    """Dense prefill of `ids[:-1]` through the DASH-KV attention path, capturing what `methods` need.
+
+    dtype "bf16": the prefill's matmuls run under CPU autocast to bfloat16 (AMX where present); the
+    cached K/V are stored back as float32, so every decode step is fp32 as with an fp32 prefill. The
+    H2O / SnapKV statistics are computed in fp32 either way (autocast is off inside the capture)."""
     from .. import hf
     from ..cache import DashKVLayer
 
@@ -357,21 +419,28 @@ def prefill_once(model: Any, ids: Sequence[int], methods: Iterable[str], bits: i
     cfg = DashKVConfig(budget=1.0, bits=bits, **(config_overrides or {}))
     handle = hf.enable(model, None, cfg, method="streaming")
     handle.policy = _PrefillCapture(cfg, want_acc="h2o" in methods, want_votes="snapkv" in methods)
+    if dtype not in PREFILL_DTYPES:
+        raise ValueError(f"prefill dtype {dtype!r}: choose {' or '.join(PREFILL_DTYPES)}")
     t0 = time.perf_counter()
     try:
         cache = handle.new_cache()
-        model(input_ids=torch.tensor([list(ids[:-1])]), cache=cache, use_cache=True, logits_to_keep=1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            model(input_ids=torch.tensor([list(ids[:-1])]), cache=cache, use_cache=True, logits_to_keep=1)
     finally:
         hf.disable(model)
     seconds = time.perf_counter() - t0
     kv, other, stats = {}, {}, {}
     for i, layer in enumerate(cache.layers):
         if isinstance(layer, DashKVLayer):
-            kv[i] = (layer.keys, layer.values)
+            kv[i] = (layer.keys.float(), layer.values.float())
             stats[i] = dict(layer.state.stats)
         elif type(layer).__name__ == "DynamicLayer":
-            kv[i] = (layer.keys, layer.values)
+            kv[i] = (layer.keys.float(), layer.values.float())
         else:
+            for name in ("keys", "values"):  # sliding-window layers: fp32 like the rest
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float32:
+                    setattr(layer, name, t.float())
             other[i] = layer
     return Prefilled(kv, other, stats, int(ids[-1]), len(ids) - 1, seconds)
 
@@ -425,12 +494,13 @@ class DecodeResult:
     read_fraction: float
     seconds: float
     nll: list[float] | None = None
+    logprobs: torch.Tensor | None = None  # (T, V), teacher-forced with logprobs=True
 
 
 def decode_method(model: Any, pre: Prefilled, method: str, config: DashKVConfig, encoders: Any = None, *,
                   max_new_tokens: int = 16, stop_ids: Iterable[int] = (), tokenizer: Any = None,
                   newline_stop: bool = False, targets: Sequence[int] | None = None, track: bool = True,
-                  done: Any = None) -> tuple[DecodeResult, Any]:
+                  done: Any = None, logprobs: bool = False) -> tuple[DecodeResult, Any]:
     """Decode one method from a fresh copy of the prefilled cache. `targets`: teacher-forced NLL instead
     of greedy generation. Returns the result and the handle (None for dense; already disabled)."""
     from transformers.cache_utils import DynamicCache
@@ -447,9 +517,15 @@ def decode_method(model: Any, pre: Prefilled, method: str, config: DashKVConfig,
     try:
         _fill_cache(cache, pre)
         t0 = time.perf_counter()
-        if targets is not None:
-            nll = teacher_forced_nll(model, cache, pre.last_id, targets)
+        lp = None
+        if targets is not None and logprobs:
+            lp = teacher_forced_logprobs(model, cache, pre.last_id, targets)
+            t = torch.tensor(list(targets), dtype=torch.long)
+            nll = (-lp.gather(-1, t[:, None])[:, 0]).tolist()
             tokens: list[int] = []
+        elif targets is not None:
+            nll = teacher_forced_nll(model, cache, pre.last_id, targets)
+            tokens = []
         else:
             nll = None
             tokens = greedy_decode(model, cache, pre.last_id, max_new_tokens, stop_ids, tokenizer, newline_stop,
@@ -459,7 +535,14 @@ def decode_method(model: Any, pre: Prefilled, method: str, config: DashKVConfig,
         if handle is not None:
             hf.disable(model)
     frac = 1.0 if handle is None or handle.stats is None else handle.stats.fraction
-    return DecodeResult(tokens, frac, seconds, nll), handle
+    return DecodeResult(tokens, frac, seconds, nll, lp), handle
+
+
+def _fidelity_decode(model: Any, pre: Prefilled, method: str, config: DashKVConfig, encoders: Any,
+                     targets: Sequence[int]) -> tuple[torch.Tensor, DecodeResult]:
+    """Teacher-forced (T, V) log-probabilities of one method from a fresh copy of the prefill."""
+    res, _ = decode_method(model, pre, method, config, encoders, targets=targets, logprobs=True)
+    return res.logprobs, res
 
 
 # ---- results file ------------------------------------------------------------------------------------
@@ -523,15 +606,17 @@ def _encoders_for(plan: EvalPlan, model: Any) -> dict[str, Any]:
 
     shape = model_shape(model)
     out: dict[str, Any] = {}
-    if "dashkv" in plan.methods:
+    if "dashkv" in plan.all_methods:
         enc = HashEncoders.from_pretrained(plan.encoders) if plan.encoders else default_encoders(shape, plan.bits)
         if enc is None:
             raise ValueError("method 'dashkv' needs encoders for this model: pass --encoders DIR")
         out["dashkv"] = enc
-    if "simhash" in plan.methods:
+    wanted = [m for m in SIMHASH_METHODS if m in plan.all_methods]
+    if wanted:
         cfg = plan.config(1.0)
         layers = [i for i in shape.full_attention_layers if i not in cfg.dense_layers]
-        out["simhash"] = HashEncoders.simhash(shape.to_dict(), plan.bits, layers, seed=0)
+        enc = HashEncoders.simhash(shape.to_dict(), plan.bits, layers, seed=0)
+        out.update({m: enc for m in wanted})  # the same hyperplanes for both scorers
     return out
 
 
@@ -545,11 +630,14 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
     encoders = _encoders_for(plan, model) if encoders is None else encoders
     stop = stop_ids(tokenizer, model)
     cells = plan.cells()
-    (plan.out / "run.json").write_text(json.dumps({
+    invocation = {
         "model": plan.model, "encoders": plan.encoders, "methods": plan.methods,
-        "budgets": [budget_label(b) for b in plan.budgets], "tasks": plan.tasks, "lengths": plan.lengths,
-        "samples": plan.samples, "haystack": plan.haystack, "seed": plan.seed, "bits": plan.bits,
-        "argv": sys.argv, "config": plan.config(1.0).to_dict()}, indent=2) + "\n")
+        "budgets": [budget_label(b) for b in plan.budgets],
+        "also": [[ms, [budget_label(b) for b in bs]] for ms, bs in plan.also], "tasks": plan.tasks,
+        "lengths": plan.lengths, "samples": plan.samples, "haystack": plan.haystack, "seed": plan.seed,
+        "bits": plan.bits, "prefill_dtype": plan.prefill_dtype, "positions": plan.positions,
+        "argv": sys.argv, "config": plan.config(1.0).to_dict()}
+    (plan.out / "run.json").write_text(json.dumps(invocation, indent=2) + "\n")
 
     def key(task, length, index, method, blabel):
         return (plan.model, str(plan.seed), task, str(length), str(index), method, blabel)
@@ -564,7 +652,7 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
                 done_in_plan += len(cells) - len(pending)
                 if pending:
                     work.append((task, length, i, pending))
-    budgets = {budget_label(b): b for b in plan.budgets}
+    budgets = {budget_label(b): b for b in plan.all_budgets}
     bar = None
     if plan.progress and work:
         from tqdm import tqdm
@@ -575,7 +663,17 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
     try:
         for task, length, index, pending in work:
             max_new = _max_new(plan, task)
-            if task == PERPLEXITY_TASK:
+            if task in FIDELITY_TASKS:
+                ck = (task, length)
+                if ck not in sample_cache:
+                    sample_cache[ck] = make_fidelity_documents(tokenizer, FIDELITY_KINDS[task], length, plan.samples,
+                                                               seed=plan.seed, positions=plan.positions,
+                                                               haystack=plan.haystack)
+                doc = sample_cache[ck][index]
+                ids, targets, answers = doc.context_ids, doc.target_ids, []
+                meta = {"start": doc.start, "source": doc.source}
+                depth = None
+            elif task == PERPLEXITY_TASK:
                 ck = (task, length)
                 if ck not in sample_cache:
                     sample_cache[ck] = make_documents(tokenizer, length, plan.samples, seed=plan.seed,
@@ -601,14 +699,29 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
                         if sample.metadata.get("needles") else None}
             if bar is not None:
                 bar.set_postfix_str(f"{task} {length} #{index} prefill {len(ids)} tok")
-            pre = prefill_once(model, ids, [m for m, _ in pending], plan.bits, plan.config_overrides)
+            pre = prefill_once(model, ids, [m for m, _ in pending], plan.bits, plan.config_overrides,
+                               dtype=plan.prefill_dtype)
+            reference = None
+            if task in FIDELITY_TASKS:  # full attention's distributions, the reference of every method
+                pending = [(DENSE, FULL)] + [c for c in pending if c[0] != DENSE] if (DENSE, FULL) in pending \
+                    else pending
+                if bar is not None:
+                    bar.set_postfix_str(f"{task} {length} #{index} dense reference")
+                reference, ref_res = _fidelity_decode(model, pre, DENSE, plan.config(1.0), None, targets)
             for method, blabel in pending:
                 if bar is not None:
                     bar.set_postfix_str(f"{task} {length} #{index} {method} {blabel}")
                 config = plan.config(1.0 if method == DENSE else budgets[blabel])
-                res, _ = decode_method(model, pre, method, config, encoders.get(method), max_new_tokens=max_new,
-                                       stop_ids=stop, tokenizer=tokenizer, newline_stop=task in NEWLINE_STOP,
-                                       targets=targets, done=_complete(task, answers))
+                if reference is not None:
+                    if method == DENSE:
+                        logprobs, res = reference, ref_res
+                    else:
+                        logprobs, res = _fidelity_decode(model, pre, method, config, encoders.get(method), targets)
+                    fid = compare_logprobs(reference, logprobs, targets)
+                else:
+                    res, _ = decode_method(model, pre, method, config, encoders.get(method), max_new_tokens=max_new,
+                                           stop_ids=stop, tokenizer=tokenizer, newline_stop=task in NEWLINE_STOP,
+                                           targets=targets, done=_complete(task, answers))
                 row: dict[str, Any] = {
                     "model": plan.model, "seed": plan.seed, "task": task, "length": length, "index": index,
                     "method": method, "budget": blabel,
@@ -616,9 +729,15 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
                     "prompt_tokens": len(ids), "depth": depth,
                     "read_fraction": round(res.read_fraction, 6),
                     "prefill_s": round(pre.seconds, 3), "decode_s": round(res.seconds, 3),
-                    "bits": plan.bits, "haystack": plan.haystack, "encoders": plan.encoders, **meta,
+                    "bits": plan.bits, "haystack": plan.haystack, "encoders": plan.encoders,
+                    "prefill_dtype": plan.prefill_dtype, **meta,
                 }
-                if targets is not None:
+                if reference is not None:
+                    row.update(prediction=None, answers=None, new_tokens=fid.positions, positions=fid.positions,
+                               agree=fid.agree, agreement=fid.agreement, kl_sum=fid.kl_sum, kl=fid.kl,
+                               nll=fid.nll_sum / fid.positions, dense_nll=fid.dense_nll_sum / fid.positions,
+                               score=fid.agreement)
+                elif targets is not None:
                     mean_nll = sum(res.nll) / len(res.nll)
                     row.update(prediction=None, answers=None, new_tokens=len(res.nll), nll=mean_nll,
                                score=mean_nll, ppl=math.exp(mean_nll))
@@ -631,7 +750,7 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
                 done.add(row_key(row))
                 if bar is not None:
                     bar.update(1)
-            del pre
+            del pre, reference
     finally:
         if bar is not None:
             bar.close()
@@ -680,6 +799,11 @@ def _aggregate(rows: list[dict[str, Any]], plan: EvalPlan | None) -> dict[tuple,
         }
         if k[0] == PERPLEXITY_TASK:
             agg[k]["ppl"] = math.exp(agg[k]["score"])
+        if k[0] in FIDELITY_TASKS:  # pooled over positions: every scored position weighs the same
+            pos = sum(int(r["positions"]) for r in rs)
+            agg[k]["positions"] = pos
+            agg[k]["score"] = sum(int(r["agree"]) for r in rs) / pos
+            agg[k]["kl"] = sum(float(r["kl_sum"]) for r in rs) / pos
     return agg
 
 
@@ -744,19 +868,23 @@ def summary_markdown(agg: dict[tuple, dict[str, float]], plan: EvalPlan | None =
             return ""
         if task == PERPLEXITY_TASK:
             return f"{a['ppl']:.3f}"
+        if task in FIDELITY_TASKS:
+            return f"{100 * a['score']:.1f} / {a['kl']:.4f}"
         return f"{100 * a['score']:.1f}"
 
     cols = [FULL] + budgets
     head = "| method | " + " | ".join(("dense (full)" if c == FULL else c) for c in cols) + " | n |"
     sep = "|---|" + "---:|" * (len(cols) + 1)
-    acc_tasks = [t for t in tasks if t != PERPLEXITY_TASK]
+    acc_tasks = [t for t in tasks if t != PERPLEXITY_TASK and t not in FIDELITY_TASKS]
     for length in lengths:
         lines += [f"## context {length}", ""]
         for task in tasks:
             present = [m for m in methods if any((task, length, m, c) in agg for c in cols)]
             if not present:
                 continue
-            unit = "perplexity" if task == PERPLEXITY_TASK else "accuracy"
+            unit = ("perplexity" if task == PERPLEXITY_TASK else
+                    "top-1 agreement with full attention % / mean KL(full || method) nats" if task in FIDELITY_TASKS
+                    else "accuracy")
             lines += [f"### {task} ({unit})", "", head, sep]
             for m in present:
                 ns = [agg[(task, length, m, c)]["n"] for c in cols if (task, length, m, c) in agg]
