@@ -32,6 +32,7 @@ import torch
 
 from ..config import DashKVConfig, parse_budget
 from ..selection import METHODS, POLICIES, SelectionPolicy, SnapKVPolicy
+from .longbench import LONGBENCH_TASKS, MAX_NEW_TOKENS_LB, make_longbench_sample
 from .fidelity import (DEFAULT_POSITIONS, FIDELITY_KINDS, FIDELITY_TASKS, compare_logprobs, make_fidelity_documents,
                        teacher_forced_logprobs)
 from .perplexity import DEFAULT_CONTINUATION, PERPLEXITY_TASK, make_documents, teacher_forced_nll
@@ -44,7 +45,7 @@ __all__ = [
     "MAX_NEW_TOKENS", "budget_label",
 ]
 
-VALID_TASKS = tuple(TASKS) + (PERPLEXITY_TASK,) + FIDELITY_TASKS
+VALID_TASKS = tuple(TASKS) + tuple(LONGBENCH_TASKS) + (PERPLEXITY_TASK,) + FIDELITY_TASKS
 #: Methods the evaluation knows: the selection policies, plus "simhash_asym" (random hyperplanes scored
 #: with the asymmetric scorer; the policy arrives with the reliability branch, see `validate_plan`).
 EVAL_METHODS = tuple(dict.fromkeys(METHODS + ("simhash_asym",)))
@@ -59,11 +60,14 @@ MAX_NEW_TOKENS = {
     "niah_single_1": 14, "niah_single_2": 14, "niah_single_3": 40,
     "niah_multikey_1": 14, "niah_multikey_2": 14, "niah_multikey_3": 40,
     "niah_multivalue": 56, "niah_multiquery": 56,
-    "vt": 40, "cwe": 80, "fwe": 24, "passkey": 12,
+    "vt": 40, "cwe": 80, "fwe": 24, "passkey": 12, **MAX_NEW_TOKENS_LB,
 }
 #: Tasks with one short answer: stop at the first newline after some text.
 NEWLINE_STOP = frozenset({"niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1",
-                          "niah_multikey_2", "niah_multikey_3", "passkey"})
+                          "niah_multikey_2", "niah_multikey_3", "passkey",
+                          # LongBench-style answers are one number on the first line (LongBench itself does not
+                          # stop there; its scorer reads every number, so later lines could only lower the score)
+                          "lb_passage_retrieval", "lb_passage_count"})
 
 
 # ---- plan and validation ---------------------------------------------------------------------------
@@ -286,7 +290,7 @@ def build_prompt_ids(tokenizer: Any, sample: Sample, chat: bool = True) -> list[
     """Token ids of the prompt: chat template around context + question (if the tokenizer has one),
     then RULER's answer prefix opening the assistant turn."""
     prefix = sample.answer_prefix
-    if chat and _has_chat_template(tokenizer):
+    if chat and _has_chat_template(tokenizer) and not sample.metadata.get("no_chat"):
         text = tokenizer.apply_chat_template([{"role": "user", "content": sample.prompt}], add_generation_prompt=True,
                                              tokenize=False)
         text += prefix.lstrip()
@@ -311,7 +315,20 @@ def _complete(task: str, answers: Sequence[str] | None):
     truncated prediction equals that of the full generation (saves the tokens after a correct answer)."""
     if not answers:
         return None
+    if task == "lb_code":  # the scorer reads the first code line: stop once that line is complete
+        return _first_code_line_done
+    if task in LONGBENCH_TASKS:  # more numbers can lower LongBench's scores: no early exit by score
+        return None
     return lambda text: score_sample(task, text, answers) >= 1.0
+
+
+def _first_code_line_done(text: str) -> bool:
+    """True once a line that LongBench's code_sim_score would pick is followed by a newline."""
+    lines = text.lstrip("\n").split("\n")
+    for line in lines[:-1]:  # complete lines only
+        if "`" not in line and "#" not in line and "//" not in line:
+            return True
+    return False
 
 
 def _max_new(plan: EvalPlan, task: str) -> int:
@@ -683,20 +700,20 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
                                                                                      "source": doc.source}
                 depth = None
             else:
-                spec = TASKS[task]
+                make = make_longbench_sample if task in LONGBENCH_TASKS else make_sample
+                spec = LONGBENCH_TASKS[task] if task in LONGBENCH_TASKS else TASKS[task]
                 depth = sample_depths(plan.samples)[index] if spec.has_depth else None
                 inner = length - _overhead(tokenizer, task, plan.chat, max_new)
-                sample = make_sample(task, tokenizer, inner, seed=plan.seed, index=index, depth=depth,
-                                     haystack=plan.haystack)
+                sample = make(task, tokenizer, inner, seed=plan.seed, index=index, depth=depth, haystack=plan.haystack)
                 ids = build_prompt_ids(tokenizer, sample, plan.chat)
                 excess = len(ids) + max_new - length
                 if excess > 0:  # the template/prefix guess was short: shrink the sample to fit
-                    sample = make_sample(task, tokenizer, inner - excess - 8, seed=plan.seed, index=index,
-                                         depth=depth, haystack=plan.haystack)
+                    sample = make(task, tokenizer, inner - excess - 8, seed=plan.seed, index=index, depth=depth,
+                                  haystack=plan.haystack)
                     ids = build_prompt_ids(tokenizer, sample, plan.chat)
                 targets, answers = None, sample.answers
                 meta = {"needle_depth": sample.metadata.get("needles", [{}])[0].get("depth_actual")
-                        if sample.metadata.get("needles") else None}
+                        if sample.metadata.get("needles") else sample.metadata.get("depth_actual")}
             if bar is not None:
                 bar.set_postfix_str(f"{task} {length} #{index} prefill {len(ids)} tok")
             pre = prefill_once(model, ids, [m for m, _ in pending], plan.bits, plan.config_overrides,
@@ -875,7 +892,7 @@ def summary_markdown(agg: dict[tuple, dict[str, float]], plan: EvalPlan | None =
     cols = [FULL] + budgets
     head = "| method | " + " | ".join(("dense (full)" if c == FULL else c) for c in cols) + " | n |"
     sep = "|---|" + "---:|" * (len(cols) + 1)
-    acc_tasks = [t for t in tasks if t != PERPLEXITY_TASK and t not in FIDELITY_TASKS]
+    acc_tasks = [t for t in tasks if t != PERPLEXITY_TASK and t not in FIDELITY_TASKS and t not in LONGBENCH_TASKS]
     for length in lengths:
         lines += [f"## context {length}", ""]
         for task in tasks:
