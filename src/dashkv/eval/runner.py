@@ -155,6 +155,70 @@ def _parse_budget(text: str) -> float | int:
     return b
 
 
+def _model_source(name: str) -> Path:
+    """The directory holding the model's config and tokenizer (alias / .gguf: the cached conversion)."""
+    from ..errors import DashKVError
+    from ..models import DEFAULT_MODEL_ALIASES, _converted_dir, default_gguf_path
+
+    if name.lower() in DEFAULT_MODEL_ALIASES:
+        return _converted_dir(default_gguf_path(), None)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise DashKVError(f"model not found: {path} (expected 'smollm2-135m', a .gguf file or a model directory)")
+    return _converted_dir(path, None) if path.is_file() else path
+
+
+def _tokenizer_only(name: str) -> Any:
+    """The model's tokenizer without its weights (None if it cannot be read: checks that need it are skipped)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(_model_source(name)), local_files_only=True)
+    except Exception:
+        return None
+
+
+#: tasks whose text must not repeat inside one prompt: the prose corpus must hold a whole window
+_PROSE_WINDOW_TASKS = ("fidelity_prose", PERPLEXITY_TASK, "lb_passage_retrieval", "lb_passage_count")
+
+
+def _check_inputs_with_tokenizer(tokenizer: Any, tasks: list[str], lengths: list[int], haystack: str | None,
+                                 positions: int, cont: int) -> None:
+    """Cheap checks that need the tokenizer (no weights): the haystack holds enough text, and sample 0
+    of every task builds at the shortest length (a length too small for a task fails here, clearly)."""
+    from .haystack import TextHaystack, get_haystack
+
+    longest = max(lengths)
+    prose = [t for t in tasks if t in _PROSE_WINDOW_TASKS or (t in TASKS and TASKS[t].default_haystack == "essays")]
+    if haystack is not None and any(t in TASKS and TASKS[t].default_haystack for t in tasks):
+        prose.append(haystack)
+    if prose:
+        src = get_haystack(haystack or "essays")
+        window_tasks = [t for t in tasks if t in _PROSE_WINDOW_TASKS]
+        if window_tasks and not isinstance(src, TextHaystack):
+            raise ValueError(f"task {window_tasks[0]!r} needs a prose haystack (essays, jargon, files:PATH), "
+                             f"not {src.name!r}")
+        if isinstance(src, TextHaystack):
+            text = " ".join(src.sentences[: 40 * longest])  # ample: a sentence is > 1 token
+            n = len(tokenizer.encode(text[: 12 * longest], add_special_tokens=False))
+            if n < longest:
+                raise ValueError(f"haystack {src.name!r} is too short: about {n} tokens of text, but the longest "
+                                 f"length asked is {longest} tokens (its text would repeat inside a prompt); "
+                                 f"give more text or a shorter --lengths")
+    shortest = min(lengths)
+    for task in tasks:
+        if task in FIDELITY_TASKS or task == PERPLEXITY_TASK:
+            continue
+        try:
+            if task in LONGBENCH_TASKS:
+                make_longbench_sample(task, tokenizer, shortest - 64, index=0, haystack=haystack,
+                                      depth=0.5 if LONGBENCH_TASKS[task].has_depth else None)
+            else:
+                make_sample(task, tokenizer, shortest - 64, index=0, haystack=haystack)
+        except ValueError as exc:
+            raise ValueError(f"task {task!r} at length {shortest}: {exc}") from None
+
+
 def _model_config(name: str) -> Any:
     """The model's transformers config, read without loading weights (alias: the cached conversion)."""
     from transformers import AutoConfig
@@ -274,6 +338,9 @@ def validate_plan(args: Any) -> EvalPlan:
         from ..encoders import HashEncoders
 
         HashEncoders.from_pretrained(encoders).check_compatible(shape, bits=bits)
+    tokenizer = _tokenizer_only(model)
+    if tokenizer is not None:
+        _check_inputs_with_tokenizer(tokenizer, tasks, lengths, haystack, positions, cont)
     return EvalPlan(model=model, encoders=encoders, methods=methods, budgets=budgets, tasks=tasks, lengths=lengths,
                     samples=samples, haystack=haystack, out=Path(out), seed=int(getattr(args, "seed", 0) or 0),
                     bits=bits, max_new_tokens=None if mnt is None else int(mnt), continuation=cont,
