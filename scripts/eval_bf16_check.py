@@ -54,4 +54,4 @@ for i, depth in enumerate([0.0, 0.5, 1.0]):
             print(ans[-1], flush=True)
 out["niah"] = ans
 out["load_end"] = os.getloadavg()
-json.dump(out, open("sys.argv[1] if len(sys.argv) > 1 else "bf16_check.json"", "w"), indent=1)
+json.dump(out, open(sys.argv[1] if len(sys.argv) > 1 else "bf16_check.json", "w"), indent=1)
