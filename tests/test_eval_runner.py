@@ -294,3 +294,14 @@ def test_also_adds_cells_on_the_same_prefills(tiny_lm):
     assert plan.cells() == [("dense", "full"), ("h2o", "1/16"), ("h2o", "1/8"), ("oracle", "1/8"),
                             ("oracle", "1/16")]
     assert plan.all_methods == ["dense", "h2o", "oracle"]
+
+
+def test_simhash_rows_score_by_hamming_on_every_path(tiny_lm, tmp_path):
+    """The eval's simhash decodes with scorer='hamming' in the enabling config, which is what the fused
+    kernel reads; simhash_asym with the asymmetric scorer. (That the kernel and the reference path then
+    both run Hamming is the reliability branch's test of the SimHash policy.)"""
+    _, _, d = tiny_lm
+    plan = _plan(tmp_path, d)
+    assert plan.config(1 / 16, "simhash").scorer == "hamming"
+    assert plan.config(1 / 16, "simhash_asym").scorer == "asymmetric"
+    assert plan.config(1 / 16, "dashkv").scorer == DashKVConfig().scorer

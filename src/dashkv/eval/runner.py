@@ -127,8 +127,16 @@ class EvalPlan:
             out += [(m, budget_label(b)) for m in methods if m != DENSE for b in budgets]
         return list(dict.fromkeys(out))
 
-    def config(self, budget: float | int) -> DashKVConfig:
-        return DashKVConfig(budget=budget, bits=self.bits, **self.config_overrides)
+    def config(self, budget: float | int, method: str | None = None) -> DashKVConfig:
+        """The decode configuration of `method` at `budget`. "simhash" always scores by symmetric Hamming
+        distance and "simhash_asym" by the asymmetric scorer, on every path: the fused kernel takes the
+        scorer from this (enabling) configuration, not from the policy."""
+        cfg = DashKVConfig(budget=budget, bits=self.bits, **self.config_overrides)
+        if method == "simhash":
+            cfg = DashKVConfig(**{**cfg.to_dict(), "scorer": "hamming", "adaptive": False})
+        elif method == "simhash_asym":
+            cfg = DashKVConfig(**{**cfg.to_dict(), "scorer": "asymmetric", "adaptive": False})
+        return cfg
 
 
 def _items(value: Any, what: str) -> list[str]:
@@ -486,6 +494,7 @@ class Prefilled:
     last_id: int
     tokens: int  # prefilled tokens
     seconds: float
+    cpu_seconds: float = 0.0  # process CPU time of the prefill and its capture
 
 
 @torch.inference_mode()
@@ -505,14 +514,14 @@ def prefill_once(model: Any, ids: Sequence[int], methods: Iterable[str], bits: i
     handle.policy = _PrefillCapture(cfg, want_acc="h2o" in methods, want_votes="snapkv" in methods)
     if dtype not in PREFILL_DTYPES:
         raise ValueError(f"prefill dtype {dtype!r}: choose {' or '.join(PREFILL_DTYPES)}")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         cache = handle.new_cache()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
             model(input_ids=torch.tensor([list(ids[:-1])]), cache=cache, use_cache=True, logits_to_keep=1)
     finally:
         hf.disable(model)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     kv, other, stats = {}, {}, {}
     for i, layer in enumerate(cache.layers):
         if isinstance(layer, DashKVLayer):
@@ -526,7 +535,7 @@ def prefill_once(model: Any, ids: Sequence[int], methods: Iterable[str], bits: i
                 if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float32:
                     setattr(layer, name, t.float())
             other[i] = layer
-    return Prefilled(kv, other, stats, int(ids[-1]), len(ids) - 1, seconds)
+    return Prefilled(kv, other, stats, int(ids[-1]), len(ids) - 1, seconds, cpu_seconds)
 
 
 def _fill_cache(cache: Any, pre: Prefilled) -> None:
@@ -795,7 +804,8 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
             for method, blabel in pending:
                 if bar is not None:
                     bar.set_postfix_str(f"{task} {length} #{index} {method} {blabel}")
-                config = plan.config(1.0 if method == DENSE else budgets[blabel])
+                config = plan.config(1.0 if method == DENSE else budgets[blabel], method)
+                cpu0 = time.process_time()
                 if reference is not None:
                     if method == DENSE:
                         logprobs, res = reference, ref_res
@@ -813,6 +823,7 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
                     "prompt_tokens": len(ids), "depth": depth,
                     "read_fraction": round(res.read_fraction, 6),
                     "prefill_s": round(pre.seconds, 3), "decode_s": round(res.seconds, 3),
+                    "prefill_cpu_s": round(pre.cpu_seconds, 3), "cpu_s": round(time.process_time() - cpu0, 3),
                     "bits": plan.bits, "haystack": plan.haystack, "encoders": plan.encoders,
                     "prefill_dtype": plan.prefill_dtype, **meta,
                 }
