@@ -98,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="dashkv-eval")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bits", type=int, default=64)
+    p.add_argument("--also", action="append", default=[], metavar="METHODS@BUDGETS",
+                   help="more cells on the same prefills, e.g. dense,dashkv,oracle,snapkv@1/8,1/32 (repeatable)")
+    p.add_argument("--prefill-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="dtype of the shared dense prefill (bf16: CPU autocast; decode stays fp32)")
+    p.add_argument("--positions", type=int, default=None,
+                   help="teacher-forced positions per fidelity document (default 128)")
+    p.add_argument("--continuation", type=int, default=None, help="scored tokens per perplexity window (64)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: DASHKV_EVAL_THREADS or 1)")
 
     p = sub.add_parser("bench", help="benchmarks: kernel (one layer) or decode (end to end)")
     bsub = p.add_subparsers(dest="bench", metavar="WHAT")
