@@ -112,3 +112,14 @@ def test_generate_command_on_a_local_model_directory(tmp_path, capsys):
     argv[4] = str(tmp_path / "enc2")
     assert cli.main(argv) == 2
     assert "num_kv_heads" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_kernel_rows(dtype):
+    from dashkv.bench import METHODS, bench_kernel
+
+    (row,) = bench_kernel(ns=(2048,), bits=(64,), shapes=("smollm2",), repeats=2, progress=False, dtype=dtype)
+    assert row["dtype"] == dtype and row["tokens_read"] == 128  # 1/16 of 2048: 4 sinks + 64 window + 60 candidates
+    assert all(row[f"{m}_ms"] > 0 for m in METHODS)
+    assert row["dense_max_abs_err"] < (1e-4 if dtype == "float32" else 2e-2)
+    assert row["dashkv_bytes"] < row["dense_bytes"]

@@ -114,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--bits", default="64,128")
     k.add_argument("--budget", default="1/16")
     k.add_argument("--shapes", default="smollm2,d128")
-    k.add_argument("--repeats", type=int, default=20)
+    k.add_argument("--repeats", type=int, default=20, help="timed rounds per row (default: %(default)s)")
+    k.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="K/V dtype (default: %(default)s)")
     k.add_argument("--json", default=None, help="write the rows as JSON here")
     d = bsub.add_parser("decode", help="decode step time: DASH-KV vs StaticCache, DynamicCache and the floor",
                         description="Prefills every row once from the same prompt, then times decode steps "
@@ -216,7 +218,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ns = [int(x) for x in args.n.split(",")]
         bits = [int(x) for x in args.bits.split(",")]
         rows = bench_kernel(ns=ns, bits=bits, budget=parse_budget(args.budget), shapes=tuple(args.shapes.split(",")),
-                            repeats=args.repeats, json_path=args.json)
+                            repeats=args.repeats, json_path=args.json, dtype=args.dtype)
         print(format_table(rows))
         return 0
     if args.bench == "decode":

@@ -948,16 +948,16 @@ def dense_decode_cpu(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 
 def dense_decode_torch(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
                        start: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense GQA decode attention as plain torch matmul + softmax (no K/V repeat): (B, Hq, d)."""
+    """Dense GQA decode attention as plain torch matmul + softmax (no K/V repeat): (B, Hq, d) float32."""
     B, Hq, d = query.shape
     Hkv, N = keys.shape[1], keys.shape[2]
-    q = query.reshape(B, Hkv, Hq // Hkv, d)
-    logits = torch.matmul(q, keys.transpose(-1, -2)) * scaling  # (B, Hkv, G, N)
+    q = query.reshape(B, Hkv, Hq // Hkv, d).to(keys.dtype)  # bf16 K/V: bf16 matmuls (AMX on this CPU)
+    logits = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # (B, Hkv, G, N)
     if start is not None and bool((start > 0).any()):
         mask = torch.arange(N)[None, :] < start[:, None]
         logits = logits.masked_fill(mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    return torch.matmul(probs, values).reshape(B, Hq, d)
+    return torch.matmul(probs.to(values.dtype), values).float().reshape(B, Hq, d)
 
 
 def warmup(dtypes=(torch.float32,), parallel: bool = False, verbose: bool = False) -> float:
