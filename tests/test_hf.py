@@ -197,7 +197,7 @@ def test_default_model_full_budget_is_token_identical_on_a_2k_prompt():
 def test_enable_warms_the_fused_kernels_once(monkeypatch):
     calls = []
     monkeypatch.setattr(hf, "_KERNELS_WARM", set())
-    monkeypatch.setattr("dashkv.kernels.cpu.warmup", lambda dtypes: calls.append(dtypes) or 0.0)
+    monkeypatch.setattr("dashkv.kernels.cpu.warmup", lambda dtypes, parallel: calls.append(dtypes) or 0.0)
     model = tiny_model("llama")
     hf.enable(model, _simhash(model))
     hf.enable(model, _simhash(model))
