@@ -347,3 +347,58 @@ def test_concurrent_streaming_clients_match_sequential_runs_without_growth(serve
     assert engine.handle is None or not engine.handle.live_layers
     assert engine.largest_batch > 1, "concurrent requests were never batched"
     print(f"live tensors per round {live}, largest batch {engine.largest_batch}")
+
+
+# ---- the command ----------------------------------------------------------------------------------------------
+def test_dashkv_serve_command_serves_a_saved_model(tmp_path):
+    """`dashkv serve` end to end in a subprocess: a saved tiny model + encoders, one chat request, SIGINT."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    model = tiny_model("llama", max_position_embeddings=1024)
+    model.save_pretrained(tmp_path / "m")
+    chat_tokenizer().save_pretrained(tmp_path / "m")
+    shape = model_shape(model)
+    HashEncoders.simhash(shape.to_dict(), 64, shape.full_attention_layers, seed=0).save_pretrained(tmp_path / "enc")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "dashkv.cli", "serve", "--model", str(tmp_path / "m"), "--encoders",
+           str(tmp_path / "enc"), "--port", str(port), "--served-model-name", "tiny", "--max-batch", "4",
+           "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "dashkv serve did not come up"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": words(150, 9)}],
+                                           max_tokens=5, temperature=0)
+        assert r.usage.completion_tokens >= 1 and r.usage.model_extra["dashkv"]["budget"] == "1/16"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert proc.returncode == 0, out
+
+
+def test_serve_refuses_bad_arguments_before_loading_a_model(capsys):
+    from dashkv.cli import main
+
+    assert main(["serve", "--budget", "2.5"]) == 2
+    assert "budget" in capsys.readouterr().err
+    assert main(["serve", "--max-kv-memory", "lots"]) == 2
+    assert "memory size" in capsys.readouterr().err

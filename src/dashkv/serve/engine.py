@@ -272,7 +272,16 @@ class Engine:
 
         self.handle: Any = None
         self._mode: Mode | None = None
-        self._apply_mode(self.default_mode)  # encoders that do not fit fail here, at startup
+        # Encoders that do not fit the model fail here, at startup. A server whose default is dense may
+        # run without usable encoders; then requests that ask for a budget are refused with the reason.
+        self.dashkv_unavailable: str | None = None
+        try:
+            self._apply_mode(Mode(self.config.budget))
+        except Exception as exc:
+            if not self.default_mode.dense:
+                raise
+            self.dashkv_unavailable = str(exc)
+        self._apply_mode(self.default_mode)
         self._inbox: queue.Queue[GenRequest | None] = queue.Queue()
         self._pending: deque[GenRequest] = deque()
         self._thread: threading.Thread | None = None
@@ -314,6 +323,9 @@ class Engine:
 
     def check(self, prompt_tokens: int, max_tokens: int | None, mode: Mode, param: str = "max_tokens") -> int:
         """Refuse what cannot run (context limit, memory bound); returns max_tokens (filled in if None)."""
+        if not mode.dense and self.dashkv_unavailable:
+            raise APIError(400, f"this server decodes dense only: {self.dashkv_unavailable}", param="dashkv",
+                           code="invalid_dashkv")
         limit = self.max_context
         if prompt_tokens >= limit:
             raise APIError(400, f"the prompt has {prompt_tokens} tokens; this server's context limit is {limit} "
