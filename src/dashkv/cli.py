@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bits", type=int, default=64)
 
-    p = sub.add_parser("bench", help="benchmarks: kernel (one layer) or decode (end to end)")
+    p = sub.add_parser("bench", help="benchmarks: kernel (one layer), decode (end to end), serve (HTTP server)")
     bsub = p.add_subparsers(dest="bench", metavar="WHAT")
     k = bsub.add_parser("kernel", help="one layer's decode attention, DASH-KV vs dense, same run")
     k.add_argument("--n", default="4096,16384,65536,262144", help="context lengths")
@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--context", type=int, default=8192)
     d.add_argument("--new-tokens", type=int, default=128)
     d.add_argument("--json", default=None)
+    sv = bsub.add_parser("serve", help="N concurrent streaming clients against `dashkv serve`, DASH-KV vs dense",
+                         description="Starts the server in this process (or targets --url) and sends N concurrent "
+                                     "streamed completions of --context tokens each, alternating DASH-KV and dense "
+                                     "per request; prints aggregate tokens/s and time to first token.")
+    from .serve.bench import add_arguments as add_bench_serve_arguments
+
+    add_bench_serve_arguments(sv)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, streaming) over DASH-KV",
                        description="Serves POST /v1/chat/completions and /v1/completions (stream or not), "
@@ -148,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
                    help="how long the worker waits for more requests before starting a batch that is not full "
                         "(default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch and numba (fused kernel) threads (default: their choice)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="log level of the server and the engine (default: %(default)s)")
     return parser
@@ -243,7 +250,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench_decode import bench_decode
 
         return bench_decode(args)
-    raise ValueError("choose what to benchmark: `dashkv bench kernel` or `dashkv bench decode`")
+    if args.bench == "serve":
+        from .serve.bench import bench_serve
+
+        return bench_serve(args)
+    raise ValueError("choose what to benchmark: `dashkv bench kernel`, `dashkv bench decode` or `dashkv bench serve`")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -50,13 +50,11 @@ def serve_command(args: argparse.Namespace) -> int:
     from .app import create_app
     from .engine import Engine
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     encoders = HashEncoders.from_pretrained(args.encoders) if args.encoders else None
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
     engine = Engine(model, tokenizer, encoders=encoders, config=config, default_mode=mode,
                     max_batch=args.max_batch, max_kv_memory=max_kv, max_context=args.max_context,
-                    batch_wait_s=args.batch_wait_ms / 1000)
+                    batch_wait_s=args.batch_wait_ms / 1000, threads=args.threads)
     name = args.served_model_name or args.model
     app = create_app(engine, name)
     log.info("dashkv serve: %s on http://%s:%d/v1 (default dashkv: %s, max batch %d, KV bound %s)", name,

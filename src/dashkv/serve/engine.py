@@ -236,13 +236,26 @@ class _RowCriteria:
         return torch.tensor([r.done for r in self.rows], dtype=torch.bool, device=input_ids.device)
 
 
+def set_threads(n: int) -> None:
+    """Threads of torch (process-wide) and of the fused numba kernels (per calling thread; numba otherwise
+    uses every core)."""
+    torch.set_num_threads(n)
+    try:
+        import numba
+
+        numba.set_num_threads(n)
+    except (ImportError, ValueError):  # no numba, or more threads than numba started with
+        pass
+
+
 # ---- the engine -------------------------------------------------------------------------------------------
 class Engine:
     """Owns a model and its tokenizer; `submit` requests from any thread, events come back per request."""
 
     def __init__(self, model: Any, tokenizer: Any, *, encoders: Any = None, config: DashKVConfig | None = None,
                  default_mode: Mode | None = None, max_batch: int = 8, max_kv_memory: int = 4 << 30,
-                 max_context: int | None = None, batch_wait_s: float = 0.005, metrics: Metrics | None = None):
+                 max_context: int | None = None, batch_wait_s: float = 0.005, metrics: Metrics | None = None,
+                 threads: int | None = None):
         from ..models import model_shape
 
         if max_batch < 1:
@@ -251,6 +264,7 @@ class Engine:
         self.config = config or DashKVConfig()
         self.default_mode = default_mode or Mode(self.config.budget)
         self.max_batch, self.max_kv_memory, self.batch_wait_s = max_batch, int(max_kv_memory), batch_wait_s
+        self.threads = threads
         self.metrics = metrics or Metrics()
         self.shape = model_shape(model)
         limit = self.shape.max_position_embeddings or None
@@ -365,6 +379,8 @@ class Engine:
             return self._running.is_set()
 
     def _loop(self) -> None:
+        if self.threads:
+            set_threads(self.threads)  # here: numba's thread count is per calling thread
         log.info("dashkv engine: serving (max batch %d, KV bound %.0f MiB)", self.max_batch,
                  self.max_kv_memory / 2**20)
         while True:
