@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                "(e.g. http://127.0.0.1:8000); --model is then its model id")
     p.add_argument("--budget", default="1/16", help="DASH-KV budget of the dashkv rows (default: %(default)s)")
     p.add_argument("--clients", type=int, default=4, help="concurrent streaming clients (default: %(default)s)")
-    p.add_argument("--context", type=int, default=8192, help="prompt tokens per request (default: %(default)s)")
+    p.add_argument("--context", type=int, default=8128,
+                   help="prompt tokens per request; + --new-tokens must fit the model (default: %(default)s)")
     p.add_argument("--new-tokens", type=int, default=64, help="max_tokens per request (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="rounds per mode (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=None, help="server --max-batch (default: --clients)")
