@@ -402,3 +402,23 @@ def test_serve_refuses_bad_arguments_before_loading_a_model(capsys):
     assert "budget" in capsys.readouterr().err
     assert main(["serve", "--max-kv-memory", "lots"]) == 2
     assert "memory size" in capsys.readouterr().err
+
+
+def test_missing_serve_extra_names_the_install_command(monkeypatch):
+    import sys
+
+    from dashkv.errors import DashKVError
+    from dashkv.serve import require_serve_deps
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # makes `import fastapi` raise ImportError
+    with pytest.raises(DashKVError, match=r"pip install 'dashkv\[serve\]'"):
+        require_serve_deps()
+
+
+def test_import_dashkv_does_not_import_the_web_stack():
+    import subprocess
+    import sys
+
+    code = "import sys, dashkv, dashkv.cli, dashkv.serve; print(any(m in sys.modules for m in ('fastapi', 'uvicorn')))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"

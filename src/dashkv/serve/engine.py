@@ -345,8 +345,9 @@ class Engine:
             raise APIError(400, f"the prompt has {prompt_tokens} tokens; this server's context limit is {limit} "
                                 f"tokens ({self.limit_source}), prompt and completion together",
                            param="messages" if param == "max_tokens" else "prompt", code="context_length_exceeded")
-        if max_tokens is None:
-            max_tokens = limit - prompt_tokens
+        if max_tokens is None:  # as much as the context limit and the memory bound leave
+            fits = self.max_kv_memory // max(1, self.footprint.per_token(not mode.dense)) - prompt_tokens
+            max_tokens = max(1, min(limit - prompt_tokens, fits))
         elif prompt_tokens + max_tokens > limit:
             raise APIError(400, f"this server's context limit is {limit} tokens ({self.limit_source}); you asked "
                                 f"for {prompt_tokens + max_tokens} ({prompt_tokens} in the prompt, {max_tokens} "
@@ -390,10 +391,13 @@ class Engine:
                 time.sleep(self.batch_wait_s)  # let requests sent together arrive together
                 if not self._drain(block=False):
                     break
-            batch = self._form_batch()
-            self._update_queue_gauge()
-            if batch:
-                self._run_batch(batch)
+            try:
+                batch = self._form_batch()
+                self._update_queue_gauge()
+                if batch:
+                    self._run_batch(batch)  # catches the batch's own failures
+            except Exception:  # a bug in the scheduler itself: log it, keep the worker alive
+                log.exception("dashkv engine: scheduling failed")
         for req in list(self._pending):
             req.emit(Failed(APIError(503, "the server is shutting down", code="shutting_down")))
         self._pending.clear()
