@@ -422,3 +422,40 @@ def test_import_dashkv_does_not_import_the_web_stack():
     code = "import sys, dashkv, dashkv.cli, dashkv.serve; print(any(m in sys.modules for m in ('fastapi', 'uvicorn')))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
+
+
+def test_seeded_sampling_is_reproducible_and_mixed_modes_run_in_separate_batches(client, served):
+    prompt = words(150, seed=10)
+    a = _chat(client, prompt, max_tokens=10, temperature=0.9, top_p=0.95, seed=7).choices[0].message.content
+    b = _chat(client, prompt, max_tokens=10, temperature=0.9, top_p=0.95, seed=7).choices[0].message.content
+    assert a == b
+
+    async def both():
+        async with openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0) as ac:
+            reqs = [ac.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                               max_tokens=6, temperature=0, extra_body={"dashkv": d})
+                    for d in ("dense", "1/16", "dense", "1/16")]
+            return await asyncio.gather(*reqs)
+
+    rs = asyncio.run(both())
+    shares = [r.usage.model_extra["dashkv"]["context_read_share"] for r in rs]
+    assert shares[0] == shares[2] == 1.0 and shares[1] == shares[3] < 1.0
+    assert all(r.usage.model_extra["dashkv"]["batch_size"] <= 2 for r in rs)  # modes never share a batch
+
+
+def test_batches_respect_max_batch_and_the_memory_bound():
+    from dashkv.serve.engine import GenRequest, Mode
+
+    model = tiny_model("llama")
+    engine = Engine(model, chat_tokenizer(), default_mode=Mode(None), max_batch=3,
+                    max_kv_memory=1024 * 1000)  # dense: 1024 bytes a token -> 1000 tokens a batch
+    mk = lambda n, new: GenRequest(list(range(7, 7 + n)), new, lambda ev: None)  # noqa: E731
+    engine._pending.extend([mk(100, 50), mk(100, 50), mk(100, 50), mk(100, 50)])
+    assert len(engine._form_batch()) == 3  # max_batch
+    engine._pending.clear()
+    engine._pending.extend([mk(300, 100), mk(300, 100), mk(300, 100)])
+    assert len(engine._form_batch()) == 2  # 3 x 400 tokens > 1000
+    with pytest.raises(Exception) as e:
+        engine.check(900, 200, Mode(None))
+    assert e.value.status == 413
+    assert engine.check(500, None, Mode(None)) == 500  # unspecified max_tokens: what the bound leaves
