@@ -84,14 +84,15 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
 
-@pytest.fixture(scope="module")
-def served():
+@pytest.fixture(scope="module", params=["continuous", "admission"])
+def served(request):
+    """The server under each scheduler: every HTTP test runs against both."""
     torch.manual_seed(0)
     model = tiny_model("llama", max_position_embeddings=MAX_CONTEXT)
     shape = model_shape(model)
     enc = HashEncoders.simhash(shape.to_dict(), 64, shape.full_attention_layers, seed=0)
     engine = Engine(model, chat_tokenizer(), encoders=enc, config=DashKVConfig(budget="1/16"), max_batch=16,
-                    max_kv_memory=KV_BOUND)
+                    max_kv_memory=KV_BOUND, scheduler=request.param)
     with Server(create_app(engine, MODEL)) as server:
         server.engine = engine
         yield server
@@ -251,13 +252,12 @@ def test_bad_dashkv_field_is_400(client, field, fragment):
 # ---- faults ----------------------------------------------------------------------------------------------
 def test_a_failing_generate_is_a_500_and_the_server_keeps_serving(client, served):
     model = served.engine.model
-    original = model.generate
 
-    def broken(*a, **k):
-        model.generate = original
+    def broken(*a, **k):  # fails once, in whichever path the scheduler uses (generate or forward)
+        del model.generate, model.forward
         raise RuntimeError("injected fault")
 
-    model.generate = broken
+    model.generate = model.forward = broken
     with pytest.raises(openai.InternalServerError) as e:
         _chat(client, "w1 w2 w3", max_tokens=4, temperature=0)
     assert "injected fault" in e.value.body["message"]
@@ -459,3 +459,74 @@ def test_batches_respect_max_batch_and_the_memory_bound():
         engine.check(900, 200, Mode(None))
     assert e.value.status == 413
     assert engine.check(500, None, Mode(None)) == 500  # unspecified max_tokens: what the bound leaves
+
+
+# ---- continuous batching, on the engine directly ------------------------------------------------------------
+def _collect(engine, prompt_ids, max_tokens, mode, started=None):
+    from dashkv.serve.engine import Delta, GenRequest, Sampling
+
+    done, out = threading.Event(), {"deltas": 0}
+
+    def on(ev):
+        if isinstance(ev, Delta):
+            out["deltas"] += 1
+            if started is not None and out["deltas"] >= 5:
+                started.set()
+        else:
+            out["final"] = ev
+            done.set()
+
+    engine.submit(GenRequest(prompt_ids, max_tokens, on, sampling=Sampling(0.0), mode=mode))
+    return done, out
+
+
+@pytest.mark.parametrize("family,budget", [("llama", "1/16"), ("llama", None), ("qwen3", "1/16")])
+def test_rows_join_and_leave_a_running_batch_with_solo_tokens(family, budget):
+    """A request decoding; two arrive mid-decode and join it (one with a longer prompt, so the running rows'
+    cache is left-padded), one leaves early. Every row's tokens equal its run alone."""
+    from dashkv.config import parse_budget
+    from dashkv.serve.engine import Finished, Mode
+
+    model = tiny_model(family)
+    shape = model_shape(model)
+    enc = HashEncoders.simhash(shape.to_dict(), 64, shape.full_attention_layers, seed=0)
+    mode = Mode(None if budget is None else parse_budget(budget))
+    engine = Engine(model, chat_tokenizer(), encoders=enc, default_mode=mode, batch_wait_s=0).start()
+    assert engine.scheduler == "continuous"
+    g = torch.Generator().manual_seed(1)
+    a, b, c = (torch.randint(7, 500, (n,), generator=g).tolist() for n in (150, 260, 90))
+    try:
+        solo = {}
+        for name, p, n in (("a", a, 80), ("b", b, 12), ("c", c, 20)):
+            ev, out = _collect(engine, p, n, mode)
+            assert ev.wait(60)
+            solo[name] = out["final"].token_ids
+        started = threading.Event()
+        ev_a, out_a = _collect(engine, a, 80, mode, started)
+        assert started.wait(60)  # a is decoding
+        ev_b, out_b = _collect(engine, b, 12, mode)
+        ev_c, out_c = _collect(engine, c, 20, mode)
+        assert ev_a.wait(60) and ev_b.wait(60) and ev_c.wait(60)
+        for name, out in (("a", out_a), ("b", out_b), ("c", out_c)):
+            assert isinstance(out["final"], Finished), out["final"]
+            assert out["final"].token_ids == solo[name], name
+        assert max(out["final"].usage["dashkv"]["batch_size"] for out in (out_a, out_b, out_c)) >= 2
+    finally:
+        engine.stop()
+
+
+def test_models_with_sliding_window_layers_fall_back_to_batching_at_admission():
+    from dashkv.serve.engine import Mode
+
+    model = tiny_model("gemma3_text")
+    shape = model_shape(model)
+    enc = HashEncoders.simhash(shape.to_dict(), 64, shape.full_attention_layers, seed=0)
+    engine = Engine(model, chat_tokenizer(), encoders=enc, default_mode=Mode(1 / 16)).start()
+    try:
+        assert engine.scheduler == "admission"
+        ev, out = _collect(engine, list(range(7, 200)), 6, Mode(1 / 16))
+        assert ev.wait(60) and out["final"].usage["completion_tokens"] >= 1
+    finally:
+        engine.stop()
+    with pytest.raises(ValueError, match="sliding"):
+        Engine(model, chat_tokenizer(), encoders=enc, scheduler="continuous")

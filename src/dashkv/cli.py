@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, streaming) over DASH-KV",
                        description="Serves POST /v1/chat/completions and /v1/completions (stream or not), "
-                                   "GET /v1/models, /health and /metrics. Requests waiting when a batch starts "
-                                   "are decoded together. A request may choose its budget or dense decoding with "
+                                   "GET /v1/models, /health and /metrics. Concurrent requests are decoded "
+                                   "together in one batch. A request may choose its budget or dense decoding with "
                                    'the extension field "dashkv": {"budget": "1/16"} or "dashkv": "dense". '
                                    "Needs the serve extra: pip install 'dashkv[serve]'.")
     _add_model_args(p)
@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "max_position_embeddings)")
     p.add_argument("--served-model-name", default=None,
                    help="model id clients send and /v1/models lists (default: the --model value)")
+    p.add_argument("--scheduler", choices=("auto", "continuous", "admission"), default="auto",
+                   help="continuous: requests join and leave the running batch at step boundaries; admission: "
+                        "a batch is formed when it starts and runs to its end (auto: continuous unless the "
+                        "model has sliding-window layers) (default: %(default)s)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
                    help="how long the worker waits for more requests before starting a batch that is not full "
                         "(default: %(default)s)")

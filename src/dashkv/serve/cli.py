@@ -54,10 +54,10 @@ def serve_command(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
     engine = Engine(model, tokenizer, encoders=encoders, config=config, default_mode=mode,
                     max_batch=args.max_batch, max_kv_memory=max_kv, max_context=args.max_context,
-                    batch_wait_s=args.batch_wait_ms / 1000, threads=args.threads)
+                    batch_wait_s=args.batch_wait_ms / 1000, threads=args.threads, scheduler=args.scheduler)
     name = args.served_model_name or args.model
     app = create_app(engine, name)
-    log.info("dashkv serve: %s on http://%s:%d/v1 (default dashkv: %s, max batch %d, KV bound %s)", name,
-             args.host, args.port, mode.label(), args.max_batch, args.max_kv_memory)
+    log.info("dashkv serve: %s on http://%s:%d/v1 (default dashkv: %s, %s batching, max batch %d, KV bound %s)",
+             name, args.host, args.port, mode.label(), engine.scheduler, args.max_batch, args.max_kv_memory)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -1,20 +1,23 @@
-"""The batching engine: ONE worker thread owns the model and runs every `generate` call.
+"""The batching engine: ONE worker thread owns the model and runs every forward pass.
 
-Why one thread: `generate` calls on one model are not safe to run concurrently (the DASH-KV handle, the
+Why one thread: generation calls on one model are not safe to run concurrently (the DASH-KV handle, the
 attention implementation and the cache hook are per model), and on a CPU a second concurrent call would
 only split the same cores. Requests are queued; the worker takes the oldest waiting request and every
-other waiting request that can share its `generate` call (same sampling parameters, same DASH-KV mode),
-up to `max_batch` rows and `max_kv_memory` bytes of K/V + codes, left-pads them into one batch and decodes
-it. Requests arriving meanwhile wait for the next batch (batching at admission; rows do not join a
-running batch).
+other waiting request that can share its batch (same sampling parameters, same DASH-KV mode), up to
+`max_batch` rows and `max_kv_memory` bytes of K/V + codes, and decodes them together, left-padded.
 
-Per-row stops (stop strings, EOS, max_tokens, a client that went away) are decided in a
-`StoppingCriteria` that sees every new token of every row after each decode step; a row that stops gets
-its final event at once and streams nothing more, and `generate` ends when every row is done. The
-worker catches every exception of a batch, fails that batch's unfinished requests with a 500 error and
-keeps serving.
+Two schedulers:
+- continuous (default where supported): the worker runs its own decode loop (`batch.RunningBatch`); at
+  every step boundary, waiting requests with the same key join (prefilled, then merged into the batch's
+  cache) and finished rows leave. Sampling uses a generator per row, so a seeded request samples the same
+  tokens whoever shares its batch.
+- admission (models with sliding-window layers): the batch is formed when it starts and decoded by one
+  `model.generate` call; per-row stops are decided in a `StoppingCriteria`.
+
+Either way a row that stops (stop string, EOS, max_tokens, a client that went away) gets its final event
+at once and streams nothing more. The worker catches every exception of a batch, fails that batch's
+unfinished requests with a 500 error and keeps serving.
 """
-
 from __future__ import annotations
 
 import logging
@@ -144,35 +147,40 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
 
 
 class RowStats(StepStats):
-    """StepStats that also keeps, per batch row, tokens read and context length (left padding excluded),
-    so each request can report its own share of the context read."""
+    """StepStats that also credits each batch row with the tokens it read and its context length (left
+    padding excluded), so each request can report its own share of the context read. `rows` and `pads`
+    follow the batch (the engine updates them when rows join or leave)."""
 
-    def __init__(self, pads: list[int]):
+    def __init__(self, rows: list["_Row"], pads: list[int]):
         super().__init__()
-        self.pads = pads
-        self.read = [0] * len(pads)
-        self.ctx = [0] * len(pads)
+        self.rows, self.pads = rows, pads
 
     def record(self, layer_idx: int, n: int, attended: torch.Tensor, keep: bool) -> None:
         super().record(layer_idx, n, attended, keep=False)  # totals only: per_step would grow per step
         a = attended.reshape(attended.shape[0], -1)
         heads = a.shape[1]
-        for b, r in enumerate(a.sum(-1).tolist()):
-            self.read[b] += int(r)
-            self.ctx[b] += (n - self.pads[b]) * heads
-
-    def share(self, b: int) -> float | None:
-        return self.read[b] / self.ctx[b] if self.ctx[b] else None
+        for row, pad, r in zip(self.rows, self.pads, a.sum(-1).tolist()):
+            row.read += int(r)
+            row.ctx += (n - pad) * heads
 
 
 class _Row:
-    def __init__(self, req: GenRequest, index: int, engine: "Engine"):
-        self.req, self.index, self.engine = req, index, engine
+    def __init__(self, req: GenRequest, engine: "Engine"):
+        self.req, self.engine = req, engine
         self.ids: list[int] = []
         self.tokens = 0  # completion tokens, EOS included
         self.text = ""  # everything emitted so far
         self.done = False
-        self.finished_at: float | None = None
+        self.prefill_at = self.first_at = self.finished_at = 0.0
+        self.read = self.ctx = 0  # tokens read / context, summed over decode steps and managed layers' heads
+        self.batch_size = 0  # most rows it shared a step with
+        self.gen: torch.Generator | None = None
+        if not req.sampling.greedy:  # per-row generator: seeded sampling does not depend on the batch
+            self.gen = torch.Generator()
+            if req.sampling.seed is not None:
+                self.gen.manual_seed(req.sampling.seed)
+            else:
+                self.gen.seed()
 
     def push(self, token: int, now: float) -> None:
         """Take this row's new token: emit the text that is now safe and decide whether the row stops."""
@@ -224,7 +232,9 @@ class _RowCriteria:
         now = time.perf_counter()
         if self.first_token_at is None:
             self.first_token_at = now
-            self.engine._batch_first_token(now)
+            for row in self.rows:
+                row.first_at = now
+            self.engine._prefilled(self.rows, now)
         new = input_ids[:, -1].tolist()
         for row, tok in zip(self.rows, new):
             if row.done:
@@ -255,7 +265,7 @@ class Engine:
     def __init__(self, model: Any, tokenizer: Any, *, encoders: Any = None, config: DashKVConfig | None = None,
                  default_mode: Mode | None = None, max_batch: int = 8, max_kv_memory: int = 4 << 30,
                  max_context: int | None = None, batch_wait_s: float = 0.005, metrics: Metrics | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, scheduler: str = "auto"):
         from ..models import model_shape
 
         if max_batch < 1:
@@ -265,6 +275,14 @@ class Engine:
         self.default_mode = default_mode or Mode(self.config.budget)
         self.max_batch, self.max_kv_memory, self.batch_wait_s = max_batch, int(max_kv_memory), batch_wait_s
         self.threads = threads
+        from .batch import supports_continuous
+
+        if scheduler not in ("auto", "continuous", "admission"):
+            raise ValueError(f"scheduler must be auto, continuous or admission, got {scheduler!r}")
+        if scheduler == "continuous" and not supports_continuous(model):
+            raise ValueError("continuous batching does not support sliding-window layers; use --scheduler admission")
+        self.scheduler = ("continuous" if supports_continuous(model) else "admission") if scheduler == "auto" \
+            else scheduler
         self.metrics = metrics or Metrics()
         self.shape = model_shape(model)
         limit = self.shape.max_position_embeddings or None
@@ -300,7 +318,6 @@ class Engine:
         self._pending: deque[GenRequest] = deque()
         self._thread: threading.Thread | None = None
         self._running = threading.Event()
-        self._batch: dict[str, Any] = {}
         # HF fast tokenizers are not safe to call from several threads at once ("Already borrowed"):
         # the routes encode and the worker decodes under this lock.
         self.tok_lock = threading.Lock()
@@ -394,8 +411,10 @@ class Engine:
             try:
                 batch = self._form_batch()
                 self._update_queue_gauge()
-                if batch:
-                    self._run_batch(batch)  # catches the batch's own failures
+                if batch and self.scheduler == "continuous":
+                    self._run_continuous(batch)  # catches the batch's own failures
+                elif batch:
+                    self._run_batch(batch)
             except Exception:  # a bug in the scheduler itself: log it, keep the worker alive
                 log.exception("dashkv engine: scheduling failed")
         for req in list(self._pending):
@@ -438,11 +457,11 @@ class Engine:
         from transformers import GenerationConfig, StoppingCriteriaList
 
         t0 = time.perf_counter()
-        rows = [_Row(req, i, self) for i, req in enumerate(batch)]
+        rows = [_Row(req, self) for req in batch]
+        for row in rows:
+            row.prefill_at, row.batch_size = t0, len(rows)
         longest = max(len(r.prompt_ids) for r in batch)
         pads = [longest - len(r.prompt_ids) for r in batch]
-        self._batch = {"t0": t0, "first": None, "rows": rows, "pads": pads, "stats": None,
-                       "prompt_tokens": sum(len(r.prompt_ids) for r in batch)}
         self.running_rows = len(batch)
         self.largest_batch = max(self.largest_batch, len(batch))
         self.metrics.set("dashkv_running_requests", len(batch))
@@ -455,13 +474,13 @@ class Engine:
                 ids[i, pads[i]:] = torch.tensor(req.prompt_ids, dtype=torch.long)
                 mask[i, pads[i]:] = 1
             if self.handle is not None:
-                self._batch["stats"] = self.handle.stats = RowStats(pads)
+                self.handle.stats = RowStats(rows, pads)
             s = batch[0].sampling
             cfg: dict[str, Any] = dict(max_new_tokens=max(r.max_tokens for r in batch), do_sample=not s.greedy,
                                        pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids) or None)
             if not s.greedy:
                 cfg.update(temperature=s.temperature, top_p=s.top_p, top_k=0)
-                if s.seed is not None:
+                if s.seed is not None:  # generate samples from the global RNG: reproducible per batch
                     torch.manual_seed(s.seed)
             criteria = _RowCriteria(rows, self)
             self.model.generate(ids, attention_mask=mask, generation_config=GenerationConfig(**cfg),
@@ -480,27 +499,143 @@ class Engine:
             if self.handle is not None:
                 self.handle.stats = None
                 self.handle.live_layers.clear()  # do not keep the last batch's cache alive between batches
-            self._batch = {}
             self.running_rows = 0
             self.metrics.set("dashkv_running_requests", 0)
             self.batches_run += 1
 
-    def _batch_first_token(self, now: float) -> None:
-        b = self._batch
-        b["first"] = now
-        prefill = now - b["t0"]
+    # ---- continuous batching: rows join and leave at step boundaries ----------------------------------------
+    def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        """Next token of each row: argmax, or temperature + top-p sampling with the row's own generator."""
+        s = rows[0].req.sampling
+        if s.greedy:
+            return logits.argmax(-1).tolist()
+        probs = torch.softmax(logits / s.temperature, dim=-1)
+        if s.top_p < 1.0:
+            p, idx = probs.sort(-1, descending=True)
+            p = p.masked_fill(p.cumsum(-1) - p > s.top_p, 0.0)  # keep the smallest set reaching top_p
+            probs = torch.zeros_like(probs).scatter(-1, idx, p)
+        return [int(torch.multinomial(probs[i], 1, generator=row.gen)) for i, row in enumerate(rows)]
+
+    def _joiners(self, rb: Any, key: tuple) -> list[GenRequest]:
+        """Waiting requests that may join the running batch now: same key, FIFO (a different request at the
+        head of the queue stops admission, so the batch drains and it gets its turn), within the bounds."""
+        self._drain(block=False)
+        while self._pending and self._pending[0].cancelled:
+            self._pending.popleft()
+        room = self.max_batch - len(rb.rows)
+        if room <= 0 or not self._pending or self._pending[0].batch_key() != key:
+            return []
+        remaining = [r.req.max_tokens - r.tokens for r in rb.rows]
+        per_token = self.footprint.per_token(rb.dashkv)
+        taken: list[GenRequest] = []
+        while self._pending and len(taken) < room and self._pending[0].batch_key() == key:
+            req = self._pending[0]
+            group = [*taken, req]
+            length = max(rb.length, max(len(r.prompt_ids) for r in group)) + max(
+                [*remaining, *(r.max_tokens for r in group)])
+            if taken and (len(rb.rows) + len(group)) * length * per_token > self.max_kv_memory:
+                break
+            if not taken and rb.rows and (len(rb.rows) + 1) * length * per_token > self.max_kv_memory:
+                break
+            taken.append(self._pending.popleft())
+        return taken
+
+    def _join(self, rb: Any, reqs: list[GenRequest]) -> None:
+        rows = [_Row(req, self) for req in reqs]
+        t0 = time.perf_counter()
+        for row in rows:
+            row.prefill_at = t0
+        logits = rb.join([r.prompt_ids for r in reqs], rows)
+        now = time.perf_counter()
+        for row in rows:
+            row.first_at = now
+        self._prefilled(rows, now)
+        tokens = self._choose(logits, rows)
+        rb.last[-len(rows):] = torch.tensor(tokens, dtype=torch.long)
+        for row, tok in zip(rows, tokens):
+            row.push(tok, now)
+
+    def _run_continuous(self, first: list[GenRequest]) -> None:
+        """Decode `first` and every compatible request that arrives meanwhile until no row is left."""
+        from .batch import RunningBatch
+
+        key, mode = first[0].batch_key(), first[0].mode
+        rb = None
+        joining = first
+        try:
+            self._apply_mode(mode)
+            rb = RunningBatch(self.model, self.pad_id, dashkv=not mode.dense)
+            stats = RowStats([], []) if self.handle is not None else None
+            if self.handle is not None:
+                self.handle.stats = stats
+            while True:
+                if joining:
+                    self._join(rb, joining)
+                    joining = []
+                now = time.perf_counter()
+                for row in rb.rows:
+                    if row.req.cancelled:
+                        row.finish("cancelled", now)
+                rb.keep([i for i, r in enumerate(rb.rows) if not r.done])
+                if rb.rows:
+                    n = len(rb.rows)
+                    self.running_rows = n
+                    self.largest_batch = max(self.largest_batch, n)
+                    self.metrics.set("dashkv_running_requests", n)
+                    self.metrics.observe("dashkv_batch_size", n)
+                    for row in rb.rows:
+                        row.batch_size = max(row.batch_size, n)
+                    if stats is not None:
+                        stats.rows, stats.pads = list(rb.rows), rb.pads()
+                    logits = rb.step(rb.last)
+                    tokens = self._choose(logits, rb.rows)
+                    now = time.perf_counter()
+                    rb.last = torch.tensor(tokens, dtype=torch.long)
+                    for row, tok in zip(rb.rows, tokens):
+                        row.push(tok, now)
+                    rb.keep([i for i, r in enumerate(rb.rows) if not r.done])
+                if not self._running.is_set():
+                    raise RuntimeError("the server is shutting down")
+                joining = self._joiners(rb, key)
+                if joining:
+                    self._update_queue_gauge()
+                elif not rb.rows:
+                    break
+        except Exception as exc:  # never let one batch take the server down
+            log.exception("dashkv engine: a continuous batch failed")
+            err = APIError(500, f"generation failed: {type(exc).__name__}: {exc}", code="generation_failed")
+            for row in (rb.rows if rb is not None else []):
+                if not row.done:
+                    row.done = True
+                    row.req.emit(Failed(err))
+            for req in joining:
+                if rb is None or not any(r.req is req for r in rb.rows):
+                    req.emit(Failed(err))
+        finally:
+            if self.handle is not None:
+                self.handle.stats = None
+                self.handle.live_layers.clear()
+            self.running_rows = 0
+            self.metrics.set("dashkv_running_requests", 0)
+            self.batches_run += 1
+
+    def _prefilled(self, rows: list[_Row], now: float) -> None:
+        prefill = now - rows[0].prefill_at
         self.metrics.observe("dashkv_prefill_seconds", prefill)
         if prefill > 0:
-            self.metrics.observe("dashkv_prefill_tokens_per_second", b["prompt_tokens"] / prefill)
+            self.metrics.observe("dashkv_prefill_tokens_per_second",
+                                 sum(len(r.req.prompt_ids) for r in rows) / prefill)
 
     def _row_finished(self, row: _Row, reason: str) -> None:
-        b, req = self._batch, row.req
-        first = b.get("first") or row.finished_at
-        prefill_s = first - b["t0"]
+        req = row.req
+        first = row.first_at or row.finished_at
+        prefill_s = first - row.prefill_at
         decode_s = row.finished_at - first
         decode_tps = (row.tokens - 1) / decode_s if row.tokens > 1 and decode_s > 0 else None
-        stats: RowStats | None = b.get("stats")
-        share = stats.share(row.index) if stats is not None else (1.0 if row.tokens > 1 else None)
+        if req.mode.dense:
+            share = 1.0 if row.tokens > 1 else None
+        else:
+            share = row.read / row.ctx if row.ctx else None
         prompt = len(req.prompt_ids)
         ext = {
             "mode": "dense" if req.mode.dense else "dashkv",
@@ -510,9 +645,9 @@ class Engine:
             "decode_tokens_per_s": decode_tps,
             "prefill_s": prefill_s,
             "decode_s": decode_s,
-            "queue_s": b["t0"] - req.arrived,
+            "queue_s": row.prefill_at - req.arrived,
             "time_to_first_token_s": first - req.arrived,
-            "batch_size": len(b["rows"]),
+            "batch_size": row.batch_size,
         }
         usage = {"prompt_tokens": prompt, "completion_tokens": row.tokens, "total_tokens": prompt + row.tokens,
                  "dashkv": ext}

@@ -44,7 +44,7 @@ class Metrics:
         "dashkv_generated_tokens_total": ("counter", "Completion tokens generated."),
         "dashkv_queue_depth": ("gauge", "Requests waiting for a batch."),
         "dashkv_running_requests": ("gauge", "Requests in the batch being decoded."),
-        "dashkv_batch_size": ("histogram", "Rows per batch the engine decoded."),
+        "dashkv_batch_size": ("histogram", "Rows per decode step (continuous batching) or per batch (admission)."),
         "dashkv_prefill_seconds": ("histogram", "Prefill time of each batch."),
         "dashkv_decode_seconds": ("histogram", "Decode time of each request (first to last token)."),
         "dashkv_time_to_first_token_seconds": ("histogram", "Arrival to first token, per request (includes queueing)."),
