@@ -229,6 +229,7 @@ def test_prompt_past_the_context_limit_is_400_naming_the_limit(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=words(MAX_CONTEXT + 10, seed=5), max_tokens=4)
     assert e.value.body["code"] == "context_length_exceeded" and str(MAX_CONTEXT) in e.value.body["message"]
+    assert e.value.body["param"] == "prompt"
     with pytest.raises(openai.BadRequestError) as e:  # prompt fits, prompt + completion does not
         client.completions.create(model=MODEL, prompt=words(100, seed=5), max_tokens=MAX_CONTEXT)
     assert e.value.body["param"] == "max_tokens" and str(MAX_CONTEXT) in e.value.body["message"]

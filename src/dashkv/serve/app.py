@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -137,7 +136,8 @@ def create_app(engine: Engine, model_name: str, *, aliases: tuple[str, ...] = ()
         mode = parse_dashkv_field(body.dashkv, engine.default_mode, engine.config)
         stops = body.stops()
         param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
-        max_tokens = engine.check(len(prompt_ids), body.max_new(), mode, param=param)
+        max_tokens = engine.check(len(prompt_ids), body.max_new(), mode, param=param,
+                                  prompt_param="messages" if kind == "chat" else "prompt")
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         req = GenRequest(prompt_ids, max_tokens, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev),

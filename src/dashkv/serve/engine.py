@@ -352,7 +352,8 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def check(self, prompt_tokens: int, max_tokens: int | None, mode: Mode, param: str = "max_tokens") -> int:
+    def check(self, prompt_tokens: int, max_tokens: int | None, mode: Mode, param: str = "max_tokens",
+              prompt_param: str = "messages") -> int:
         """Refuse what cannot run (context limit, memory bound); returns max_tokens (filled in if None)."""
         if not mode.dense and self.dashkv_unavailable:
             raise APIError(400, f"this server decodes dense only: {self.dashkv_unavailable}", param="dashkv",
@@ -361,7 +362,7 @@ class Engine:
         if prompt_tokens >= limit:
             raise APIError(400, f"the prompt has {prompt_tokens} tokens; this server's context limit is {limit} "
                                 f"tokens ({self.limit_source}), prompt and completion together",
-                           param="messages" if param == "max_tokens" else "prompt", code="context_length_exceeded")
+                           param=prompt_param, code="context_length_exceeded")
         if max_tokens is None:  # as much as the context limit and the memory bound leave
             fits = self.max_kv_memory // max(1, self.footprint.per_token(not mode.dense)) - prompt_tokens
             max_tokens = max(1, min(limit - prompt_tokens, fits))
