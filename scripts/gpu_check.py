@@ -10,7 +10,9 @@
 3. timing (CUDA only): DASH-KV (scan + on-device top-k + sparse attention, and each part) against
    dense `torch.nn.functional.scaled_dot_product_attention` (GQA through `enable_gqa`, and with the G
    query heads folded into the query length: no K/V repeat), bf16 and fp32, at N = 4096..262144, for
-   the default model's shape (9 query / 3 KV heads, d=64) and a 32/8 d=128 shape, batch 1 and 8.
+   the default model's shape (9 query / 3 KV heads, d=64) and a 32/8 d=128 shape, batch 1 and 8;
+4. `model.generate` with DASH-KV end to end (scripts/gpu_generate_check.py: parity at full budget,
+   fused == reference at 1/16, decode tokens/s against StaticCache); --no-generate skips it.
 
 Prints a table, writes JSON (to --out, else $OUT/gpu_check.json, else ./gpu_check.json), and exits 1
 on any mismatch.
@@ -347,6 +349,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=1 / 16, help="tokens read per step / N (sinks+window+top-k)")
     ap.add_argument("--rep-ms", type=int, default=30, help="do_bench repetition time per measurement")
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--no-generate", action="store_true", help="skip scripts/gpu_generate_check.py")
     args = ap.parse_args(argv)
 
     interpret = args.interpret or tk.interpreting()
@@ -375,6 +378,13 @@ def main(argv=None) -> int:
                                       [int(x) for x in args.batches.split(",")],
                                       [getattr(torch, x) for x in args.dtypes.split(",")],
                                       [int(x) for x in args.bits.split(",")], args.budget, args.rep_ms)
+    if device.type == "cuda" and not args.no_generate:  # model.generate with DASH-KV end to end
+        import gpu_generate_check
+
+        print("\ngenerate end to end (scripts/gpu_generate_check.py):", flush=True)
+        gen_out = os.path.join(os.environ.get("OUT") or ".", "gpu_generate_check.json")
+        report["generate_ok"] = gpu_generate_check.main(["--out", gen_out]) == 0
+        n_bad += not report["generate_ok"]
     report["ok"] = n_bad == 0
     report["wall_s"] = time.perf_counter() - t0
     out = args.out or os.path.join(os.environ.get("OUT") or ".", "gpu_check.json")

@@ -106,7 +106,7 @@ def test_full_budget_equals_dense(group, batch, n, grouping):
     for budget in (1.0, n):
         cfg = DashKVConfig(budget=budget, sink=2, window=3, grouping=grouping, dense_layers=())
         policy = make_policy("dashkv", cfg, enc)
-        out = decode_step(policy, cfg, _state(policy, k), q, k, v, 0.25, fast=False)
+        out = decode_step(policy, _state(policy, k), q, k, v, 0.25, fast=False)
         torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
     # a selection holding every position (no shortcut) equals dense
     plan = DashKVConfig(budget=n, sink=1, window=1).plan(n + 10)  # not dense: forces the selection path
@@ -148,7 +148,7 @@ def test_decode_step_reads_the_budget_not_n():
     cfg = DashKVConfig(budget="1/16", sink=4, window=16)
     policy = make_policy("dashkv", cfg, _encoders(6, 2))
     stats = StepStats()
-    decode_step(policy, cfg, _state(policy, k), q, k, v, 0.25, fast=False, stats=stats)
+    decode_step(policy, _state(policy, k), q, k, v, 0.25, fast=False, stats=stats)
     assert stats.attended == 2 * 256 and stats.fraction == pytest.approx(1 / 16)
 
 

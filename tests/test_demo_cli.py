@@ -60,18 +60,27 @@ def test_help_teaches(capsys):
 
 
 def test_bench_decode_runs_on_a_tiny_model(tmp_path, capsys):
-    from dashkv.bench_decode import bench_decode
+    from dashkv.bench_decode import ROWS, bench_decode
 
     model = tiny_model("llama", vocab_size=49152)
     s = model_shape(model)
     enc = HashEncoders.simhash(s.to_dict(), 64, s.full_attention_layers)
     args = argparse.Namespace(model="tiny", encoders=None, budget="1/8", bits=64, sink=4, window=16, context=700,
-                              new_tokens=5, json=str(tmp_path / "b.json"))
+                              batch="1,2", dtype="float32", steps=4, warmup=1, profile=True,
+                              json=str(tmp_path / "b.json"))
     assert bench_decode(args, model, default_tokenizer(), enc) == 0
-    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["unmodified", "dense-dashkv-cache", "dashkv"]
-    assert all(r["decode_tokens"] == 4 and r["decode_tok_s"] > 0 for r in rows)
-    assert 0 < rows[2]["read_fraction_sparse_layers"] < 0.2
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert [t["batch"] for t in result["tables"]] == [1, 2]
+    for table in result["tables"]:
+        rows = {r["row"]: r for r in table["rows"]}
+        assert list(rows) == list(ROWS)
+        assert all(r["steps"] == 4 and r["median_ms"] > 0 and r["cache_mb"] > 0 for r in rows.values())
+        assert rows["static"]["x_static"] == 1.0 and rows["floor"]["x_floor"] == 1.0
+        assert 0 < rows["dashkv"]["read_fraction_sparse_layers"] < 0.2
+    assert result["floor_tokens"] == 88  # budget 1/8 of 700 tokens, rounded up
+    parts = result["profile"]["parts"]
+    assert {"key encoding", "fused kernel (scan, select, attend)", "query projection"} <= set(parts)
+    assert "x static" in capsys.readouterr().out
 
 
 def test_calibrate_command_rejects_bad_input(tmp_path, capsys, monkeypatch):
@@ -103,3 +112,14 @@ def test_generate_command_on_a_local_model_directory(tmp_path, capsys):
     argv[4] = str(tmp_path / "enc2")
     assert cli.main(argv) == 2
     assert "num_kv_heads" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_kernel_rows(dtype):
+    from dashkv.bench import METHODS, bench_kernel
+
+    (row,) = bench_kernel(ns=(2048,), bits=(64,), shapes=("smollm2",), repeats=2, progress=False, dtype=dtype)
+    assert row["dtype"] == dtype and row["tokens_read"] == 128  # 1/16 of 2048: 4 sinks + 64 window + 60 candidates
+    assert all(row[f"{m}_ms"] > 0 for m in METHODS)
+    assert row["dense_max_abs_err"] < (1e-4 if dtype == "float32" else 2e-2)
+    assert row["dashkv_bytes"] < row["dense_bytes"]

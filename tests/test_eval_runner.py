@@ -229,9 +229,22 @@ def _args(model_dir, **kw):
     (dict(methods="dashkv"), "needs encoders"),
     (dict(haystack="files:/nonexistent/x"), "does not exist"),
     (dict(encoders="/nonexistent/enc"), "does not exist"),
+    (dict(haystack="files:SHORT"), "is too short"),
+    (dict(tasks="niah_multikey_2", lengths="120"), "task 'niah_multikey_2' at length 120"),
+    (dict(tasks="lb_passage_count", lengths="300"), "too small for task 'lb_passage_count'"),
+    (dict(tasks="fidelity_code", lengths="100", positions=128), "too short for the fidelity tasks"),
+    (dict(tasks="fidelity_prose", haystack="noise"), "needs a prose haystack"),
+    (dict(also="dense,dashkv"), "expected METHODS@BUDGETS"),
+    (dict(also="oracle@3/2"), "out of range"),
+    (dict(also="nope@1/8"), "unknown method 'nope'"),
+    (dict(prefill_dtype="fp8"), "--prefill-dtype"),
 ])
-def test_validation_errors_fire_before_model_work(tiny_lm, monkeypatch, change, message):
+def test_validation_errors_fire_before_model_work(tiny_lm, monkeypatch, change, message, tmp_path):
     _, _, d = tiny_lm
+    if change.get("haystack") == "files:SHORT":
+        short = tmp_path / "short.txt"
+        short.write_text("Only two sentences here. Far too short for a long prompt.\n")
+        change = dict(change, haystack=f"files:{short}")
 
     def boom(*a, **k):
         raise AssertionError("model work started before validation finished")
@@ -261,3 +274,34 @@ def test_cli_reports_validation_errors_as_one_line(tiny_lm, capsys):
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown method 'nope'" in err[0]
+
+
+def test_simhash_asym_is_listed_and_refused_clearly_until_its_policy_exists(tiny_lm):
+    from dashkv.selection import POLICIES
+
+    _, _, d = tiny_lm
+    assert "simhash_asym" in runner.EVAL_METHODS
+    if "simhash_asym" in POLICIES:  # the reliability branch is merged: a valid method
+        assert validate_plan(_args(d, methods="dense,simhash,simhash_asym")).methods[-1] == "simhash_asym"
+    else:
+        with pytest.raises(ValueError, match="'simhash_asym' is not available in this build"):
+            validate_plan(_args(d, methods="dense,simhash_asym"))
+
+
+def test_also_adds_cells_on_the_same_prefills(tiny_lm):
+    _, _, d = tiny_lm
+    plan = validate_plan(_args(d, methods="dense,h2o", budgets="1/16", also=["dense,h2o,oracle@1/8,1/16"]))
+    assert plan.cells() == [("dense", "full"), ("h2o", "1/16"), ("h2o", "1/8"), ("oracle", "1/8"),
+                            ("oracle", "1/16")]
+    assert plan.all_methods == ["dense", "h2o", "oracle"]
+
+
+def test_simhash_rows_score_by_hamming_on_every_path(tiny_lm, tmp_path):
+    """The eval's simhash decodes with scorer='hamming' in the enabling config, which is what the fused
+    kernel reads; simhash_asym with the asymmetric scorer. (That the kernel and the reference path then
+    both run Hamming is the reliability branch's test of the SimHash policy.)"""
+    _, _, d = tiny_lm
+    plan = _plan(tmp_path, d)
+    assert plan.config(1 / 16, "simhash").scorer == "hamming"
+    assert plan.config(1 / 16, "simhash_asym").scorer == "asymmetric"
+    assert plan.config(1 / 16, "dashkv").scorer == DashKVConfig().scorer

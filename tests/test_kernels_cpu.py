@@ -90,15 +90,18 @@ def make_inputs(seed, batch, g, hkv, words, d, n, ties=False, starts=True):
        hkv=st.sampled_from([1, 2, 3]), words=st.sampled_from([1, 2]), d=st.sampled_from([8, 64]),
        n=st.one_of(st.integers(1, 100), st.integers(100, 3000)), ties=st.booleans(),
        fixed=st.sampled_from([(4, 64), (0, 0), (2, 7), (4, 0), (0, 5)]), crit_frac=st.floats(0.0, 0.6),
-       grouping=st.sampled_from(["kv_head", "query_head"]), scorer=st.sampled_from(["asymmetric", "hamming"]))
-def test_matches_reference(seed, batch, g, hkv, words, d, n, ties, fixed, crit_frac, grouping, scorer):
+       grouping=st.sampled_from(["kv_head", "query_head"]), scorer=st.sampled_from(["asymmetric", "hamming"]),
+       parallel=st.booleans(), kv_dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_matches_reference(seed, batch, g, hkv, words, d, n, ties, fixed, crit_frac, grouping, scorer, parallel,
+                           kv_dtype):
     query, q_proj, keys, values, codes, start = make_inputs(seed, batch, g, hkv, words, d, n, ties)
+    keys, values = keys.to(kv_dtype), values.to(kv_dtype)  # the reference reads the same rounded values
     sink, window = fixed
     critical = int(crit_frac * n)
     kw = dict(sink=sink, window=window, critical=critical, scaling=d ** -0.5, grouping=grouping, scorer=scorer,
               start=start)
     out, idx, counts = dashkv_decode_cpu(query, q_proj, keys, values, codes, return_indices=True,
-                                         return_counts=True, **kw)
+                                         return_counts=True, parallel=parallel, **kw)
     ref, allowed = reference_decode(query, q_proj, keys, values, codes, **kw)
     got = indices_to_mask(idx, n)
     assert torch.equal(got, allowed)
@@ -228,7 +231,10 @@ def test_empty_context_and_degenerate_start():
 def test_rejects_bad_inputs():
     query, q_proj, keys, values, codes, _ = make_inputs(2, 1, 3, 1, 1, 8, 10, starts=False)
     with pytest.raises(TypeError):
-        dashkv_decode_cpu(query.double(), q_proj, keys, values, codes, sink=1, window=1, critical=1, scaling=1.0)
+        dashkv_decode_cpu(query, q_proj, keys.double(), values.double(), codes, sink=1, window=1, critical=1,
+                          scaling=1.0)
+    with pytest.raises(TypeError):
+        dashkv_decode_cpu(query, q_proj, keys, values.bfloat16(), codes, sink=1, window=1, critical=1, scaling=1.0)
     with pytest.raises(ValueError):
         dashkv_decode_cpu(query, q_proj, keys, values, codes, sink=1, window=1, critical=1, scaling=1.0,
                           grouping="nope")
@@ -246,6 +252,13 @@ def test_dense_decode(n, g, hkv):
     valid = torch.arange(n)[None, :] >= start[:, None]
     ref = masked_attention(query, keys, values, valid[:, None, :].expand(-1, g * hkv, -1), 0.17)
     torch.testing.assert_close(dense_decode_cpu(query, keys, values, 0.17, start), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense_decode_cpu(query, keys, values, 0.17, start, parallel=False), ref,
+                               atol=1e-5, rtol=1e-5)
+    for dtype in (torch.bfloat16, torch.float16):
+        k, v = keys.to(dtype), values.to(dtype)
+        ref16 = masked_attention(query, k, v, valid[:, None, :].expand(-1, g * hkv, -1), 0.17)
+        torch.testing.assert_close(dense_decode_cpu(query, k, v, 0.17, start, parallel=False), ref16,
+                                   atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dense_decode_torch(query, keys, values, 0.17, start), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -298,3 +311,31 @@ def test_matches_torch_selection_path(grouping, scorer, batch):
     ours = selection.Selection(indices=idx.clamp(min=0), exact=idx >= 0)
     ref = attention.sparse_decode_attention(query[:, :, None], keys, values, ours, d ** -0.5)[:, :, 0]
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the compiled linear encoders of a decode step
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [64, 128])
+def test_linear_encoders_match_torch(dtype, bits):
+    from dashkv.kernels.cpu import encode_linear_cpu, linear_heads_cpu
+
+    gen = torch.Generator().manual_seed(bits)
+    b, h, t, d = 2, 3, 4, 16
+    x = torch.randn(b, t, h, d, generator=gen).transpose(1, 2).to(dtype)  # non-contiguous, as the model's
+    w = torch.randn(h, d, bits, generator=gen)
+    bias = torch.randn(h, bits, generator=gen)
+    ref = torch.einsum("bhtd,hdk->bhtk", x.double(), w.double()) + bias.double()[None, :, None]
+    got = linear_heads_cpu(x, w.numpy(), bias.numpy())
+    torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-4)
+    codes = encode_linear_cpu(x, w.numpy(), bias.numpy())
+    sure = ref.abs() > 1e-3  # signs a float32 rounding cannot flip
+    assert torch.equal((unpack_codes(codes) == (ref > 0))[sure], torch.ones_like(ref, dtype=torch.bool)[sure])
+    assert torch.equal(codes, pack_bits(got > 0))
+
+
+def unpack_codes(codes):
+    from dashkv.codes import unpack_bits
+
+    return unpack_bits(codes)

@@ -3,20 +3,23 @@
     python -m dashkv.bench kernel --n 4096,16384,65536 --bits 64 --budget 1/16 --json out.json
     dashkv bench kernel ...            (the CLI calls `bench_kernel` and `format_table`)
 
-For each (shape, N, bits), batch 1, float32, with random-normal K/V and key codes = sign of a random
-projection of the keys (the query projection uses the same projection), it times, round-robin in the
-same loop (so every method sees the same machine noise), the median over `repeats` rounds after warm-up:
+For each (shape, N, bits), batch 1, K/V of `dtype` (float32 or bfloat16), with random-normal K/V and
+key codes = sign of a random projection of the keys (the query projection uses the same projection), it
+times, round-robin in the same loop (so every method sees the same machine noise), the median over
+`repeats` rounds after warm-up:
 
-- `dashkv`: `dashkv_decode_cpu` (grouping="kv_head", scorer="asymmetric"): scan + select + attention;
+- `dashkv`: `dashkv_decode_cpu(parallel=True)` (grouping="kv_head", scorer="asymmetric") on all
+  threads: scan + select + attention;
 - `dashkv_select`: the same call stopped after the selection (scan + counting select), so the attention
   part is `dashkv - dashkv_select`;
 - `dashkv_hamming`: the same with the popcount scan;
+- `dashkv_serial`: the single-threaded schedule that decoding inside `generate` uses;
 - `sdpa`: `torch.nn.functional.scaled_dot_product_attention(q, K, V, enable_gqa=True)` -- torch's own
   GQA path, no K/V copy (repeat_interleave would add a full K/V copy per call);
 - `dense_torch`: plain `matmul + softmax + matmul` on (B, Hkv, G, d) queries (no K/V copy);
 - `dense_numba`: the numba split-K dense kernel (`dense_decode_cpu`).
-`best_dense` is the faster of the last two. Bytes each method must read: dense 2*N*d*Hkv*4;
-DASH-KV N*(b/8)*Hkv code bytes + (sink+window+critical)*2*d*4 per selecting head (the 2-byte bucket
+`best_dense` is the faster of the last two. Bytes each method must read (e = bytes per K/V element):
+dense 2*N*d*Hkv*e; DASH-KV N*(b/8)*Hkv code bytes + (sink+window+critical)*2*d*e per selecting head (the 2-byte bucket
 per candidate is written and re-read from cache and not counted).
 """
 
@@ -39,10 +42,10 @@ from fractions import Fraction  # noqa: E402
 import torch  # noqa: E402
 
 SHAPES = {"smollm2": (9, 3, 64), "d128": (32, 8, 128)}  # (query heads, KV heads, head dim)
-METHODS = ("dashkv", "dashkv_select", "dashkv_hamming", "sdpa", "dense_torch", "dense_numba")
+METHODS = ("dashkv", "dashkv_select", "dashkv_hamming", "dashkv_serial", "sdpa", "dense_torch", "dense_numba")
 
 
-def _inputs(hq: int, hkv: int, d: int, n: int, bits: int, seed: int = 0):
+def _inputs(hq: int, hkv: int, d: int, n: int, bits: int, seed: int = 0, dtype: torch.dtype = torch.float32):
     from .codes import pack_bits
 
     g = torch.Generator().manual_seed(seed)
@@ -55,7 +58,7 @@ def _inputs(hq: int, hkv: int, d: int, n: int, bits: int, seed: int = 0):
         codes[:, :, s:s + step] = pack_bits(keys[:, :, s:s + step] @ proj > 0)
     query = torch.randn(1, hq, d, generator=g)
     q_proj = query @ proj
-    return query, q_proj, keys, values, codes
+    return query, q_proj, keys.to(dtype), values.to(dtype), codes
 
 
 def _time_round_robin(fns: dict, repeats: int, warmup: int = 3) -> dict:
@@ -73,7 +76,7 @@ def _time_round_robin(fns: dict, repeats: int, warmup: int = 3) -> dict:
 
 def bench_kernel(ns=(4096, 16384, 65536, 262144), bits=(64, 128), budget=1 / 16, shapes=("smollm2", "d128"),
                  repeats: int | None = None, json_path: str | None = None, progress: bool = True,
-                 threads: int = 2, sink: int = 4, window: int = 64) -> list[dict]:
+                 threads: int = 2, sink: int = 4, window: int = 64, dtype: str = "float32") -> list[dict]:
     """Time one layer's decode attention for every (shape, N, bits); returns one dict per row.
 
     repeats None: 20 rounds below N = 65536, 10 above. Threads: torch and numba both get `threads`.
@@ -86,7 +89,8 @@ def bench_kernel(ns=(4096, 16384, 65536, 262144), bits=(64, 128), budget=1 / 16,
 
     torch.set_num_threads(threads)
     numba.set_num_threads(threads)
-    t_ready = warmup()
+    kv_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    t_ready = warmup((kv_dtype,), parallel=True)
     env = threading_info()
     env.update(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(), kernels_ready_s=round(t_ready, 2))
     if progress:
@@ -100,33 +104,37 @@ def bench_kernel(ns=(4096, 16384, 65536, 262144), bits=(64, 128), budget=1 / 16,
             for b in bits:
                 cfg = DashKVConfig(bits=b, budget=budget, sink=sink, window=window)
                 plan = cfg.plan(n)
-                query, q_proj, keys, values, codes = _inputs(hq, hkv, d, n, b)
+                query, q_proj, keys, values, codes = _inputs(hq, hkv, d, n, b, dtype=kv_dtype)
                 q4 = query[:, :, None, :]
                 scaling = d ** -0.5
                 kw = dict(sink=plan.sink, window=plan.window, critical=plan.critical, scaling=scaling)
                 fns = {
-                    "dashkv": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, **kw),
-                    "dashkv_select": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, _mode=1, **kw),
+                    "dashkv": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, parallel=True, **kw),
+                    "dashkv_select": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, _mode=1,
+                                                               parallel=True, **kw),
                     "dashkv_hamming": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes,
-                                                                scorer="hamming", **kw),
-                    "sdpa": lambda: F.scaled_dot_product_attention(q4, keys, values, scale=scaling, enable_gqa=True),
+                                                                scorer="hamming", parallel=True, **kw),
+                    "dashkv_serial": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, **kw),
+                    "sdpa": lambda: F.scaled_dot_product_attention(q4.to(kv_dtype), keys, values, scale=scaling,
+                                                                   enable_gqa=True),
                     "dense_torch": lambda: dense_decode_torch(query, keys, values, scaling),
                     "dense_numba": lambda: dense_decode_cpu(query, keys, values, scaling),
                 }
                 # sanity: the kernels compute attention (full budget == dense)
-                ref = fns["sdpa"]()[:, :, 0]
+                ref = fns["sdpa"]()[:, :, 0].float()
                 err = max(float((dense_decode_cpu(query, keys, values, scaling) - ref).abs().max()),
                           float((dense_decode_torch(query, keys, values, scaling) - ref).abs().max()))
                 reps = repeats or (20 if n < 65536 else 10)
                 times = _time_round_robin(fns, reps)
                 med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
                 best_name = min(("dense_torch", "dense_numba"), key=lambda k: med[k])
-                dense_bytes = 2 * n * d * hkv * 4
+                e = keys.element_size()
+                dense_bytes = 2 * n * d * hkv * e
                 rows_read = plan.total if not plan.dense else n
-                dash_bytes = n * (b // 8) * hkv + rows_read * 2 * d * 4 * hkv
+                dash_bytes = n * (b // 8) * hkv + rows_read * 2 * d * e * hkv
                 q = sorted(times["dashkv"])
                 row = {
-                    "shape": shape, "hq": hq, "hkv": hkv, "d": d, "n": n, "bits": b, "budget": str(budget),
+                    "shape": shape, "dtype": dtype, "hq": hq, "hkv": hkv, "d": d, "n": n, "bits": b, "budget": str(budget),
                     "tokens_read": rows_read, "sink": plan.sink, "window": plan.window, "critical": plan.critical,
                     **{f"{k}_ms": round(v, 4) for k, v in med.items()},
                     "dashkv_attention_ms": round(med["dashkv"] - med["dashkv_select"], 4),
@@ -151,9 +159,10 @@ def bench_kernel(ns=(4096, 16384, 65536, 262144), bits=(64, 128), budget=1 / 16,
 
 
 _COLS = [
-    ("shape", "shape", "{}"), ("n", "N", "{}"), ("bits", "b", "{}"), ("tokens_read", "read", "{}"),
+    ("shape", "shape", "{}"), ("dtype", "K/V", "{}"), ("n", "N", "{}"), ("bits", "b", "{}"), ("tokens_read", "read", "{}"),
     ("dashkv_ms", "dashkv ms", "{:.3f}"), ("dashkv_select_ms", "scan+sel", "{:.3f}"),
     ("dashkv_attention_ms", "attn", "{:.3f}"), ("dashkv_hamming_ms", "hamming", "{:.3f}"),
+    ("dashkv_serial_ms", "1 thread", "{:.3f}"),
     ("sdpa_ms", "sdpa ms", "{:.3f}"), ("dense_torch_ms", "mm+sm", "{:.3f}"), ("dense_numba_ms", "numba", "{:.3f}"),
     ("sdpa_over_dashkv", "sdpa/dkv", "{:.1f}x"), ("best_dense_over_dashkv", "best/dkv", "{:.1f}x"),
     ("dashkv_gbps", "dkv GB/s", "{:.1f}"), ("sdpa_gbps", "sdpa GB/s", "{:.1f}"), ("best_dense_gbps", "best GB/s", "{:.1f}"),
@@ -181,13 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--shapes", default="smollm2,d128")
     k.add_argument("--repeats", type=int, default=None)
     k.add_argument("--threads", type=int, default=2)
+    k.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     k.add_argument("--json", default=None)
     a = p.parse_args(argv)
     budget = a.budget.strip()
     budget = int(budget) if budget.isdigit() else float(Fraction(budget))
     rows = bench_kernel(ns=[int(x) for x in a.n.split(",")], bits=[int(x) for x in a.bits.split(",")],
                         budget=budget, shapes=tuple(a.shapes.split(",")), repeats=a.repeats, json_path=a.json,
-                        threads=a.threads)
+                        threads=a.threads, dtype=a.dtype)
     print(format_table(rows))
     return 0
 

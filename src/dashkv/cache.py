@@ -3,33 +3,120 @@
 Each key is encoded once, when it enters the cache (`DashKVLayer.update`), and its b-bit code is kept
 beside K and V for every later step. Buffers are preallocated and grown geometrically, so a decode step
 appends in place instead of re-concatenating the whole cache (what transformers' DynamicLayer does).
+
+Ownership (docs/DECISIONS.md, "One owner per decode step"): the policy owns the configuration; each
+cache owns everything per call -- its layers' buffers and `LayerState`, and a `DecodeContext` with the
+path choice and statistics. Nothing here refers back to the integration (`dashkv.hf`), and the
+integration keeps no reference to a cache, so a cache lives exactly as long as the caller holds it.
+The attention function reaches a layer through transformers' own call arguments: models call
+`cache.update(k, v, layer_idx, kwargs=attention_kwargs)` and then `attention(..., **attention_kwargs)`
+with the same dict, so `update` publishes the layer in it under `LAYER_KWARG`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import threading
+from typing import Any, Iterable
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .attention import QuantizedRows
-from .selection import LayerState
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .hf import DashKVHandle
+from .decode import StepStats
+from .errors import UnsupportedCacheError
+from .selection import LayerState, SelectionPolicy
 
 _MIN_CAPACITY = 256
+LAYER_KWARG = "dashkv_layer"  # key under which a DashKVLayer rides in the attention kwargs
+
+
+class StatsTotal:
+    """Statistics summed over every call of one enabled model; calls add to it under a lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.stats = StepStats()
+
+    def reset(self) -> None:
+        with self.lock:
+            self.stats = StepStats()
+
+
+class CallStats(StepStats):
+    """One cache's statistics (`cache.stats`); every record is also added to the shared total."""
+
+    def __init__(self, total: StatsTotal | None = None):
+        super().__init__()
+        self._total = total
+
+    def record(self, layer_idx: int, n: int, attended: torch.Tensor, keep: bool) -> None:
+        a0, c0, k0 = self.attended, self.context, len(self.per_step)
+        super().record(layer_idx, n, attended, keep)
+        if self._total is not None:
+            with self._total.lock:
+                t = self._total.stats
+                t.steps += 1
+                t.attended += self.attended - a0
+                t.context += self.context - c0
+                t.per_step.extend(self.per_step[k0:])
+
+
+class DecodeContext:
+    """What one cache (one generate call, or one multi-turn conversation) decodes with.
+
+    policy: the selection policy, and through `policy.config` the whole configuration (None = dense).
+    fast: use the fused kernels where the configuration allows (False = torch reference path).
+    stats: this cache's statistics (None = not tracked).
+    calibrated_length: context length the encoders were calibrated for (None = unknown).
+    """
+
+    def __init__(self, policy: SelectionPolicy | None, *, fast: bool = True, stats: StepStats | None = None,
+                 calibrated_length: int | None = None):
+        self.policy = policy
+        self.fast = fast
+        self.stats = stats
+        self.calibrated_length = calibrated_length
+        self._mask: Any = None  # the last decode mask seen, and what it says (one host sync per step)
+        self._mask_n = -1
+        self._mask_info: tuple[torch.Tensor | None, bool] = (None, True)
+
+    def left_padding(self, mask: torch.Tensor | None, n: int) -> tuple[torch.Tensor | None, bool]:
+        """Left-padding offsets (B,) and whether `mask` is plain left padding, computed once per mask:
+        every managed layer of a step gets the same mask object, so the host sync happens once a step."""
+        if mask is None:
+            return None, True
+        if mask is self._mask and n == self._mask_n:
+            return self._mask_info
+        info = start_from_mask(mask, n)
+        self._mask, self._mask_n, self._mask_info = mask, n, info
+        return info
+
+
+def start_from_mask(mask: torch.Tensor | None, n: int) -> tuple[torch.Tensor | None, bool]:
+    """Left-padding offsets (B,) from a decode step's mask, and whether the mask is plain left padding."""
+    if mask is None:
+        return None, True
+    last = mask[:, 0, -1, :] if mask.dtype == torch.bool else mask[:, 0, -1, :] == 0
+    last = last[:, -n:] if last.shape[-1] >= n else last
+    start = (~last).int().cumprod(-1).sum(-1).long()  # leading masked positions
+    ok = torch.stack([(last.sum(-1) == n - start).all(), start.any()]).tolist()  # one host sync
+    return (start if ok[1] else None), bool(ok[0])
 
 
 class DashKVLayer(DynamicLayer):
-    """One full-attention layer's cache: K, V, key codes (and an 8-bit K/V copy if the tier is on)."""
+    """One full-attention layer's cache: K, V, key codes (and an 8-bit K/V copy if the tier is on).
 
-    def __init__(self, handle: "DashKVHandle", layer_idx: int):
+    `keys`/`values` are views [:, :, :length] of capacity-sized buffers on the keys' device. `crop` only
+    shortens `length`; beam reorder and batch selection copy the live part once (`index_select`).
+    """
+
+    def __init__(self, layer_idx: int, ctx: DecodeContext):
         super().__init__()
-        self.handle = handle
         self.layer_idx = layer_idx
+        self.ctx = ctx
         self.state = LayerState(layer_idx=layer_idx)
         self.length = 0
+        self.lowprec: tuple[QuantizedRows, QuantizedRows] | None = None
         self._buffers: dict[str, torch.Tensor] = {}
 
     # ---- storage ---------------------------------------------------------------------------------
@@ -37,8 +124,11 @@ class DashKVLayer(DynamicLayer):
         self.device = key_states.device
         self.is_initialized = True
 
+    def _capacity(self) -> int:
+        return next(iter(self._buffers.values())).shape[2] if self._buffers else 0
+
     def _grow(self, like: dict[str, torch.Tensor], need: int) -> None:
-        cap = next(iter(self._buffers.values())).shape[2] if self._buffers else 0
+        cap = self._capacity()
         if need <= cap and all(k in self._buffers for k in like):
             return
         new_cap = max(need, cap + max(_MIN_CAPACITY, cap // 4))
@@ -64,19 +154,18 @@ class DashKVLayer(DynamicLayer):
     def _publish(self) -> None:
         n = self.length
         view = {name: buf[:, :, :n] for name, buf in self._buffers.items()}
-        self.keys, self.values = view["k"], view["v"]
+        self.keys, self.values = view.get("k"), view.get("v")
         self.state.codes = view.get("codes")
         self.lowprec = None
         if "k8" in view:
             self.lowprec = (QuantizedRows(view["k8"], view["k8s"]), QuantizedRows(view["v8"], view["v8s"]))
 
-    def _parts(self, key_states: torch.Tensor, value_states: torch.Tensor,
-               codes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def _parts(self, key_states: torch.Tensor, value_states: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = {"k": key_states, "v": value_states}
-        policy = self.handle.policy
+        policy = self.ctx.policy
         if policy is not None and policy.uses_codes:
-            parts["codes"] = codes if codes is not None else policy.encode_keys(self.layer_idx, key_states)
-        if self.handle.config.lowprec_fraction > 0:
+            parts["codes"] = policy.encode_keys(self.layer_idx, key_states)
+        if policy is not None and policy.config.lowprec_fraction > 0:
             k8, v8 = QuantizedRows.quantize(key_states), QuantizedRows.quantize(value_states)
             parts.update(k8=k8.q, k8s=k8.scale, v8=v8.q, v8s=v8.scale)
         return parts
@@ -85,20 +174,25 @@ class DashKVLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._append(self._parts(key_states, value_states))
-        self.handle.live_layers[self.layer_idx] = self
+        attn_kwargs = kwargs.get("kwargs")  # transformers: cache.update(k, v, layer_idx, kwargs=kwargs)
+        if isinstance(attn_kwargs, dict):
+            attn_kwargs[LAYER_KWARG] = self
         return self.keys, self.values
 
-    def _rebuild(self, index: Any) -> None:
-        """Keep `index` of every buffer (crop, beam reorder, batch selection); statistics restart."""
-        if not self.length:
-            return
-        kept = {name: buf[:, :, : self.length][index].clone() for name, buf in self._buffers.items()}
-        self._buffers, self.length = {}, 0
-        self.state.stats.clear()
-        if kept["k"].shape[2]:
-            self._append(kept)
-        else:
-            self.keys = self.values = None
+    def _take(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` (beam reorder, batch selection, repeat) of every buffer and statistic:
+        one copy of the live part into a fresh buffer of the same capacity."""
+        if index.dtype == torch.bool:
+            index = index.nonzero().flatten()
+        index = index.to(device=self.device, dtype=torch.long)
+        n = self.length
+        for name, buf in self._buffers.items():
+            new = buf.new_empty((index.numel(), *buf.shape[1:]))
+            torch.index_select(buf[:, :, :n], 0, index, out=new[:, :, :n])
+            self._buffers[name] = new
+        for name, value in self.state.stats.items():
+            self.state.stats[name] = _stat_tensor(name, value).index_select(0, index.to(value.device))
+        self._publish()
 
     # ---- transformers cache protocol ---------------------------------------------------------------
     def get_seq_length(self) -> int:
@@ -108,31 +202,93 @@ class DashKVLayer(DynamicLayer):
         self._buffers, self.length = {}, 0
         self.state = LayerState(layer_idx=self.layer_idx)
         self.keys = self.values = None
+        self.lowprec = None
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last -tokens_to_remove tokens: O(1), the buffers keep their capacity."""
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative number of tokens to remove")
-        if tokens_to_remove:
-            self._rebuild((slice(None), slice(None), slice(0, self.length + tokens_to_remove)))
+        if not tokens_to_remove or not self.length:
+            return
+        self.length = max(0, self.length + tokens_to_remove)
+        for name, value in self.state.stats.items():
+            t = _stat_tensor(name, value)
+            if t.dim() >= 3 and t.shape[2] > self.length:
+                self.state.stats[name] = t[:, :, : self.length]
+        self._publish()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.length:
             b = self.keys.shape[0]
-            self._rebuild(torch.arange(b).repeat_interleave(repeats))
+            self._take(torch.arange(b, device=self.device).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._rebuild(indices)
+        if self.length:
+            self._take(indices)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._rebuild(beam_idx.to(self.device))
+        if self.length:
+            self._take(beam_idx)
+
+    def offload(self) -> None:
+        raise UnsupportedCacheError(
+            "offloading a DASH-KV cache (cache_implementation='offloaded') is not supported: every decode "
+            "step reads the key codes of the whole context. Drop cache_implementation, or dashkv.disable(model).")
+
+    def prefetch(self) -> None:
+        self.offload()
+
+
+def _stat_tensor(name: str, value: Any) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise UnsupportedCacheError(
+            f"policy statistic {name!r} is a {type(value).__name__}, not a (B, H, N) tensor: the cache cannot "
+            "crop or reorder it (see LayerState)")
+    return value
 
 
 class DashKVCache(DynamicCache):
     """A transformers cache whose DASH-KV-managed layers keep key codes; other layers stay as usual
-    (sliding-window layers, dense layers)."""
+    (sliding-window layers, dense layers). `cache.stats` holds this cache's statistics (if tracked)."""
 
-    def __init__(self, handle: "DashKVHandle"):
-        super().__init__(config=handle.model.config)
-        for i in handle.managed_layers:
-            self.layers[i] = DashKVLayer(handle, i)
+    def __init__(self, model_config: Any, ctx: DecodeContext, managed_layers: Iterable[int]):
+        super().__init__(config=model_config)
+        self.dashkv = ctx
+        for i in managed_layers:
+            self.layers[i] = DashKVLayer(i, ctx)
+
+    @property
+    def stats(self) -> StepStats | None:
+        return self.dashkv.stats
+
+
+def adopt(cache: DynamicCache, ctx: DecodeContext, managed_layers: Iterable[int], model_config: Any) -> None:
+    """Make a plain DynamicCache (a user's, or generate's default) DASH-KV-managed, in place: its managed
+    layers become DashKVLayers holding the same tokens (keys are encoded as they are copied in), so the
+    caller's cache object is the one that fills up. Layers that already are DashKVLayers keep the policy
+    they were created with (their codes were encoded by it). The object's class becomes DashKVCache (a
+    DynamicCache subclass without state of its own), so `cache.stats` is there too."""
+    managed = tuple(managed_layers)
+    if not cache.layers and getattr(cache, "layer_class_to_replicate", None) is not None:
+        cache.layers = DynamicCache(config=model_config).layers  # DynamicCache() built without a config
+        cache.layer_class_to_replicate = None
+    if managed and max(managed) >= len(cache.layers):
+        raise UnsupportedCacheError(
+            f"the cache has {len(cache.layers)} layers but DASH-KV manages layer {max(managed)}: pass a cache "
+            "built for this model (DynamicCache(config=model.config)) or none")
+    for i in managed:
+        layer = cache.layers[i]
+        if isinstance(layer, DashKVLayer):
+            continue
+        if type(layer) is not DynamicLayer:
+            raise UnsupportedCacheError(
+                f"layer {i} of the cache is a {type(layer).__name__}; DASH-KV manages full-attention layers "
+                "held in DynamicLayer only. Pass no cache (generate builds one) or a DynamicCache.")
+        new = DashKVLayer(i, ctx)
+        if layer.get_seq_length() > 0:
+            new.update(layer.keys, layer.values)
+        cache.layers[i] = new
+    if type(cache) is DynamicCache:
+        cache.__class__ = DashKVCache
+        cache.dashkv = ctx

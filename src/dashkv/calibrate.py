@@ -32,7 +32,7 @@ import torch
 
 from .capture import LayerCapture, capture_qkv
 from .config import DashKVConfig
-from .encoders import HashEncoders, LayerEncoders
+from .encoders import HashEncoders, LayerEncoders, attention_fingerprint
 from .fsutil import swap_into_place
 from .errors import DashKVError
 
@@ -476,6 +476,8 @@ def calibrate(model, tokenizer, texts, *, bits: int = 64, seq_len: int = 2048, n
         "calibration_seconds": round(total, 1), "capture_seconds": round(t_capture, 1),
         "dense_layers": list(dense), "balance": balance, "decorrelation": decorrelation,
         "layer_kl": {k: v["kl"] for k, v in per_layer.items()},
+        # what `enable` checks the model against, and past which decoding warns (encoders.check_compatible)
+        "attention_fingerprint": attention_fingerprint(model, layer_ids), "calibrated_context": seq_len,
     })
     enc.requires_grad_(False)
     if log is not None:

@@ -19,7 +19,7 @@ examples:
   dashkv calibrate --model smollm2-135m --text /usr/share/common-licenses --bits 64 --out enc/
   dashkv eval --methods dashkv,dense,streaming --budgets 1/8,1/16 --tasks niah_single_1 --lengths 4096
   dashkv bench kernel --n 4096,16384,65536 --bits 64 --budget 1/16
-  dashkv bench decode --model smollm2-135m --context 8192 --new-tokens 128
+  dashkv bench decode --model smollm2-135m --context 8192 --batch 1,8 --dtype bfloat16
   dashkv serve --model smollm2-135m --budget 1/16 --port 8000   # OpenAI-compatible API (pip install 'dashkv[serve]')
 
 The budget is the number of cached tokens each decode step reads per KV head, counting sinks,
@@ -99,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="dashkv-eval")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bits", type=int, default=64)
+    p.add_argument("--also", action="append", default=[], metavar="METHODS@BUDGETS",
+                   help="more cells on the same prefills, e.g. dense,dashkv,oracle,snapkv@1/8,1/32 (repeatable)")
+    p.add_argument("--prefill-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="dtype of the shared dense prefill (bf16: CPU autocast; decode stays fp32)")
+    p.add_argument("--positions", type=int, default=None,
+                   help="teacher-forced positions per fidelity document (default 128)")
+    p.add_argument("--continuation", type=int, default=None, help="scored tokens per perplexity window (64)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: DASHKV_EVAL_THREADS or 1)")
 
     p = sub.add_parser("bench", help="benchmarks: kernel (one layer), decode (end to end), serve (HTTP server)")
     bsub = p.add_subparsers(dest="bench", metavar="WHAT")
@@ -107,14 +115,25 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--bits", default="64,128")
     k.add_argument("--budget", default="1/16")
     k.add_argument("--shapes", default="smollm2,d128")
-    k.add_argument("--repeats", type=int, default=20)
+    k.add_argument("--repeats", type=int, default=20, help="timed rounds per row (default: %(default)s)")
+    k.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="K/V dtype (default: %(default)s)")
     k.add_argument("--json", default=None, help="write the rows as JSON here")
-    d = bsub.add_parser("decode", help="end-to-end tokens/s of generate, DASH-KV vs the unmodified model")
+    d = bsub.add_parser("decode", help="decode step time: DASH-KV vs StaticCache, DynamicCache and the floor",
+                        description="Prefills every row once from the same prompt, then times decode steps "
+                                    "round-robin (one step of each row in turn). Ratios are against "
+                                    "transformers' StaticCache measured in the same run.")
     _add_model_args(d)
     _add_dashkv_args(d)
-    d.add_argument("--context", type=int, default=8192)
-    d.add_argument("--new-tokens", type=int, default=128)
-    d.add_argument("--json", default=None)
+    d.add_argument("--context", type=int, default=8192, help="prompt tokens before decoding (default: %(default)s)")
+    d.add_argument("--batch", default="1", help="batch sizes, comma-separated, e.g. 1,8 (default: %(default)s)")
+    d.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="model and KV dtype (default: %(default)s)")
+    d.add_argument("--steps", type=int, default=32, help="timed decode steps per row (default: %(default)s)")
+    d.add_argument("--warmup", type=int, default=4, help="untimed steps per row first (default: %(default)s)")
+    d.add_argument("--profile", action="store_true",
+                   help="afterwards, time each part of DASH-KV's decode step inside a real generate")
+    d.add_argument("--json", default=None, help="write the rows as JSON here")
     sv = bsub.add_parser("serve", help="N concurrent streaming clients against `dashkv serve`, DASH-KV vs dense",
                          description="Starts the server in this process (or targets --url) and sends N concurrent "
                                      "streamed completions of --context tokens each, alternating DASH-KV and dense "
@@ -247,7 +266,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ns = [int(x) for x in args.n.split(",")]
         bits = [int(x) for x in args.bits.split(",")]
         rows = bench_kernel(ns=ns, bits=bits, budget=parse_budget(args.budget), shapes=tuple(args.shapes.split(",")),
-                            repeats=args.repeats, json_path=args.json)
+                            repeats=args.repeats, json_path=args.json, dtype=args.dtype)
         print(format_table(rows))
         return 0
     if args.bench == "decode":

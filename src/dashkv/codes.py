@@ -16,6 +16,19 @@ import torch
 
 _BIT_WEIGHTS = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)  # 1, 2, 4, ..., 128
 POPCOUNT_LUT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
+_ON_DEVICE: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _on(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A module-level constant table on `device` (copied once per device, so CUDA codes never mix with
+    CPU tables and never pay a host-to-device copy per call)."""
+    if device.type == "cpu":
+        return table
+    key = (id(table), device)
+    found = _ON_DEVICE.get(key)
+    if found is None:
+        found = _ON_DEVICE[key] = table.to(device)
+    return found
 
 
 def check_bits(bits: int) -> None:
@@ -29,7 +42,7 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     check_bits(b)
     set_ = bits if bits.dtype == torch.bool else bits > 0
     by = set_.reshape(*set_.shape[:-1], b // 8, 8).to(torch.uint8)
-    packed = (by * _BIT_WEIGHTS).sum(-1, dtype=torch.int32).to(torch.uint8)  # (..., b/8) bytes
+    packed = (by * _on(_BIT_WEIGHTS, by.device)).sum(-1, dtype=torch.int32).to(torch.uint8)  # (..., b/8) bytes
     return packed.contiguous().view(torch.int64)
 
 
@@ -38,7 +51,7 @@ def unpack_bits(words: torch.Tensor) -> torch.Tensor:
     if words.dtype != torch.int64:
         raise TypeError(f"packed codes must be int64 words, got {words.dtype}")
     by = words.contiguous().view(torch.uint8)  # (..., 8W), little-endian
-    bits = (by.unsqueeze(-1) & _BIT_WEIGHTS) != 0
+    bits = (by.unsqueeze(-1) & _on(_BIT_WEIGHTS, by.device)) != 0
     return bits.reshape(*words.shape[:-1], words.shape[-1] * 64)
 
 
@@ -50,7 +63,7 @@ def to_signs(words: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.T
 def popcount(words: torch.Tensor) -> torch.Tensor:
     """Number of set bits per code: (..., W) int64 -> (...) int32."""
     by = words.contiguous().view(torch.uint8).long()
-    return POPCOUNT_LUT[by].sum(-1, dtype=torch.int32)
+    return _on(POPCOUNT_LUT, by.device)[by].sum(-1, dtype=torch.int32)
 
 
 def hamming_similarity(q_words: torch.Tensor, k_words: torch.Tensor) -> torch.Tensor:
@@ -82,8 +95,8 @@ def byte_tables(q_proj: torch.Tensor) -> torch.Tensor:
     """
     b = q_proj.shape[-1]
     q = q_proj.reshape(*q_proj.shape[:-1], b // 8, 8)
-    v = torch.arange(256)
-    signs = ((v.unsqueeze(-1) >> torch.arange(8)) & 1).to(q_proj.dtype) * 2 - 1  # (256, 8)
+    v = torch.arange(256, device=q_proj.device)
+    signs = ((v.unsqueeze(-1) >> torch.arange(8, device=q_proj.device)) & 1).to(q_proj.dtype) * 2 - 1  # (256, 8)
     return torch.einsum("...pt,vt->...pv", q, signs)
 
 

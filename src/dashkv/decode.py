@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from .attention import QuantizedRows, dense_decode_attention, sparse_decode_attention
 from .config import DashKVConfig
@@ -36,32 +37,38 @@ class StepStats:
         return self.attended / self.context if self.context else 1.0
 
 
-def decode_step(policy: SelectionPolicy | None, config: DashKVConfig, state: LayerState, query: torch.Tensor,
+def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.Tensor,
                 keys: torch.Tensor, values: torch.Tensor, scaling: float, start: torch.Tensor | None = None,
                 lowprec: tuple[QuantizedRows, QuantizedRows] | None = None, fast: bool = True,
                 stats: StepStats | None = None) -> torch.Tensor:
     """Attention output (B, Hq, 1, d) of one decode query against the whole cache of one layer.
 
-    policy None means dense. `start` (B,) marks left padding. With `fast`, the default DASH-KV
-    configuration (fixed-size exact tier) runs in the fused CPU kernel; everything else runs the torch
-    reference path, which the kernel is tested against.
+    policy None means dense. The step's configuration is the policy's own (`policy.config`, with
+    `policy.scorer`): the fused and reference paths cannot disagree on it. `start` (B,) marks left
+    padding. With `fast`, the default DASH-KV configuration (fixed-size exact tier) runs in the fused
+    kernel; everything else runs the torch reference path, which the kernel is tested against.
     """
     b, hkv, n, _ = keys.shape
-    plan = config.plan(n)
-    valid = None if start is None else valid_positions(n, start, b)
+    config = policy.config if policy is not None else None
+    plan = config.plan(n) if config is not None else None
+    valid = None if start is None else valid_positions(n, start, b, device=keys.device)
     if policy is None or plan.dense:
         if stats is not None:
             stats.record(state.layer_idx, n, (valid.sum(-1, keepdim=True) if valid is not None
-                                              else torch.full((b, 1), n)), keep=False)
+                                              else torch.full((b, 1), n, device=keys.device)), keep=False)
+        if fast:  # what the unmodified model runs: a dense step costs what it costs there
+            mask = None if valid is None else valid[:, None, None, :]
+            return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
+                                                  enable_gqa=True)
         return dense_decode_attention(query, keys, values, scaling, valid)
 
     q = query[:, :, 0, :]
     kernel = _fast_kernel(policy, config, keys) if fast else None
     if kernel is not None:
         out, idx_count = kernel(
-            q.float(), policy.query_projection(state.layer_idx, q), keys, values, state.codes,
+            q, policy.query_projection(state.layer_idx, q), keys, values, state.codes,
             sink=plan.sink, window=plan.window, critical=plan.critical, scaling=scaling,
-            grouping=config.grouping, scorer=config.scorer, start=start, return_counts=True)
+            grouping=config.grouping, scorer=policy.scorer, start=start, return_counts=True)
         if stats is not None:
             stats.record(state.layer_idx, n, idx_count, keep=True)
         return out[:, :, None, :].to(query.dtype)
@@ -78,22 +85,29 @@ def decode_step(policy: SelectionPolicy | None, config: DashKVConfig, state: Lay
 
 
 def _fast_kernel(policy: SelectionPolicy, config: DashKVConfig, keys: torch.Tensor):
-    """The fused kernel for this step, or None for the torch reference path.
+    """The fused kernel for this step, or None for the torch reference path (`hf.enable` warns once).
 
-    The fused kernels serve DASH-KV/SimHash with a fixed-size exact tier: numba on the CPU (fp32),
-    Triton on CUDA. The adaptive set and the 8-bit tier run on the reference path.
+    The fused kernels serve DASH-KV/SimHash with a fixed-size exact tier: numba on the CPU (float32,
+    bfloat16 or float16 K/V, on the calling thread), Triton on CUDA. The adaptive set and the 8-bit tier
+    run on the reference path.
     """
-    if not policy.uses_codes or config.adaptive or config.lowprec_fraction > 0:
+    if not policy.uses_codes:
+        return None  # baselines (oracle, Quest, H2O, ...) have no fused kernel by design
+    if config.adaptive or config.lowprec_fraction > 0:
         return None
-    try:
-        if keys.device.type == "cpu" and keys.dtype == torch.float32:
+    if keys.device.type == "cpu":
+        if keys.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return None
+        try:
             from .kernels.cpu import dashkv_decode_cpu
-
-            return dashkv_decode_cpu
-        if keys.device.type == "cuda":
+        except ImportError:
+            return None
+        return dashkv_decode_cpu
+    if keys.device.type == "cuda":
+        try:
             from .kernels.triton_kernels import dashkv_decode_triton, triton_available
-
-            return dashkv_decode_triton if triton_available() else None
-    except ImportError:
-        return None
+        except ImportError:
+            triton_available = None
+        if triton_available is not None and triton_available():
+            return dashkv_decode_triton
     return None

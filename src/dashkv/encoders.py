@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -22,6 +23,7 @@ from torch import nn
 
 from . import __version__
 from .codes import check_bits, pack_bits
+from .errors import DashKVError
 from .fsutil import swap_into_place
 
 FORMAT = "dashkv-encoders"
@@ -32,12 +34,54 @@ DEFAULT_ENCODERS_DIR = Path(__file__).parent / "data" / "encoders"
 SHAPE_FIELDS = ("model_type", "num_layers", "num_q_heads", "num_kv_heads", "head_dim")
 
 
-class EncoderFileError(ValueError):
+class EncoderFileError(DashKVError, ValueError):
     """An encoder directory is missing, truncated, corrupt or not a dashkv encoder file."""
 
 
-class EncoderMismatchError(ValueError):
+class EncoderMismatchError(DashKVError, ValueError):
     """Encoders were calibrated for a model of another shape."""
+
+
+class EncoderFingerprintError(EncoderMismatchError):
+    """Encoders were calibrated on another model's attention weights (same shape, other weights)."""
+
+
+FINGERPRINT_METHOD = "qk-signs-v1"
+_FINGERPRINT_SAMPLES = 4096
+_log = logging.getLogger(__name__)
+
+
+def attention_fingerprint(model: Any, layers: Iterable[int]) -> str:
+    """A digest of the attention weights encoders are calibrated on: sha256 over the signs of a fixed
+    strided sample (4096 elements) of q_proj and k_proj weights of each layer in `layers`, with shapes.
+
+    Why signs of a sample: cheap (a few thousand elements per layer, whatever the model size); the same
+    for a model loaded in fp32, bf16 or fp16 (casts never flip a sign; the sample is cast to fp16 first so
+    underflow is the same too); and a fine-tune or another checkpoint of the same shape flips the signs
+    of its smallest weights, so it does not match.
+    """
+    import numpy as np
+
+    wanted = sorted(int(i) for i in layers)
+    found: dict[int, Any] = {}
+    for m in model.modules():
+        idx = getattr(m, "layer_idx", None)
+        if idx in wanted and hasattr(m, "q_proj") and hasattr(m, "k_proj") and idx not in found:
+            found[idx] = m
+    h = hashlib.sha256(FINGERPRINT_METHOD.encode())
+    for i in wanted:
+        m = found.get(i)
+        if m is None:
+            h.update(f"{i}:missing;".encode())
+            continue
+        for name in ("q_proj", "k_proj"):
+            w = getattr(m, name).weight.detach()
+            flat = w.reshape(-1)
+            sample = flat[:: max(1, flat.numel() // _FINGERPRINT_SAMPLES)][:_FINGERPRINT_SAMPLES]
+            signs = (sample.to(torch.float16) > 0).cpu().numpy()
+            h.update(f"{i}:{name}:{tuple(w.shape)};".encode())
+            h.update(np.packbits(signs).tobytes())
+    return h.hexdigest()
 
 
 class HeadwiseMLP(nn.Module):
@@ -144,28 +188,97 @@ class HashEncoders(nn.Module):
 
     def encode_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
         """Packed key codes (B, Hkv, N, b/64) int64: computed once per token, stored in the cache."""
+        fast = self._fast_linear(layer_idx, "key", keys)
+        if fast is not None:
+            from .kernels.cpu import encode_linear_cpu
+
+            return encode_linear_cpu(keys, *fast)
         return pack_bits(self.project_keys(layer_idx, keys.float()) > 0)
 
     def project_queries(self, layer_idx: int, queries: torch.Tensor) -> torch.Tensor:
         """Real-valued query projections (B, Hq, Q, b): the asymmetric side, never stored."""
+        fast = self._fast_linear(layer_idx, "query", queries)
+        if fast is not None:
+            from .kernels.cpu import linear_heads_cpu
+
+            return linear_heads_cpu(queries, *fast)
         return self.layers[str(layer_idx)].query(queries.float())
+
+    _FAST_MAX_TOKENS = 8  # decode steps: a compiled loop beats a batched matmul's dispatch below this
+
+    def _fast_linear(self, layer_idx: int, side: str, x: torch.Tensor):
+        """float32 (weight, bias) numpy arrays of a linear encoder for the compiled CPU path of a decode
+        step's few tokens, or None (MLP encoders, long inputs, other devices: torch serves those).
+        Cached per layer and side; a parameter changed in place (its version counter moved) is re-read."""
+        if self.depth != 1 or x.device.type != "cpu" or x.shape[-2] > self._FAST_MAX_TOKENS or x.dim() != 4:
+            return None
+        cache = self.__dict__.setdefault("_fast_weights", {})
+        hit = cache.get((layer_idx, side))
+        if hit is not None and hit[0]._version == hit[1] and hit[2]._version == hit[3]:
+            return hit[4]
+        try:
+            import dashkv.kernels.cpu  # noqa: F401  (numba present?)
+        except ImportError:
+            return None
+        mlp = getattr(self.layers[str(layer_idx)], side)
+        w, b = mlp.weights[0], mlp.biases[0]
+        arrays = (w.detach().float().contiguous().numpy(), b.detach().float().contiguous().numpy())
+        cache[(layer_idx, side)] = (w, w._version, b, b._version, arrays)
+        return arrays
 
     def logit_scale(self, layer_idx: int) -> torch.Tensor:
         return self.layers[str(layer_idx)].log_scale.exp()
 
     # ---- compatibility ---------------------------------------------------------------------------
-    def check_compatible(self, model_or_shape: Any, bits: int | None = None) -> None:
-        """Raise EncoderMismatchError naming every field where these encoders and the model differ."""
+    @property
+    def calibrated_length(self) -> int | None:
+        """Context length (tokens) the encoders were calibrated on, if recorded."""
+        value = self.meta.get("calibrated_context", self.meta.get("seq_len"))
+        try:
+            return int(value) if value is not None else None
+        except (TypeError, ValueError):
+            return None
+
+    @property
+    def fingerprint(self) -> str | None:
+        """`attention_fingerprint` of the model the encoders were calibrated on, if recorded."""
+        fp = self.meta.get("attention_fingerprint")
+        return fp if isinstance(fp, str) else None
+
+    def check_compatible(self, model_or_shape: Any, bits: int | None = None, *, allow_mismatch: bool = False) -> None:
+        """Raise EncoderMismatchError naming every field where these encoders and the model differ.
+
+        Shapes must match. Given a model (not just a shape), the attention fingerprint must match too,
+        unless `allow_mismatch` (EncoderFingerprintError otherwise). Encoders saved before fingerprints
+        existed are accepted with one warning per process. SimHash encoders fit any model of the shape.
+        """
         shape = _shape_dict(model_or_shape)
         diffs = [f"{f}: encoders {self.shape[f]!r} vs model {shape[f]!r}"
                  for f in SHAPE_FIELDS if f in shape and shape[f] != self.shape[f]]
         if bits is not None and bits != self.bits:
             diffs.append(f"bits: encoders {self.bits} vs config {bits}")
+        name = self.meta.get("model_name", "another model")
         if diffs:
-            name = self.meta.get("model_name", "another model")
             raise EncoderMismatchError(
                 f"these encoders were calibrated for {name} and do not fit this model ("
                 + "; ".join(diffs) + "). Calibrate encoders for it with `dashkv calibrate`.")
+        if self.kind == "simhash" or not isinstance(model_or_shape, nn.Module):
+            return
+        if self.fingerprint is None:
+            from ._logging import warn_once
+
+            warn_once(_log, ("no-fingerprint", name),
+                      "dashkv: encoders for %s carry no attention fingerprint (saved by an older dashkv); "
+                      "cannot check they were calibrated on this model's weights", name)
+            return
+        ours = attention_fingerprint(model_or_shape, self.layer_ids)
+        if ours != self.fingerprint and not allow_mismatch:
+            raise EncoderFingerprintError(
+                f"these encoders were calibrated on the attention weights of {name}, not this model's "
+                f"(attention_fingerprint: encoders {self.fingerprint[:16]}... vs model {ours[:16]}..., "
+                f"{FINGERPRINT_METHOD} over q_proj/k_proj of layers {list(self.layer_ids)}): same shape, other "
+                "weights (a fine-tune, the base model, another checkpoint). Calibrate encoders for it with "
+                "`dashkv calibrate`, or pass allow_mismatch=True to use them anyway.")
 
     # ---- persistence -----------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
@@ -203,9 +316,15 @@ class HashEncoders(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "HashEncoders":
-        """Load and validate; every failure names the file and what is wrong with it."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        """Load and validate; every failure is an EncoderFileError naming the file and what is wrong.
+
+        The weights' sha256 (in encoders.json, written by every `save_pretrained`) is required: it is the
+        only thing that can tell flipped bits in tensor data from real weights. The configuration in
+        encoders.json must equal the copy embedded in the (checksummed) weights file, so an edited or
+        corrupted encoders.json is caught too. Fields are type- and range-checked, and the parameter count
+        they imply must match the file before anything is allocated.
+        """
+        from safetensors import SafetensorError, safe_open
 
         d = Path(directory)
         if not d.is_dir():
@@ -216,36 +335,114 @@ class HashEncoders(nn.Module):
                 raise EncoderFileError(f"{p} is missing: {d} is not a dashkv encoder directory")
         try:
             config = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise EncoderFileError(f"{cfg_path} is not valid JSON ({e})") from None
         if not isinstance(config, dict) or config.get("format") != FORMAT:
             raise EncoderFileError(f"{cfg_path} is not a dashkv encoder file (format != {FORMAT!r})")
-        if config.get("format_version", 0) > FORMAT_VERSION:
-            raise EncoderFileError(
-                f"{cfg_path} has format_version {config['format_version']}; this dashkv reads <= {FORMAT_VERSION}")
+        version = config.get("format_version", 0)
+        if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+            raise EncoderFileError(f"{cfg_path} has format_version {version!r}; this dashkv reads <= {FORMAT_VERSION}")
         digest = config.get("sha256")
-        if digest and _sha256(w_path) != digest:
+        if not isinstance(digest, str):
+            raise EncoderFileError(f"{cfg_path} has no weights checksum (sha256), so {w_path} cannot be verified; "
+                                   "re-save the encoders with HashEncoders.save_pretrained")
+        if _sha256(w_path) != digest:
             raise EncoderFileError(f"{w_path} is corrupt or truncated (checksum does not match {cfg_path})")
         try:
-            tensors = load_file(str(w_path))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            with safe_open(str(w_path), framework="pt") as f:
+                embedded = (f.metadata() or {}).get("dashkv")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as e:
             raise EncoderFileError(f"{w_path} is corrupt or truncated ({e})") from None
         try:
-            enc = cls(config["model"], int(config["bits"]), config["layers"], hidden=int(config["hidden"]),
-                      depth=int(config["depth"]), kind=config.get("kind", "learned"),
-                      bias=bool(config.get("bias", True)), meta=config.get("meta", {}))
-        except (KeyError, TypeError, ValueError) as e:
-            raise EncoderFileError(f"{cfg_path} has invalid fields ({e})") from None
-        expected = enc.state_dict()
+            embedded = json.loads(embedded) if isinstance(embedded, str) else None
+        except (json.JSONDecodeError, RecursionError):
+            embedded = None
+        ours = {k: v for k, v in config.items() if k != "sha256"}
+        if embedded != ours:
+            diff = sorted(set(ours) ^ set(embedded)) if isinstance(embedded, dict) else ["(no dashkv metadata)"]
+            if isinstance(embedded, dict):
+                diff += sorted(k for k in set(ours) & set(embedded) if ours[k] != embedded[k])
+            raise EncoderFileError(f"{cfg_path} does not match the configuration embedded in {w_path} "
+                                   f"(fields {diff[:6]}): one of them was edited or is corrupt")
+        fields = _checked_fields(config, cfg_path)
+        expected = _expected_shapes(**fields)
         if set(tensors) != set(expected):
             missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
             raise EncoderFileError(f"{w_path} does not match {cfg_path}: missing {missing[:4]}, unexpected {extra[:4]}")
         for k, v in tensors.items():
-            if v.shape != expected[k].shape:
-                raise EncoderFileError(
-                    f"{w_path}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
-        enc.load_state_dict(tensors)
+            if tuple(v.shape) != expected[k]:
+                raise EncoderFileError(f"{w_path}: tensor {k} has shape {tuple(v.shape)}, expected {expected[k]}")
+            if not v.is_floating_point() or not bool(torch.isfinite(v).all()):
+                raise EncoderFileError(f"{w_path}: tensor {k} is not finite floating point ({v.dtype})")
+        try:
+            enc = cls(fields["shape"], fields["bits"], fields["layers"], hidden=fields["hidden"],
+                      depth=fields["depth"], kind=fields["kind"], bias=fields["bias"], meta=config.get("meta", {}))
+            enc.load_state_dict({k: v.float() for k, v in tensors.items()})
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise EncoderFileError(f"{cfg_path} has invalid fields ({e})") from None
         return enc
+
+
+_MAX_DIM = 1 << 16
+
+
+def _checked_fields(config: dict, path: Path) -> dict[str, Any]:
+    """The constructor arguments in `config`, type- and range-checked (EncoderFileError naming the field)."""
+
+    def bad(name: str, why: str) -> EncoderFileError:
+        return EncoderFileError(f"{path} has an invalid field {name}: {why}")
+
+    def integer(value: Any, name: str, lo: int, hi: int) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise bad(name, f"{value!r} is not an integer in [{lo}, {hi}]")
+        return value
+
+    model = config.get("model")
+    if not isinstance(model, dict) or any(f not in model for f in SHAPE_FIELDS):
+        raise bad("model", f"must be an object with {', '.join(SHAPE_FIELDS)}")
+    if not isinstance(model["model_type"], str):
+        raise bad("model.model_type", "must be a string")
+    shape = {"model_type": model["model_type"]}
+    for f in SHAPE_FIELDS[1:]:
+        shape[f] = integer(model[f], f"model.{f}", 1, _MAX_DIM)
+    if shape["num_q_heads"] % shape["num_kv_heads"]:
+        raise bad("model", "num_q_heads must be a multiple of num_kv_heads")
+    bits = integer(config.get("bits"), "bits", 64, _MAX_DIM)
+    if bits % 64:
+        raise bad("bits", f"{bits} is not a multiple of 64")
+    layers = config.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise bad("layers", "must be a non-empty list of layer indices")
+    layers = [integer(i, "layers[]", 0, shape["num_layers"] - 1) for i in layers]
+    if len(set(layers)) != len(layers):
+        raise bad("layers", "has duplicates")
+    depth = integer(config.get("depth"), "depth", 1, 2)
+    hidden = integer(config.get("hidden"), "hidden", 1 if depth == 2 else 0, _MAX_DIM)
+    kind = config.get("kind", "learned")
+    if kind not in ("learned", "simhash"):
+        raise bad("kind", f"{kind!r} is neither 'learned' nor 'simhash'")
+    bias = config.get("bias", True)
+    if not isinstance(bias, bool):
+        raise bad("bias", f"{bias!r} is not true/false")
+    if not isinstance(config.get("meta", {}), dict):
+        raise bad("meta", "must be an object")
+    return dict(shape=shape, bits=bits, layers=layers, hidden=hidden, depth=depth, kind=kind, bias=bias)
+
+
+def _expected_shapes(shape: dict[str, Any], bits: int, layers: list[int], hidden: int, depth: int, kind: str,
+                     bias: bool) -> dict[str, tuple[int, ...]]:
+    """State-dict names and shapes of encoders with these fields, computed without allocating them."""
+    out: dict[str, tuple[int, ...]] = {}
+    d, hq, hkv = shape["head_dim"], shape["num_q_heads"], shape["num_kv_heads"]
+    dims = [d, bits] if depth == 1 else [d, hidden, bits]
+    for i in layers:
+        for side, heads in (("query", hq), ("key", hkv)):
+            for j, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+                out[f"layers.{i}.{side}.weights.{j}"] = (heads, a, b)
+                out[f"layers.{i}.{side}.biases.{j}"] = (heads, b)
+        out[f"layers.{i}.log_scale"] = (hq,)
+    return out
 
 
 def _sha256(path: Path) -> str:

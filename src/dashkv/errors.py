@@ -21,3 +21,12 @@ class UnsupportedModelError(DashKVError):
 
 class ContextTooLongError(DashKVError):
     """The prompt does not fit in the model's context window."""
+
+
+class UnsupportedCacheError(DashKVError, ValueError):
+    """A cache object or `cache_implementation` that DASH-KV cannot decode from (static, offloaded, ...)."""
+
+
+class UnsupportedGenerationError(DashKVError, ValueError):
+    """A `generate` mode that DASH-KV does not support (contrastive search, DoLa, ...)."""
+

@@ -51,7 +51,13 @@ class Selection:
 
 @dataclass
 class LayerState:
-    """Per-layer, per-sequence state a policy keeps beside the cache (codes, statistics)."""
+    """Per-layer, per-sequence state a policy keeps beside the cache (codes, statistics).
+
+    Owned by the cache layer (one per sequence batch and layer), never by the policy, so concurrent
+    `generate` calls on one model share nothing mutable. Contract for `stats`: every value is a tensor
+    laid out (B, H, N_seen, ...) -- batch first, one entry per cached token on dim 2 -- so the cache can
+    crop (dim 2) and reorder beams / select batch rows (dim 0) without knowing the policy.
+    """
 
     layer_idx: int
     codes: torch.Tensor | None = None  # (B, Hkv, N, W) packed key codes, kept by the cache
@@ -126,13 +132,24 @@ def group_queries(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 
 class SelectionPolicy:
-    """Base policy: subclasses define `score` (and optionally the hooks)."""
+    """Base policy: subclasses define `score` (and optionally the hooks).
+
+    The policy is the single owner of a decode step's configuration: `decode_step`, the fused kernels
+    and the cache all read `policy.config` (and `policy.scorer`), never a copy held elsewhere. The
+    policy keeps no per-sequence state (that lives in `LayerState`), so one policy serves concurrent
+    generate calls.
+    """
 
     name = "base"
     uses_codes = False  # True: the cache stores packed key codes from `encode_keys`
 
     def __init__(self, config: DashKVConfig):
         self.config = config
+
+    @property
+    def scorer(self) -> str:
+        """How key codes are scored against the query: "asymmetric" or "hamming" (code-based policies)."""
+        return self.config.scorer
 
     # hooks -------------------------------------------------------------------------------------
     def encode_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
@@ -208,13 +225,25 @@ class DashKVPolicy(SelectionPolicy):
 
 
 class SimHashPolicy(DashKVPolicy):
-    """Random-hyperplane LSH with the same bits, symmetric Hamming scan (the classic baseline)."""
+    """Random-hyperplane LSH with the same bits, symmetric Hamming scan (the classic baseline).
+
+    The scorer is forced into the policy's own config, so the fused kernels and the reference path
+    both run the Hamming scan (they read `policy.config`)."""
 
     name = "simhash"
+    forced_scorer = "hamming"
 
     def __init__(self, config: DashKVConfig, encoders: HashEncoders):
-        cfg = DashKVConfig(**{**config.to_dict(), "scorer": "hamming", "adaptive": False})
+        cfg = DashKVConfig(**{**config.to_dict(), "scorer": self.forced_scorer, "adaptive": False})
         super().__init__(cfg, encoders)
+
+
+class SimHashAsymPolicy(SimHashPolicy):
+    """Random hyperplanes (SimHash codes for keys) scored asymmetrically against the real-valued query
+    projection: isolates what the learned encoders add over random ones at the same scorer."""
+
+    name = "simhash_asym"
+    forced_scorer = "asymmetric"
 
 
 class OraclePolicy(SelectionPolicy):
@@ -242,10 +271,36 @@ class StreamingPolicy(SelectionPolicy):
         return recency.expand(keys.shape[0], hs, n)
 
 
+#: Score given to tokens a baseline always keeps (SnapKV's observation window and generated tokens,
+#: H2O's recent half): above any attention statistic, ordered by recency among themselves.
+PINNED = 1e6
+
+
+def _pin_recent(scores: torch.Tensor, first: int) -> torch.Tensor:
+    """Scores with positions >= `first` pinned (kept before any scored token, newest first)."""
+    n = scores.shape[-1]
+    if first >= n:
+        return scores
+    first = max(0, first)
+    out = scores.clone()
+    out[..., first:] = PINNED + torch.arange(first, n, dtype=out.dtype, device=out.device)
+    return out
+
+
 class H2OPolicy(SelectionPolicy):
-    """H2O: heavy hitters by attention accumulated over prefill and every decode step, plus recent tokens."""
+    """H2O (Zhang et al. 2023; FMInference/H2O `H2OKVCache_LayerWise`): heavy hitters by attention
+    accumulated over every query so far (all prompt queries, then every decode step's attention over
+    what was kept), plus the most recent tokens; the budget is split half heavy, half recent as in H2O's
+    experiments (heavy_ratio = recent_ratio).
+
+    Re-selecting the top accumulated scores at every step is the same set as H2O's permanent eviction:
+    tokens not kept stop accumulating while kept ones only grow, so an evicted token never outranks a
+    kept one again. GQA: scores are summed over the query heads of a KV head (H2O is MHA; the group sum
+    ranks like the group mean of later GQA ports). Shared with every method: the 4 sink tokens.
+    """
 
     name = "h2o"
+    recent_share = 0.5
 
     def on_prefill(self, state, query, keys, scaling, start):
         state.stats["acc"] = _accumulated_prefill_attention(query, keys, scaling, start, last=None)
@@ -273,6 +328,12 @@ class H2OPolicy(SelectionPolicy):
         state.stats["acc"] = acc
         return self._to_heads(acc, query.shape[1])
 
+    def select(self, state, query, keys, plan, scaling, start):
+        total = plan.sink + plan.window + plan.critical + plan.lowprec
+        recent = max(plan.window, int(round(total * self.recent_share)))
+        scores = _pin_recent(self.score(state, query, keys, scaling), keys.shape[2] - recent)
+        return build_selection(scores, plan, start)
+
     def _to_heads(self, acc, hq):
         if self.config.grouping == "query_head":
             return acc.repeat_interleave(hq // acc.shape[1], dim=1)
@@ -280,20 +341,37 @@ class H2OPolicy(SelectionPolicy):
 
 
 class SnapKVPolicy(SelectionPolicy):
-    """SnapKV: the prompt's last `observe` queries vote (pooled) once after prefill; fixed afterwards.
-
-    Tokens generated after prefill have no vote; they are covered by the recent window.
+    """SnapKV (Li et al. 2024; FasterDecoding/SnapKV `SnapKVCluster.update_kv`, defaults of its
+    `init_snapkv`): the prompt's last `observe_window` (32) queries attend over the prompt (softmax over
+    all keys, causal inside the window); their attention to each earlier key, summed over the window,
+    is average-pooled along the keys (kernel 5, zero padding, stride 1) and the top keys are kept; the
+    observation window itself and every generated token are always kept (here: pinned above any vote,
+    newest first, inside the budget). GQA: per query head, then averaged over the query heads of a KV
+    head, as kvpress does (SnapKV issue #22); averaging is linear, so pooling the group sum ranks the same.
     """
 
     name = "snapkv"
     observe_window = 32
-    pool = 7
+    pool = 5
+    pooling = "avgpool"
 
     def on_prefill(self, state, query, keys, scaling, start):
-        votes = _accumulated_prefill_attention(query, keys, scaling, start, last=self.observe_window)
-        pad = self.pool // 2
-        votes = torch.nn.functional.max_pool1d(votes.flatten(0, 1)[:, None, :], self.pool, 1, pad)[:, 0]
-        state.stats["votes"] = votes.reshape(keys.shape[0], keys.shape[1], -1)
+        tail = _accumulated_prefill_attention(query, keys, scaling, start, last=self.observe_window)
+        state.stats["votes"] = self.pool_votes(tail, min(self.observe_window, query.shape[2]))
+
+    @classmethod
+    def pool_votes(cls, tail: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        """(B, Hkv, N) window attention summed per key -> votes: pooled over the keys before the window
+        (as the reference pools `attn_weights[..., :-window]`); the window's own keys are pinned."""
+        w = cls.observe_window if window is None else window
+        b, hkv, n = tail.shape
+        past = tail[..., : n - w].flatten(0, 1)[:, None, :]
+        if past.shape[-1] > 0:
+            fn = torch.nn.functional.avg_pool1d if cls.pooling == "avgpool" else torch.nn.functional.max_pool1d
+            pooled = fn(past, cls.pool, 1, cls.pool // 2)[:, 0].reshape(b, hkv, -1)
+        else:
+            pooled = tail.new_zeros(b, hkv, 0)
+        return _pin_recent(torch.cat([pooled, tail.new_zeros(b, hkv, n - pooled.shape[-1])], -1), n - w)
 
     def score(self, state, query, keys, scaling):
         n = keys.shape[2]
@@ -301,33 +379,52 @@ class SnapKVPolicy(SelectionPolicy):
         b, hkv = keys.shape[:2]
         if votes is None:
             votes = torch.zeros(b, hkv, 0)
-        if votes.shape[-1] < n:
-            votes = torch.cat([votes, votes.new_zeros(b, hkv, n - votes.shape[-1])], -1)
+        prompt = votes.shape[-1]
+        if prompt < n:  # generated tokens are always kept (SnapKV compresses the prompt only)
+            votes = _pin_recent(torch.cat([votes, votes.new_zeros(b, hkv, n - prompt)], -1), prompt)
         if self.config.grouping == "query_head":
             return votes.repeat_interleave(query.shape[1] // hkv, dim=1)
         return votes
 
 
 class QuestPolicy(SelectionPolicy):
-    """Quest: per-page (16 tokens) min/max key bounds give an upper bound of q·k; read the top pages."""
+    """Quest (Tang et al. 2024, mit-han-lab/Quest): keys are cut into pages of 16 tokens; each page keeps
+    the per-channel min and max of its keys; a query's upper bound on q·k over the page is
+    sum_d max(q_d * min_d, q_d * max_d); the top pages are read in full.
+
+    Selection is per **query head**, as in the paper (Llama-2 is MHA, every head picks its own pages),
+    whatever `config.grouping` says. GQA adaptation: each query head bounds its pages against the keys of
+    its KV head and reads its own pages, so a KV head's group may read up to G x budget distinct tokens
+    (the budget counts tokens per selecting head, as for every per-query-head selection).
+    """
 
     name = "quest"
     page = 16
 
-    def score(self, state, query, keys, scaling):
+    def page_bounds(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """(B, Hq, pages) upper bound of q·k per page (the last page may be partial)."""
         b, hkv, n, d = keys.shape
         pages = math.ceil(n / self.page)
         pad = pages * self.page - n
-        kp = torch.nn.functional.pad(keys.float(), (0, 0, 0, pad), value=float("nan"))
-        kp = kp.reshape(b, hkv, pages, self.page, d)
-        kmax = torch.nan_to_num(kp, nan=-torch.inf).amax(3)
-        kmin = torch.nan_to_num(kp, nan=torch.inf).amin(3)
-        q = group_queries(query, hkv).float()  # (B, Hkv, G, d)
-        bound = torch.maximum(q[:, :, :, None, :] * kmax[:, :, None], q[:, :, :, None, :] * kmin[:, :, None]).sum(-1)
-        bound = bound.reshape(b, -1, pages)  # (B, Hq, pages)
-        per_token = bound.repeat_interleave(self.page, dim=-1)[..., :n]
-        # ties inside a page break toward the page's later tokens, so whole pages are taken together
-        return self.grouped(per_token, hkv) + torch.arange(n, device=keys.device) * 1e-9
+        kf = keys.float()
+        kmax = torch.nn.functional.pad(kf, (0, 0, 0, pad), value=-torch.inf).reshape(b, hkv, pages, self.page, d).amax(3)
+        kmin = torch.nn.functional.pad(kf, (0, 0, 0, pad), value=torch.inf).reshape(b, hkv, pages, self.page, d).amin(3)
+        q = group_queries(query, hkv).float()[:, :, :, None, :]  # (B, Hkv, G, 1, d)
+        bound = torch.maximum(q * kmax[:, :, None], q * kmin[:, :, None]).sum(-1)
+        return bound.reshape(b, -1, pages)
+
+    def score(self, state, query, keys, scaling):
+        """Per token: its page's rank (better pages first, exactly), then position inside the page, so
+        the top-k takes whole pages in bound order."""
+        n = keys.shape[2]
+        bound = self.page_bounds(query, keys)
+        pages = bound.shape[-1]
+        rank = torch.empty_like(bound, dtype=torch.long)
+        order = torch.sort(bound, dim=-1, descending=True, stable=True).indices
+        rank.scatter_(-1, order, torch.arange(pages).expand_as(order).contiguous())
+        pos = torch.arange(n, device=keys.device)
+        per_token = (pages - rank).repeat_interleave(self.page, dim=-1)[..., :n] * self.page + pos % self.page
+        return per_token.float()
 
 
 def _accumulated_prefill_attention(query: torch.Tensor, keys: torch.Tensor, scaling: float,
@@ -357,7 +454,7 @@ def _accumulated_prefill_attention(query: torch.Tensor, keys: torch.Tensor, scal
 
 
 POLICIES = {
-    "dashkv": DashKVPolicy, "simhash": SimHashPolicy, "oracle": OraclePolicy, "streaming": StreamingPolicy,
+    "dashkv": DashKVPolicy, "simhash": SimHashPolicy, "simhash_asym": SimHashAsymPolicy, "oracle": OraclePolicy, "streaming": StreamingPolicy,
     "h2o": H2OPolicy, "snapkv": SnapKVPolicy, "quest": QuestPolicy,
 }
 METHODS = ("dense",) + tuple(POLICIES)
@@ -370,7 +467,7 @@ def make_policy(name: str, config: DashKVConfig, encoders: HashEncoders | None =
     if name not in POLICIES:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     cls = POLICIES[name]
-    if cls in (DashKVPolicy, SimHashPolicy):
+    if issubclass(cls, DashKVPolicy):
         if encoders is None:
             raise ValueError(f"method {name!r} needs hash encoders")
         return cls(config, encoders)

@@ -31,7 +31,10 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..config import DashKVConfig, parse_budget
-from ..selection import METHODS, SelectionPolicy, SnapKVPolicy
+from ..selection import METHODS, POLICIES, SelectionPolicy, SnapKVPolicy
+from .longbench import LONGBENCH_TASKS, MAX_NEW_TOKENS_LB, make_longbench_sample
+from .fidelity import (DEFAULT_POSITIONS, FIDELITY_KINDS, FIDELITY_TASKS, compare_logprobs, make_fidelity_documents,
+                       teacher_forced_logprobs)
 from .perplexity import DEFAULT_CONTINUATION, PERPLEXITY_TASK, make_documents, teacher_forced_nll
 from .scoring import score_sample
 from .tasks import TASKS, Sample, make_sample, sample_depths
@@ -42,7 +45,13 @@ __all__ = [
     "MAX_NEW_TOKENS", "budget_label",
 ]
 
-VALID_TASKS = tuple(TASKS) + (PERPLEXITY_TASK,)
+VALID_TASKS = tuple(TASKS) + tuple(LONGBENCH_TASKS) + (PERPLEXITY_TASK,) + FIDELITY_TASKS
+#: Methods the evaluation knows: the selection policies, plus "simhash_asym" (random hyperplanes scored
+#: with the asymmetric scorer; the policy arrives with the reliability branch, see `validate_plan`).
+EVAL_METHODS = tuple(dict.fromkeys(METHODS + ("simhash_asym",)))
+#: Methods that score with random-hyperplane codes (built once per run, seed 0).
+SIMHASH_METHODS = ("simhash", "simhash_asym")
+PREFILL_DTYPES = ("fp32", "bf16")
 DENSE = "dense"
 FULL = "full"  # budget label of the dense rows
 
@@ -51,11 +60,14 @@ MAX_NEW_TOKENS = {
     "niah_single_1": 14, "niah_single_2": 14, "niah_single_3": 40,
     "niah_multikey_1": 14, "niah_multikey_2": 14, "niah_multikey_3": 40,
     "niah_multivalue": 56, "niah_multiquery": 56,
-    "vt": 40, "cwe": 80, "fwe": 24, "passkey": 12,
+    "vt": 40, "cwe": 80, "fwe": 24, "passkey": 12, **MAX_NEW_TOKENS_LB,
 }
 #: Tasks with one short answer: stop at the first newline after some text.
 NEWLINE_STOP = frozenset({"niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1",
-                          "niah_multikey_2", "niah_multikey_3", "passkey"})
+                          "niah_multikey_2", "niah_multikey_3", "passkey",
+                          # LongBench-style answers are one number on the first line (LongBench itself does not
+                          # stop there; its scorer reads every number, so later lines could only lower the score)
+                          "lb_passage_retrieval", "lb_passage_count"})
 
 
 # ---- plan and validation ---------------------------------------------------------------------------
@@ -89,19 +101,42 @@ class EvalPlan:
     chat: bool = True
     progress: bool = True
     config_overrides: dict[str, Any] = field(default_factory=dict)
+    #: more (methods, budgets) on the same prefills: "dense,dashkv,oracle,snapkv@1/8,1/32"
+    also: list[tuple[list[str], list[float | int]]] = field(default_factory=list)
+    prefill_dtype: str = "fp32"
+    positions: int = DEFAULT_POSITIONS  # teacher-forced positions per fidelity document
+
+    @property
+    def all_methods(self) -> list[str]:
+        return list(dict.fromkeys(self.methods + [m for ms, _ in self.also for m in ms]))
 
     @property
     def sparse_methods(self) -> list[str]:
-        return [m for m in self.methods if m != DENSE]
+        return [m for m in self.all_methods if m != DENSE]
+
+    @property
+    def all_budgets(self) -> list[float | int]:
+        return list(dict.fromkeys(self.budgets + [b for _, bs in self.also for b in bs]))
 
     def cells(self) -> list[tuple[str, str]]:
-        """(method, budget label) decoded per sample: dense once, every other method per budget."""
-        out = [(DENSE, FULL)] if DENSE in self.methods else []
-        out += [(m, budget_label(b)) for m in self.sparse_methods for b in self.budgets]
-        return out
+        """(method, budget label) decoded per sample: dense once, every other method per budget, then the
+        `also` cells (deduplicated), all from the same prefill."""
+        groups = [(self.methods, self.budgets)] + list(self.also)
+        out = [(DENSE, FULL)] if DENSE in self.all_methods else []
+        for methods, budgets in groups:
+            out += [(m, budget_label(b)) for m in methods if m != DENSE for b in budgets]
+        return list(dict.fromkeys(out))
 
-    def config(self, budget: float | int) -> DashKVConfig:
-        return DashKVConfig(budget=budget, bits=self.bits, **self.config_overrides)
+    def config(self, budget: float | int, method: str | None = None) -> DashKVConfig:
+        """The decode configuration of `method` at `budget`. "simhash" always scores by symmetric Hamming
+        distance and "simhash_asym" by the asymmetric scorer, on every path: the fused kernel takes the
+        scorer from this (enabling) configuration, not from the policy."""
+        cfg = DashKVConfig(budget=budget, bits=self.bits, **self.config_overrides)
+        if method == "simhash":
+            cfg = DashKVConfig(**{**cfg.to_dict(), "scorer": "hamming", "adaptive": False})
+        elif method == "simhash_asym":
+            cfg = DashKVConfig(**{**cfg.to_dict(), "scorer": "asymmetric", "adaptive": False})
+        return cfg
 
 
 def _items(value: Any, what: str) -> list[str]:
@@ -128,6 +163,70 @@ def _parse_budget(text: str) -> float | int:
     return b
 
 
+def _model_source(name: str) -> Path:
+    """The directory holding the model's config and tokenizer (alias / .gguf: the cached conversion)."""
+    from ..errors import DashKVError
+    from ..models import DEFAULT_MODEL_ALIASES, _converted_dir, default_gguf_path
+
+    if name.lower() in DEFAULT_MODEL_ALIASES:
+        return _converted_dir(default_gguf_path(), None)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise DashKVError(f"model not found: {path} (expected 'smollm2-135m', a .gguf file or a model directory)")
+    return _converted_dir(path, None) if path.is_file() else path
+
+
+def _tokenizer_only(name: str) -> Any:
+    """The model's tokenizer without its weights (None if it cannot be read: checks that need it are skipped)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(_model_source(name)), local_files_only=True)
+    except Exception:
+        return None
+
+
+#: tasks whose text must not repeat inside one prompt: the prose corpus must hold a whole window
+_PROSE_WINDOW_TASKS = ("fidelity_prose", PERPLEXITY_TASK, "lb_passage_retrieval", "lb_passage_count")
+
+
+def _check_inputs_with_tokenizer(tokenizer: Any, tasks: list[str], lengths: list[int], haystack: str | None,
+                                 positions: int, cont: int) -> None:
+    """Cheap checks that need the tokenizer (no weights): the haystack holds enough text, and sample 0
+    of every task builds at the shortest length (a length too small for a task fails here, clearly)."""
+    from .haystack import TextHaystack, get_haystack
+
+    longest = max(lengths)
+    prose = [t for t in tasks if t in _PROSE_WINDOW_TASKS or (t in TASKS and TASKS[t].default_haystack == "essays")]
+    if haystack is not None and any(t in TASKS and TASKS[t].default_haystack for t in tasks):
+        prose.append(haystack)
+    if prose:
+        src = get_haystack(haystack or "essays")
+        window_tasks = [t for t in tasks if t in _PROSE_WINDOW_TASKS]
+        if window_tasks and not isinstance(src, TextHaystack):
+            raise ValueError(f"task {window_tasks[0]!r} needs a prose haystack (essays, jargon, files:PATH), "
+                             f"not {src.name!r}")
+        if isinstance(src, TextHaystack):
+            text = " ".join(src.sentences[: 40 * longest])  # ample: a sentence is > 1 token
+            n = len(tokenizer.encode(text[: 12 * longest], add_special_tokens=False))
+            if n < longest:
+                raise ValueError(f"haystack {src.name!r} is too short: about {n} tokens of text, but the longest "
+                                 f"length asked is {longest} tokens (its text would repeat inside a prompt); "
+                                 f"give more text or a shorter --lengths")
+    shortest = min(lengths)
+    for task in tasks:
+        if task in FIDELITY_TASKS or task == PERPLEXITY_TASK:
+            continue
+        try:
+            if task in LONGBENCH_TASKS:
+                make_longbench_sample(task, tokenizer, shortest - 64, index=0, haystack=haystack,
+                                      depth=0.5 if LONGBENCH_TASKS[task].has_depth else None)
+            else:
+                make_sample(task, tokenizer, shortest - 64, index=0, haystack=haystack)
+        except ValueError as exc:
+            raise ValueError(f"task {task!r} at length {shortest}: {exc}") from None
+
+
 def _model_config(name: str) -> Any:
     """The model's transformers config, read without loading weights (alias: the cached conversion)."""
     from transformers import AutoConfig
@@ -148,12 +247,40 @@ def _model_config(name: str) -> Any:
         raise DashKVError(f"could not read the model config of {name}: {exc}") from exc
 
 
+def _check_methods(methods: list[str]) -> None:
+    bad = [m for m in methods if m not in EVAL_METHODS]
+    if bad:
+        raise ValueError(f"unknown method {bad[0]!r}; valid methods: {', '.join(EVAL_METHODS)}")
+    for m in methods:
+        if m != DENSE and m not in POLICIES:
+            raise ValueError(f"method {m!r} is not available in this build (dashkv.selection has no {m!r} policy "
+                             f"yet); drop it from --methods")
+
+
+def _parse_also(specs: Any) -> list[tuple[list[str], list[float | int]]]:
+    """--also "METHODS@BUDGETS" (repeatable): more cells on the same prefills."""
+    out = []
+    for spec in ([specs] if isinstance(specs, str) else list(specs or [])):
+        if "@" not in spec:
+            raise ValueError(f"--also {spec!r}: expected METHODS@BUDGETS, e.g. dense,dashkv,oracle@1/8,1/32")
+        m, b = spec.split("@", 1)
+        methods = _items(m, "also")
+        _check_methods(methods)
+        out.append((methods, list(dict.fromkeys(_parse_budget(x) for x in _items(b, "also")))))
+    return out
+
+
 def validate_plan(args: Any) -> EvalPlan:
     """Check every argument before any model work; raise ValueError with one clear line."""
     methods = _items(getattr(args, "methods", None), "methods")
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"unknown method {bad[0]!r}; valid methods: {', '.join(METHODS)}")
+    _check_methods(methods)
+    also = _parse_also(getattr(args, "also", None))
+    prefill_dtype = str(getattr(args, "prefill_dtype", "fp32") or "fp32")
+    if prefill_dtype not in PREFILL_DTYPES:
+        raise ValueError(f"--prefill-dtype {prefill_dtype!r}: choose {' or '.join(PREFILL_DTYPES)}")
+    positions = getattr(args, "positions", None) or DEFAULT_POSITIONS
+    if not isinstance(positions, int) or positions < 1:
+        raise ValueError(f"--positions must be an integer >= 1, got {positions!r}")
     tasks = _items(getattr(args, "tasks", None), "tasks")
     bad = [t for t in tasks if t not in VALID_TASKS]
     if bad:
@@ -205,7 +332,10 @@ def validate_plan(args: Any) -> EvalPlan:
     if PERPLEXITY_TASK in tasks and min(lengths) <= cont + 1:
         raise ValueError(f"length {min(lengths)} is too short for the perplexity task "
                          f"(continuation of {cont} tokens)")
-    if "dashkv" in methods and encoders is None:
+    if any(t in FIDELITY_TASKS for t in tasks) and min(lengths) <= positions + 1:
+        raise ValueError(f"length {min(lengths)} is too short for the fidelity tasks ({positions} scored positions)")
+    all_methods = list(dict.fromkeys(methods + [m for ms, _ in also for m in ms]))
+    if "dashkv" in all_methods and encoders is None:
         from ..hf import _DEFAULT_ENCODERS
 
         default_dir = _DEFAULT_ENCODERS / f"smollm2-135m-b{bits}"
@@ -216,10 +346,14 @@ def validate_plan(args: Any) -> EvalPlan:
         from ..encoders import HashEncoders
 
         HashEncoders.from_pretrained(encoders).check_compatible(shape, bits=bits)
+    tokenizer = _tokenizer_only(model)
+    if tokenizer is not None:
+        _check_inputs_with_tokenizer(tokenizer, tasks, lengths, haystack, positions, cont)
     return EvalPlan(model=model, encoders=encoders, methods=methods, budgets=budgets, tasks=tasks, lengths=lengths,
                     samples=samples, haystack=haystack, out=Path(out), seed=int(getattr(args, "seed", 0) or 0),
                     bits=bits, max_new_tokens=None if mnt is None else int(mnt), continuation=cont,
-                    chat=not getattr(args, "no_chat", False), progress=not getattr(args, "quiet", False))
+                    chat=not getattr(args, "no_chat", False), progress=not getattr(args, "quiet", False),
+                    also=also, prefill_dtype=prefill_dtype, positions=positions)
 
 
 # ---- prompts ---------------------------------------------------------------------------------------
@@ -231,7 +365,7 @@ def build_prompt_ids(tokenizer: Any, sample: Sample, chat: bool = True) -> list[
     """Token ids of the prompt: chat template around context + question (if the tokenizer has one),
     then RULER's answer prefix opening the assistant turn."""
     prefix = sample.answer_prefix
-    if chat and _has_chat_template(tokenizer):
+    if chat and _has_chat_template(tokenizer) and not sample.metadata.get("no_chat"):
         text = tokenizer.apply_chat_template([{"role": "user", "content": sample.prompt}], add_generation_prompt=True,
                                              tokenize=False)
         text += prefix.lstrip()
@@ -256,12 +390,27 @@ def _complete(task: str, answers: Sequence[str] | None):
     truncated prediction equals that of the full generation (saves the tokens after a correct answer)."""
     if not answers:
         return None
+    if task == "lb_code":  # the scorer reads the first code line: stop once that line is complete
+        return _first_code_line_done
+    if task in LONGBENCH_TASKS:  # more numbers can lower LongBench's scores: no early exit by score
+        return None
     return lambda text: score_sample(task, text, answers) >= 1.0
+
+
+def _first_code_line_done(text: str) -> bool:
+    """True once a line that LongBench's code_sim_score would pick is followed by a newline."""
+    lines = text.lstrip("\n").split("\n")
+    for line in lines[:-1]:  # complete lines only
+        if "`" not in line and "#" not in line and "//" not in line:
+            return True
+    return False
 
 
 def _max_new(plan: EvalPlan, task: str) -> int:
     if task == PERPLEXITY_TASK:
         return plan.continuation
+    if task in FIDELITY_TASKS:
+        return plan.positions
     return plan.max_new_tokens or MAX_NEW_TOKENS.get(task, 32)
 
 
@@ -275,6 +424,7 @@ class _PrefillCapture(SelectionPolicy):
         super().__init__(config)
         self.want_acc, self.want_votes = want_acc, want_votes
 
+    @torch.autocast("cpu", enabled=False)
     def on_prefill(self, state, query, keys, scaling, start):
         if self.want_acc or self.want_votes:
             acc, tail = prefill_attention_stats(query, keys, scaling, start, want_acc=self.want_acc,
@@ -282,7 +432,8 @@ class _PrefillCapture(SelectionPolicy):
             if acc is not None:
                 state.stats["acc"] = acc
             if tail is not None:
-                state.stats["votes"] = snapkv_pool(tail)
+                state.stats["votes"] = SnapKVPolicy.pool_votes(tail, min(SnapKVPolicy.observe_window,
+                                                                         query.shape[2]))
 
     def score(self, state, query, keys, scaling):  # pragma: no cover - never selects
         raise RuntimeError("the prefill capture policy does not select")
@@ -328,11 +479,8 @@ def prefill_attention_stats(query: torch.Tensor, keys: torch.Tensor, scaling: fl
 
 
 def snapkv_pool(votes: torch.Tensor) -> torch.Tensor:
-    """SnapKV's max pooling of the observation-window votes, exactly as `SnapKVPolicy.on_prefill`."""
-    pool = SnapKVPolicy.pool
-    b, hkv, n = votes.shape
-    pooled = torch.nn.functional.max_pool1d(votes.flatten(0, 1)[:, None, :], pool, 1, pool // 2)[:, 0]
-    return pooled.reshape(b, hkv, -1)
+    """SnapKV's votes from the window attention sums, exactly as `SnapKVPolicy.on_prefill`."""
+    return SnapKVPolicy.pool_votes(votes)
 
 
 @dataclass
@@ -346,12 +494,17 @@ class Prefilled:
     last_id: int
     tokens: int  # prefilled tokens
     seconds: float
+    cpu_seconds: float = 0.0  # process CPU time of the prefill and its capture
 
 
 @torch.inference_mode()
 def prefill_once(model: Any, ids: Sequence[int], methods: Iterable[str], bits: int = 64,
-                 config_overrides: dict[str, Any] | None = None) -> Prefilled:
-    """Dense prefill of `ids[:-1]` through the DASH-KV attention path, capturing what `methods` need."""
+                 config_overrides: dict[str, Any] | None = None, dtype: str = "fp32") -> Prefilled:
+    """Dense prefill of `ids[:-1]` through the DASH-KV attention path, capturing what `methods` need.
+
+    dtype "bf16": the prefill's matmuls run under CPU autocast to bfloat16 (AMX where present); the
+    cached K/V are stored back as float32, so every decode step is fp32 as with an fp32 prefill. The
+    H2O / SnapKV statistics are computed in fp32 either way (autocast is off inside the capture)."""
     from .. import hf
     from ..cache import DashKVLayer
 
@@ -359,23 +512,30 @@ def prefill_once(model: Any, ids: Sequence[int], methods: Iterable[str], bits: i
     cfg = DashKVConfig(budget=1.0, bits=bits, **(config_overrides or {}))
     handle = hf.enable(model, None, cfg, method="streaming")
     handle.policy = _PrefillCapture(cfg, want_acc="h2o" in methods, want_votes="snapkv" in methods)
-    t0 = time.perf_counter()
+    if dtype not in PREFILL_DTYPES:
+        raise ValueError(f"prefill dtype {dtype!r}: choose {' or '.join(PREFILL_DTYPES)}")
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         cache = handle.new_cache()
-        model(input_ids=torch.tensor([list(ids[:-1])]), cache=cache, use_cache=True, logits_to_keep=1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            model(input_ids=torch.tensor([list(ids[:-1])]), cache=cache, use_cache=True, logits_to_keep=1)
     finally:
         hf.disable(model)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     kv, other, stats = {}, {}, {}
     for i, layer in enumerate(cache.layers):
         if isinstance(layer, DashKVLayer):
-            kv[i] = (layer.keys, layer.values)
+            kv[i] = (layer.keys.float(), layer.values.float())
             stats[i] = dict(layer.state.stats)
         elif type(layer).__name__ == "DynamicLayer":
-            kv[i] = (layer.keys, layer.values)
+            kv[i] = (layer.keys.float(), layer.values.float())
         else:
+            for name in ("keys", "values"):  # sliding-window layers: fp32 like the rest
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float32:
+                    setattr(layer, name, t.float())
             other[i] = layer
-    return Prefilled(kv, other, stats, int(ids[-1]), len(ids) - 1, seconds)
+    return Prefilled(kv, other, stats, int(ids[-1]), len(ids) - 1, seconds, cpu_seconds)
 
 
 def _fill_cache(cache: Any, pre: Prefilled) -> None:
@@ -427,12 +587,13 @@ class DecodeResult:
     read_fraction: float
     seconds: float
     nll: list[float] | None = None
+    logprobs: torch.Tensor | None = None  # (T, V), teacher-forced with logprobs=True
 
 
 def decode_method(model: Any, pre: Prefilled, method: str, config: DashKVConfig, encoders: Any = None, *,
                   max_new_tokens: int = 16, stop_ids: Iterable[int] = (), tokenizer: Any = None,
                   newline_stop: bool = False, targets: Sequence[int] | None = None, track: bool = True,
-                  done: Any = None) -> tuple[DecodeResult, Any]:
+                  done: Any = None, logprobs: bool = False) -> tuple[DecodeResult, Any]:
     """Decode one method from a fresh copy of the prefilled cache. `targets`: teacher-forced NLL instead
     of greedy generation. Returns the result and the handle (None for dense; already disabled)."""
     from transformers.cache_utils import DynamicCache
@@ -449,9 +610,15 @@ def decode_method(model: Any, pre: Prefilled, method: str, config: DashKVConfig,
     try:
         _fill_cache(cache, pre)
         t0 = time.perf_counter()
-        if targets is not None:
-            nll = teacher_forced_nll(model, cache, pre.last_id, targets)
+        lp = None
+        if targets is not None and logprobs:
+            lp = teacher_forced_logprobs(model, cache, pre.last_id, targets)
+            t = torch.tensor(list(targets), dtype=torch.long)
+            nll = (-lp.gather(-1, t[:, None])[:, 0]).tolist()
             tokens: list[int] = []
+        elif targets is not None:
+            nll = teacher_forced_nll(model, cache, pre.last_id, targets)
+            tokens = []
         else:
             nll = None
             tokens = greedy_decode(model, cache, pre.last_id, max_new_tokens, stop_ids, tokenizer, newline_stop,
@@ -461,7 +628,14 @@ def decode_method(model: Any, pre: Prefilled, method: str, config: DashKVConfig,
         if handle is not None:
             hf.disable(model)
     frac = 1.0 if handle is None or handle.stats is None else handle.stats.fraction
-    return DecodeResult(tokens, frac, seconds, nll), handle
+    return DecodeResult(tokens, frac, seconds, nll, lp), handle
+
+
+def _fidelity_decode(model: Any, pre: Prefilled, method: str, config: DashKVConfig, encoders: Any,
+                     targets: Sequence[int]) -> tuple[torch.Tensor, DecodeResult]:
+    """Teacher-forced (T, V) log-probabilities of one method from a fresh copy of the prefill."""
+    res, _ = decode_method(model, pre, method, config, encoders, targets=targets, logprobs=True)
+    return res.logprobs, res
 
 
 # ---- results file ------------------------------------------------------------------------------------
@@ -525,15 +699,17 @@ def _encoders_for(plan: EvalPlan, model: Any) -> dict[str, Any]:
 
     shape = model_shape(model)
     out: dict[str, Any] = {}
-    if "dashkv" in plan.methods:
+    if "dashkv" in plan.all_methods:
         enc = HashEncoders.from_pretrained(plan.encoders) if plan.encoders else default_encoders(shape, plan.bits)
         if enc is None:
             raise ValueError("method 'dashkv' needs encoders for this model: pass --encoders DIR")
         out["dashkv"] = enc
-    if "simhash" in plan.methods:
+    wanted = [m for m in SIMHASH_METHODS if m in plan.all_methods]
+    if wanted:
         cfg = plan.config(1.0)
         layers = [i for i in shape.full_attention_layers if i not in cfg.dense_layers]
-        out["simhash"] = HashEncoders.simhash(shape.to_dict(), plan.bits, layers, seed=0)
+        enc = HashEncoders.simhash(shape.to_dict(), plan.bits, layers, seed=0)
+        out.update({m: enc for m in wanted})  # the same hyperplanes for both scorers
     return out
 
 
@@ -547,11 +723,14 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
     encoders = _encoders_for(plan, model) if encoders is None else encoders
     stop = stop_ids(tokenizer, model)
     cells = plan.cells()
-    (plan.out / "run.json").write_text(json.dumps({
+    invocation = {
         "model": plan.model, "encoders": plan.encoders, "methods": plan.methods,
-        "budgets": [budget_label(b) for b in plan.budgets], "tasks": plan.tasks, "lengths": plan.lengths,
-        "samples": plan.samples, "haystack": plan.haystack, "seed": plan.seed, "bits": plan.bits,
-        "argv": sys.argv, "config": plan.config(1.0).to_dict()}, indent=2) + "\n")
+        "budgets": [budget_label(b) for b in plan.budgets],
+        "also": [[ms, [budget_label(b) for b in bs]] for ms, bs in plan.also], "tasks": plan.tasks,
+        "lengths": plan.lengths, "samples": plan.samples, "haystack": plan.haystack, "seed": plan.seed,
+        "bits": plan.bits, "prefill_dtype": plan.prefill_dtype, "positions": plan.positions,
+        "argv": sys.argv, "config": plan.config(1.0).to_dict()}
+    (plan.out / "run.json").write_text(json.dumps(invocation, indent=2) + "\n")
 
     def key(task, length, index, method, blabel):
         return (plan.model, str(plan.seed), task, str(length), str(index), method, blabel)
@@ -566,7 +745,7 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
                 done_in_plan += len(cells) - len(pending)
                 if pending:
                     work.append((task, length, i, pending))
-    budgets = {budget_label(b): b for b in plan.budgets}
+    budgets = {budget_label(b): b for b in plan.all_budgets}
     bar = None
     if plan.progress and work:
         from tqdm import tqdm
@@ -577,7 +756,17 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
     try:
         for task, length, index, pending in work:
             max_new = _max_new(plan, task)
-            if task == PERPLEXITY_TASK:
+            if task in FIDELITY_TASKS:
+                ck = (task, length)
+                if ck not in sample_cache:
+                    sample_cache[ck] = make_fidelity_documents(tokenizer, FIDELITY_KINDS[task], length, plan.samples,
+                                                               seed=plan.seed, positions=plan.positions,
+                                                               haystack=plan.haystack)
+                doc = sample_cache[ck][index]
+                ids, targets, answers = doc.context_ids, doc.target_ids, []
+                meta = {"start": doc.start, "source": doc.source}
+                depth = None
+            elif task == PERPLEXITY_TASK:
                 ck = (task, length)
                 if ck not in sample_cache:
                     sample_cache[ck] = make_documents(tokenizer, length, plan.samples, seed=plan.seed,
@@ -587,30 +776,46 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
                                                                                      "source": doc.source}
                 depth = None
             else:
-                spec = TASKS[task]
+                make = make_longbench_sample if task in LONGBENCH_TASKS else make_sample
+                spec = LONGBENCH_TASKS[task] if task in LONGBENCH_TASKS else TASKS[task]
                 depth = sample_depths(plan.samples)[index] if spec.has_depth else None
                 inner = length - _overhead(tokenizer, task, plan.chat, max_new)
-                sample = make_sample(task, tokenizer, inner, seed=plan.seed, index=index, depth=depth,
-                                     haystack=plan.haystack)
+                sample = make(task, tokenizer, inner, seed=plan.seed, index=index, depth=depth, haystack=plan.haystack)
                 ids = build_prompt_ids(tokenizer, sample, plan.chat)
                 excess = len(ids) + max_new - length
                 if excess > 0:  # the template/prefix guess was short: shrink the sample to fit
-                    sample = make_sample(task, tokenizer, inner - excess - 8, seed=plan.seed, index=index,
-                                         depth=depth, haystack=plan.haystack)
+                    sample = make(task, tokenizer, inner - excess - 8, seed=plan.seed, index=index, depth=depth,
+                                  haystack=plan.haystack)
                     ids = build_prompt_ids(tokenizer, sample, plan.chat)
                 targets, answers = None, sample.answers
                 meta = {"needle_depth": sample.metadata.get("needles", [{}])[0].get("depth_actual")
-                        if sample.metadata.get("needles") else None}
+                        if sample.metadata.get("needles") else sample.metadata.get("depth_actual")}
             if bar is not None:
                 bar.set_postfix_str(f"{task} {length} #{index} prefill {len(ids)} tok")
-            pre = prefill_once(model, ids, [m for m, _ in pending], plan.bits, plan.config_overrides)
+            pre = prefill_once(model, ids, [m for m, _ in pending], plan.bits, plan.config_overrides,
+                               dtype=plan.prefill_dtype)
+            reference = None
+            if task in FIDELITY_TASKS:  # full attention's distributions, the reference of every method
+                pending = [(DENSE, FULL)] + [c for c in pending if c[0] != DENSE] if (DENSE, FULL) in pending \
+                    else pending
+                if bar is not None:
+                    bar.set_postfix_str(f"{task} {length} #{index} dense reference")
+                reference, ref_res = _fidelity_decode(model, pre, DENSE, plan.config(1.0), None, targets)
             for method, blabel in pending:
                 if bar is not None:
                     bar.set_postfix_str(f"{task} {length} #{index} {method} {blabel}")
-                config = plan.config(1.0 if method == DENSE else budgets[blabel])
-                res, _ = decode_method(model, pre, method, config, encoders.get(method), max_new_tokens=max_new,
-                                       stop_ids=stop, tokenizer=tokenizer, newline_stop=task in NEWLINE_STOP,
-                                       targets=targets, done=_complete(task, answers))
+                config = plan.config(1.0 if method == DENSE else budgets[blabel], method)
+                cpu0 = time.process_time()
+                if reference is not None:
+                    if method == DENSE:
+                        logprobs, res = reference, ref_res
+                    else:
+                        logprobs, res = _fidelity_decode(model, pre, method, config, encoders.get(method), targets)
+                    fid = compare_logprobs(reference, logprobs, targets)
+                else:
+                    res, _ = decode_method(model, pre, method, config, encoders.get(method), max_new_tokens=max_new,
+                                           stop_ids=stop, tokenizer=tokenizer, newline_stop=task in NEWLINE_STOP,
+                                           targets=targets, done=_complete(task, answers))
                 row: dict[str, Any] = {
                     "model": plan.model, "seed": plan.seed, "task": task, "length": length, "index": index,
                     "method": method, "budget": blabel,
@@ -618,9 +823,16 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
                     "prompt_tokens": len(ids), "depth": depth,
                     "read_fraction": round(res.read_fraction, 6),
                     "prefill_s": round(pre.seconds, 3), "decode_s": round(res.seconds, 3),
-                    "bits": plan.bits, "haystack": plan.haystack, "encoders": plan.encoders, **meta,
+                    "prefill_cpu_s": round(pre.cpu_seconds, 3), "cpu_s": round(time.process_time() - cpu0, 3),
+                    "bits": plan.bits, "haystack": plan.haystack, "encoders": plan.encoders,
+                    "prefill_dtype": plan.prefill_dtype, **meta,
                 }
-                if targets is not None:
+                if reference is not None:
+                    row.update(prediction=None, answers=None, new_tokens=fid.positions, positions=fid.positions,
+                               agree=fid.agree, agreement=fid.agreement, kl_sum=fid.kl_sum, kl=fid.kl,
+                               nll=fid.nll_sum / fid.positions, dense_nll=fid.dense_nll_sum / fid.positions,
+                               score=fid.agreement)
+                elif targets is not None:
                     mean_nll = sum(res.nll) / len(res.nll)
                     row.update(prediction=None, answers=None, new_tokens=len(res.nll), nll=mean_nll,
                                score=mean_nll, ppl=math.exp(mean_nll))
@@ -633,7 +845,7 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
                 done.add(row_key(row))
                 if bar is not None:
                     bar.update(1)
-            del pre
+            del pre, reference
     finally:
         if bar is not None:
             bar.close()
@@ -682,6 +894,11 @@ def _aggregate(rows: list[dict[str, Any]], plan: EvalPlan | None) -> dict[tuple,
         }
         if k[0] == PERPLEXITY_TASK:
             agg[k]["ppl"] = math.exp(agg[k]["score"])
+        if k[0] in FIDELITY_TASKS:  # pooled over positions: every scored position weighs the same
+            pos = sum(int(r["positions"]) for r in rs)
+            agg[k]["positions"] = pos
+            agg[k]["score"] = sum(int(r["agree"]) for r in rs) / pos
+            agg[k]["kl"] = sum(float(r["kl_sum"]) for r in rs) / pos
     return agg
 
 
@@ -746,19 +963,23 @@ def summary_markdown(agg: dict[tuple, dict[str, float]], plan: EvalPlan | None =
             return ""
         if task == PERPLEXITY_TASK:
             return f"{a['ppl']:.3f}"
+        if task in FIDELITY_TASKS:
+            return f"{100 * a['score']:.1f} / {a['kl']:.4f}"
         return f"{100 * a['score']:.1f}"
 
     cols = [FULL] + budgets
     head = "| method | " + " | ".join(("dense (full)" if c == FULL else c) for c in cols) + " | n |"
     sep = "|---|" + "---:|" * (len(cols) + 1)
-    acc_tasks = [t for t in tasks if t != PERPLEXITY_TASK]
+    acc_tasks = [t for t in tasks if t != PERPLEXITY_TASK and t not in FIDELITY_TASKS and t not in LONGBENCH_TASKS]
     for length in lengths:
         lines += [f"## context {length}", ""]
         for task in tasks:
             present = [m for m in methods if any((task, length, m, c) in agg for c in cols)]
             if not present:
                 continue
-            unit = "perplexity" if task == PERPLEXITY_TASK else "accuracy"
+            unit = ("perplexity" if task == PERPLEXITY_TASK else
+                    "top-1 agreement with full attention % / mean KL(full || method) nats" if task in FIDELITY_TASKS
+                    else "accuracy")
             lines += [f"### {task} ({unit})", "", head, sep]
             for m in present:
                 ns = [agg[(task, length, m, c)]["n"] for c in cols if (task, length, m, c) in agg]

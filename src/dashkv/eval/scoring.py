@@ -25,6 +25,11 @@ __all__ = [
     "score_samples",
     "metric_for_task",
     "PART_TASKS",
+    "levenshtein_ratio",
+    "code_sim_score",
+    "retrieval_score",
+    "count_score",
+    "LONGBENCH_METRICS",
 ]
 
 # Tasks RULER scores with string_match_part; everything else uses string_match_all.
@@ -65,7 +70,12 @@ def metric_for_task(task: str) -> str:
 
 
 def score_sample(task: str, prediction: str, answers: Sequence[str]) -> float:
-    """Score one prediction with the metric RULER uses for ``task``."""
+    """Score one prediction with the metric RULER (or, for the lb_* tasks, LongBench) uses for ``task``."""
+    if task in LONGBENCH_METRICS:
+        refs = [answers] if isinstance(answers, str) else list(answers)
+        if not refs:
+            raise ValueError("answers must hold at least one reference string")
+        return max(LONGBENCH_METRICS[task](prediction, r) for r in refs)  # LongBench: max over answers
     if metric_for_task(task) == "part":
         return score_part(prediction, answers)
     return score_all(prediction, answers)
@@ -80,3 +90,57 @@ def score_samples(
     if not predictions:
         raise ValueError("no predictions to score")
     return sum(score_sample(task, p, a) for p, a in zip(predictions, answers)) / len(predictions)
+
+
+# ---- LongBench metrics (THUDM/LongBench `metrics.py`), for the LongBench-style tasks ----------------------
+def levenshtein_ratio(a: str, b: str) -> float:
+    """Normalised Indel similarity in [0, 1]: 2 * LCS(a, b) / (len(a) + len(b)), the ratio that
+    `fuzz.ratio` (thefuzz / rapidfuzz, used by LongBench's code_sim_score) reports x 100. Two empty
+    strings are identical (1.0)."""
+    if not a and not b:
+        return 1.0
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for ca in a:  # LCS by dynamic programming, one row at a time
+        cur = [0]
+        for j, cb in enumerate(b):
+            cur.append(prev[j] + 1 if ca == cb else max(prev[j + 1], cur[j]))
+        prev = cur
+    return 2.0 * prev[-1] / (len(a) + len(b))
+
+
+def code_sim_score(prediction: str, answer: str) -> float:
+    """LongBench's LCC / RepoBench-P score: the first generated line that holds no '`', '#' or '//'
+    against the true next line, by `fuzz.ratio` (rounded to an integer percent, as thefuzz returns it)
+    / 100. Leading/trailing whitespace of both lines is ignored (our answers are stored stripped)."""
+    line = ""
+    for cand in prediction.lstrip("\n").split("\n"):
+        if "`" not in cand and "#" not in cand and "//" not in cand:
+            line = cand
+            break
+    return round(100 * levenshtein_ratio(line.strip(), answer.strip())) / 100
+
+
+def retrieval_score(prediction: str, answer: str) -> float:
+    """LongBench's PassageRetrieval score: the share of the numbers in the prediction that equal the
+    paragraph number of the answer ("Paragraph 7"); 0 when the prediction has no number."""
+    m = re.findall(r"Paragraph (\d+)", answer)
+    if not m:
+        raise ValueError(f"retrieval answer {answer!r} is not 'Paragraph N'")
+    numbers = re.findall(r"\d+", prediction)
+    return sum(1 for n in numbers if n == m[0]) / len(numbers) if numbers else 0.0
+
+
+def count_score(prediction: str, answer: str) -> float:
+    """LongBench's PassageCount score: the share of the numbers in the prediction equal to the count."""
+    numbers = re.findall(r"\d+", prediction)
+    return sum(1 for n in numbers if n == str(answer)) / len(numbers) if numbers else 0.0
+
+
+#: LongBench-style task -> its scorer (prediction, first reference) -> [0, 1]
+LONGBENCH_METRICS = {
+    "lb_code": code_sim_score,
+    "lb_passage_retrieval": retrieval_score,
+    "lb_passage_count": count_score,
+}

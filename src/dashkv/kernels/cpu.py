@@ -32,6 +32,7 @@ import math
 import os
 import threading
 import time
+import types as pytypes
 
 import numba
 import numpy as np
@@ -74,6 +75,28 @@ def _int32_bits_as_float32(typingctx, x):
         return builder.bitcast(args[0], context.get_value_type(types.float32))
 
     return sig, codegen
+
+
+@intrinsic
+def _f32(typingctx, x):
+    """One stored K/V element as float32: float32 as is, uint16 as bfloat16 bits, int16 as float16 bits.
+
+    The K/V arrays reach numba as float32, or as uint16/int16 views of bfloat16/float16 storage (numba
+    has no such types); the element type picks the conversion at compile time, so each dtype gets its
+    own specialisation of the attention loops with no branch inside them.
+    """
+    if x == types.float32:
+        return types.float32(x), lambda context, builder, signature, args: args[0]
+    if x == types.uint16:
+        def bf16(context, builder, signature, args):
+            wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+            return builder.bitcast(wide, ir.FloatType())
+        return types.float32(x), bf16
+    if x == types.int16:
+        def f16(context, builder, signature, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return types.float32(x), f16
+    return None
 
 
 @intrinsic
@@ -247,7 +270,7 @@ def _attend_rows(qs, h0, Gq, d, kf, vf, kbase, vbase, rows, n, r0, lg, pm, pl, p
             qr = qs[h0 + g]
             s = np.float32(0.0)
             for i in range(d):
-                s += qr[i] * kr[i]
+                s += qr[i] * _f32(kr[i])
             lg[g * n + r] = s
     for g in range(Gq):
         lgg = lg[g * n:(g + 1) * n]
@@ -267,7 +290,7 @@ def _attend_rows(qs, h0, Gq, d, kf, vf, kbase, vbase, rows, n, r0, lg, pm, pl, p
             p = lg[g * n + r]
             acc = pacc[a0 + g]
             for i in range(d):
-                acc[i] += p * vr[i]
+                acc[i] += p * _f32(vr[i])
 
 
 @njit(cache=True)
@@ -621,6 +644,77 @@ def _dense_kernel(q, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, N, start, Hk
     return 0
 
 
+@njit(cache=True, fastmath=True)
+def _linear_heads(x, w, bias, out):
+    """out[b, h, t] = x[b, h, t] @ w[h] + bias[h] for (B, H, T, d) x of any stored dtype, float32 out."""
+    B, H, T, d = x.shape
+    nb = w.shape[2]
+    for b in range(B):
+        for h in range(H):
+            wh = w[h]
+            for t in range(T):
+                acc = out[b, h, t]
+                for j in range(nb):
+                    acc[j] = bias[h, j]
+                for i in range(d):
+                    xi = _f32(x[b, h, t, i])
+                    wr = wh[i]
+                    for j in range(nb):
+                        acc[j] += xi * wr[j]
+
+
+@njit(cache=True)
+def _pack_signs(proj, out):
+    """(B, H, T, b) float32 -> (B, H, T, b/64) words: bit j of word w is set iff proj[..., 64w + j] > 0."""
+    B, H, T, nb = proj.shape
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                p = proj[b, h, t]
+                for wd in range(nb // 64):
+                    word = np.uint64(0)
+                    for j in range(64):
+                        if p[64 * wd + j] > 0:
+                            word |= np.uint64(1) << np.uint64(j)
+                    out[b, h, t, wd] = word
+
+
+def linear_heads_cpu(x: torch.Tensor, weight: np.ndarray, bias: np.ndarray) -> torch.Tensor:
+    """Head-wise linear map (B, H, T, d) -> (B, H, T, b) float32 in one compiled loop.
+
+    For the few tokens of a decode step this replaces a batched matmul and its dispatch (~50-100 us per
+    layer in torch) by a few microseconds; `weight` (H, d, b) and `bias` (H, b) are float32 numpy arrays.
+    """
+    B, H, T, _ = x.shape
+    out = np.empty((B, H, T, weight.shape[2]), np.float32)
+    _linear_heads(_np(x.detach()), weight, bias, out)
+    return torch.from_numpy(out)
+
+
+def encode_linear_cpu(x: torch.Tensor, weight: np.ndarray, bias: np.ndarray) -> torch.Tensor:
+    """Packed sign codes (B, H, T, b/64) int64 of a head-wise linear key encoder (see `linear_heads_cpu`)."""
+    B, H, T, _ = x.shape
+    proj = np.empty((B, H, T, weight.shape[2]), np.float32)
+    _linear_heads(_np(x.detach()), weight, bias, proj)
+    words = np.empty((B, H, T, weight.shape[2] // 64), np.uint64)
+    _pack_signs(proj, words)
+    return torch.from_numpy(words.view(np.int64))
+
+
+def _serial(dispatcher, name: str):
+    """The same kernel compiled without `parallel=True` (prange runs as range) under its own name, so
+    numba's on-disk cache keeps both. One body, two schedules: the tests run both against the reference."""
+    f = dispatcher.py_func
+    g = pytypes.FunctionType(f.__code__, f.__globals__, name, f.__defaults__, f.__closure__)
+    g.__qualname__ = name
+    g.__doc__ = f.__doc__
+    return njit(cache=True)(g)
+
+
+_dashkv_kernel_serial = _serial(_dashkv_kernel, "_dashkv_kernel_serial")
+_dense_kernel_serial = _serial(_dense_kernel, "_dense_kernel_serial")
+
+
 # ---------------------------------------------------------------------------------------------
 # Python side: thread pool, zero-copy views, per-thread workspaces
 # ---------------------------------------------------------------------------------------------
@@ -675,6 +769,15 @@ def _grow(ws: list, sizes) -> None:
             ws[i] = np.empty(int(n * 1.25) + 64, dtype)
 
 
+_AS_NUMPY = {torch.float32: None, torch.bfloat16: torch.uint16, torch.float16: torch.int16}
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """Zero-copy numpy view; bfloat16/float16 storage is viewed as uint16/int16 (see `_f32`)."""
+    view = _AS_NUMPY.get(t.dtype)
+    return (t if view is None else t.view(view)).numpy()
+
+
 def _flat(t: torch.Tensor):
     """A 4-D (B, H, N, D) tensor whose (N, D) blocks are contiguous -> (flat 1-D numpy view, sB, sH, base).
 
@@ -690,15 +793,15 @@ def _flat(t: torch.Tensor):
         t = t.contiguous()
         sb, sh = (0 if B == 1 else t.stride(0)), (0 if H == 1 else t.stride(1))
     if t.is_contiguous():
-        return t.detach().numpy().reshape(-1), sb, sh, 0
+        return _np(t.detach().reshape(-1)), sb, sh, 0
     base = t._base
     if base is not None and base.is_contiguous() and base.dtype == t.dtype:
         off = t.storage_offset() - base.storage_offset()
         if off >= 0 and off % D == 0:
-            return base.detach().numpy().reshape(-1), sb, sh, off
+            return _np(base.detach().reshape(-1)), sb, sh, off
     size = (B - 1) * sb + (H - 1) * sh + N * D
     flat = torch.as_strided(t.detach(), (size,), (1,), t.storage_offset())
-    return flat.numpy(), sb, sh, 0
+    return _np(flat), sb, sh, 0
 
 
 def _rows(t: torch.Tensor):
@@ -721,31 +824,46 @@ def _zeros_i64(B: int) -> np.ndarray:
     return z[:B]
 
 
+KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _check(query, keys, values, codes=None) -> None:
-    if query.dtype != torch.float32 or keys.dtype != torch.float32 or values.dtype != torch.float32:
-        raise TypeError("dashkv CPU kernels take float32 query/keys/values "
-                        f"(got {query.dtype}, {keys.dtype}, {values.dtype})")
+    if keys.dtype not in KV_DTYPES or values.dtype != keys.dtype or not query.is_floating_point():
+        raise TypeError("dashkv CPU kernels take float32, bfloat16 or float16 keys/values of one dtype and a "
+                        f"floating-point query (got {query.dtype}, {keys.dtype}, {values.dtype})")
     if keys.device.type != "cpu":
         raise ValueError("dashkv CPU kernels take CPU tensors")
     if codes is not None and codes.dtype != torch.int64:
         raise TypeError(f"packed key codes must be int64 words, got {codes.dtype}")
 
 
+def _query_f32(query: torch.Tensor) -> np.ndarray:
+    q = query.detach()
+    if q.dtype != torch.float32:
+        q = q.float()
+    return (q if q.is_contiguous() else q.contiguous()).numpy()
+
+
 def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                       codes: torch.Tensor, *, sink: int, window: int, critical: int, scaling: float,
                       grouping: str = "kv_head", scorer: str = "asymmetric",
                       start: torch.Tensor | None = None, return_indices: bool = False,
-                      return_counts: bool = False, _mode: int = 0):
-    """One DASH-KV decode step of one layer on the CPU (fused numba kernel, all cores).
+                      return_counts: bool = False, parallel: bool = False, _mode: int = 0):
+    """One DASH-KV decode step of one layer on the CPU (fused numba kernel).
 
-    query (B, Hq, d) float32; q_proj (B, Hq, b) float32 (the query encoder's real-valued projection);
-    keys, values (B, Hkv, N, d) float32 and codes (B, Hkv, N, b/64) int64 -- each may be a view
+    query (B, Hq, d) any float dtype; q_proj (B, Hq, b) float32 (the query encoder's real-valued
+    projection); keys, values (B, Hkv, N, d) float32, bfloat16 or float16 (accumulation is float32)
+    and codes (B, Hkv, N, b/64) int64 -- each may be a view
     [:, :, :N] of a larger preallocated buffer (each head's (N, d) block must be contiguous; other
     layouts are copied). start (B,) int64: left padding per batch row (None = 0).
 
     Returns out (B, Hq, d) float32, then (if asked) indices (B, Hs, L) int64 -- the positions read per
     selecting head (Hs = Hkv for grouping="kv_head", Hq for "query_head"), ascending, padded with -1 --
     and counts (B, Hs) int64, the number of positions read.
+
+    `parallel=False` (what decoding uses) runs on the calling thread: no thread pool to wake, nothing
+    to fight torch's OpenMP threads for, and safe to call from several Python threads at once.
+    `parallel=True` splits the step over numba's threads (one launch at a time per process).
     """
     _check(query, keys, values, codes)
     B, Hq, d = query.shape
@@ -771,20 +889,17 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     kf, ksb, ksh, kb0 = _rows(keys)
     vf, vsb, vsh, vb0 = _rows(values)
     cft, csb, csh, cb0 = _flat(codes)
-    q = query.detach()
-    q = (q if q.is_contiguous() else q.contiguous()).numpy()
-    qp = q_proj.detach()
-    if qp.dtype != torch.float32:
-        qp = qp.float()
-    qp = (qp if qp.is_contiguous() else qp.contiguous()).numpy()
+    q = _query_f32(query)
+    qp = _query_f32(q_proj)
     st = _start_array(start, B)
     ws = _workspace()
+    kernel, nthreads = (_dashkv_kernel, numba.get_num_threads()) if parallel else (_dashkv_kernel_serial, 1)
     args = (q, qp, float(scaling), kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cft.view(np.uint64), cb0, csb, csh, N, W, st,
-            int(sink), int(window), int(critical), Hkv, per_query, scorer == "hamming", numba.get_num_threads(), _mode)
-    res = _dashkv_kernel(*args, ws[0], ws[1], ws[2], ws[3], out.numpy())
+            int(sink), int(window), int(critical), Hkv, per_query, scorer == "hamming", nthreads, _mode)
+    res = kernel(*args, ws[0], ws[1], ws[2], ws[3], out.numpy())
     if res[0] != 0:
         _grow(ws, res[1:5])
-        res = _dashkv_kernel(*args, ws[0], ws[1], ws[2], ws[3], out.numpy())
+        res = kernel(*args, ws[0], ws[1], ws[2], ws[3], out.numpy())
     if not (return_indices or return_counts):
         return out
     hs = Hq if per_query else Hkv
@@ -803,8 +918,9 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
 
 
 def dense_decode_cpu(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
-                     start: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense GQA decode attention (B, Hq, d) over (B, Hkv, N, d) keys/values, float32, all cores.
+                     start: torch.Tensor | None = None, parallel: bool = True) -> torch.Tensor:
+    """Dense GQA decode attention (B, Hq, d) float32 over (B, Hkv, N, d) keys/values (float32, bfloat16
+    or float16); all cores unless `parallel=False`.
 
     The numba split-K kernel: each (batch row, KV head, chunk of positions) reads its K and V rows once
     for all G query heads, keeps a partial softmax, and the parts are merged (flash-decoding). Positions
@@ -818,50 +934,57 @@ def dense_decode_cpu(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
         return out.zero_()
     kf, ksb, ksh, kb0 = _rows(keys)
     vf, vsb, vsh, vb0 = _rows(values)
-    q = query.detach()
-    q = (q if q.is_contiguous() else q.contiguous()).numpy()
+    q = _query_f32(query)
     st = _start_array(start, B)
     ws = _workspace()
-    args = (q, float(scaling), kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, N, st, Hkv, numba.get_num_threads())
-    need = _dense_kernel(*args, ws[2], out.numpy())
+    kernel, nthreads = (_dense_kernel, numba.get_num_threads()) if parallel else (_dense_kernel_serial, 1)
+    args = (q, float(scaling), kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, N, st, Hkv, nthreads)
+    need = kernel(*args, ws[2], out.numpy())
     if need != 0:
         _grow(ws, (0, 0, need, 0))
-        _dense_kernel(*args, ws[2], out.numpy())
+        kernel(*args, ws[2], out.numpy())
     return out
 
 
 def dense_decode_torch(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
                        start: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense GQA decode attention as plain torch matmul + softmax (no K/V repeat): (B, Hq, d)."""
+    """Dense GQA decode attention as plain torch matmul + softmax (no K/V repeat): (B, Hq, d) float32."""
     B, Hq, d = query.shape
     Hkv, N = keys.shape[1], keys.shape[2]
-    q = query.reshape(B, Hkv, Hq // Hkv, d)
-    logits = torch.matmul(q, keys.transpose(-1, -2)) * scaling  # (B, Hkv, G, N)
+    q = query.reshape(B, Hkv, Hq // Hkv, d).to(keys.dtype)  # bf16 K/V: bf16 matmuls (AMX on this CPU)
+    logits = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # (B, Hkv, G, N)
     if start is not None and bool((start > 0).any()):
         mask = torch.arange(N)[None, :] < start[:, None]
         logits = logits.masked_fill(mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    return torch.matmul(probs, values).reshape(B, Hq, d)
+    return torch.matmul(probs.to(values.dtype), values).float().reshape(B, Hq, d)
 
 
-def warmup(verbose: bool = False) -> float:
-    """Compile (or load from numba's on-disk cache) every kernel specialisation used in practice.
+def warmup(dtypes=(torch.float32,), parallel: bool = False, verbose: bool = False) -> float:
+    """Compile (or load from numba's on-disk cache) the kernels for K/V of these dtypes.
 
-    Returns the seconds it took; the first call in a fresh environment compiles (tens of seconds),
-    later processes load the cache (well under a second).
+    Specialisations differ only by the K/V element type (the rest are run-time arguments). Returns the
+    seconds it took: the first call in a fresh environment compiles (tens of seconds), later processes
+    load the cache (about a second).
     """
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(0)
-    for W in (1, 2):
-        q = torch.randn(1, 2, 8, generator=g)
-        qp = torch.randn(1, 2, 64 * W, generator=g)
-        k = torch.randn(1, 1, 40, 8, generator=g)
-        c = torch.randint(-2**62, 2**62, (1, 1, 40, W), generator=g)
-        for grouping in ("kv_head", "query_head"):
-            for scorer in ("asymmetric", "hamming"):
-                dashkv_decode_cpu(q, qp, k, k, c, sink=2, window=4, critical=8, scaling=0.3,
-                                  grouping=grouping, scorer=scorer)
-    dense_decode_cpu(q, k, k, 0.3)
+    for dtype in dtypes:
+        for W in (1, 2):
+            q = torch.randn(1, 2, 8, generator=g)
+            qp = torch.randn(1, 2, 64 * W, generator=g)
+            k = torch.randn(1, 1, 40, 8, generator=g).to(dtype)
+            c = torch.randint(-2**62, 2**62, (1, 1, 40, W), generator=g)
+            for par in ((False, True) if parallel else (False,)):
+                for grouping in ("kv_head", "query_head"):
+                    for scorer in ("asymmetric", "hamming"):
+                        dashkv_decode_cpu(q, qp, k, k, c, sink=2, window=4, critical=8, scaling=0.3,
+                                          grouping=grouping, scorer=scorer, parallel=par)
+                dense_decode_cpu(q, k, k, 0.3, parallel=par)
+            w = np.ones((1, 8, 64 * W), np.float32)
+            encode_linear_cpu(k[:, :, :2], w, np.zeros((1, 64 * W), np.float32))
+            linear_heads_cpu(q[:, :, None].to(dtype), np.ones((2, 8, 64 * W), np.float32),
+                             np.zeros((2, 64 * W), np.float32))
     dt = time.perf_counter() - t0
     if verbose:
         print(f"dashkv.kernels.cpu: kernels ready in {dt:.2f} s")

@@ -16,7 +16,7 @@ DashKVLayer. Sliding-window layers are not: models with them use batching at adm
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -82,8 +82,10 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 class RunningBatch:
     """Cache, mask and last tokens of the rows decoding together; `rows` is any per-row payload."""
 
-    def __init__(self, model: Any, pad_id: int, dashkv: bool):
+    def __init__(self, model: Any, pad_id: int, dashkv: bool, new_cache: Callable[[bool], Any] | None = None):
+        """new_cache(first): an empty cache for a prefill (first: the one the batch keeps); None -> DynamicCache."""
         self.model, self.pad_id, self.dashkv = model, pad_id, dashkv
+        self.new_cache = new_cache or (lambda first: DynamicCache(config=model.config))
         # transformers 5.x renamed past_key_values to cache (the old name warns until 5.40)
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -107,9 +109,8 @@ class RunningBatch:
         for i, p in enumerate(prompts):
             ids[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[i, longest - len(p):] = 1
-        # DASH-KV's pre-hook swaps an empty DynamicCache for a DashKVCache; dense keeps the DynamicCache
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True,
-                         logits_to_keep=1, **{self._cache_kw: DynamicCache(config=self.model.config)})
+                         logits_to_keep=1, **{self._cache_kw: self.new_cache(self.cache is None)})
         return _cache_of(out), mask, out.logits[:, -1].float()
 
     def join(self, prompts: list[list[int]], rows: list[Any]) -> torch.Tensor:

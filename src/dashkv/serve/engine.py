@@ -442,6 +442,12 @@ class Engine:
         self._pending = rest
         return batch
 
+    def _new_cache(self, stats: StepStats | None) -> Any:
+        """A DASH-KV cache of the current handle whose per-call statistics are `stats` (None: untracked)."""
+        cache = self.handle.new_cache()
+        cache.dashkv.stats = stats
+        return cache
+
     def _apply_mode(self, mode: Mode) -> None:
         from ..hf import disable, enable
 
@@ -474,8 +480,9 @@ class Engine:
             for i, req in enumerate(batch):
                 ids[i, pads[i]:] = torch.tensor(req.prompt_ids, dtype=torch.long)
                 mask[i, pads[i]:] = 1
-            if self.handle is not None:
-                self.handle.stats = RowStats(rows, pads)
+            extra: dict[str, Any] = {}
+            if self.handle is not None:  # our own cache, so that its statistics are per row
+                extra["cache"] = self._new_cache(RowStats(rows, pads))
             s = batch[0].sampling
             cfg: dict[str, Any] = dict(max_new_tokens=max(r.max_tokens for r in batch), do_sample=not s.greedy,
                                        pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids) or None)
@@ -485,7 +492,7 @@ class Engine:
                     torch.manual_seed(s.seed)
             criteria = _RowCriteria(rows, self)
             self.model.generate(ids, attention_mask=mask, generation_config=GenerationConfig(**cfg),
-                                stopping_criteria=StoppingCriteriaList([criteria]))
+                                stopping_criteria=StoppingCriteriaList([criteria]), **extra)
             now = time.perf_counter()
             for row in rows:  # generate ran to max_new_tokens: rows not stopped yet ran out of length
                 row.finish("length", now, self.decode(row.ids))
@@ -497,9 +504,6 @@ class Engine:
                     row.done = True
                     row.req.emit(Failed(err))
         finally:
-            if self.handle is not None:
-                self.handle.stats = None
-                self.handle.live_layers.clear()  # do not keep the last batch's cache alive between batches
             self.running_rows = 0
             self.metrics.set("dashkv_running_requests", 0)
             self.batches_run += 1
@@ -565,10 +569,10 @@ class Engine:
         joining = first
         try:
             self._apply_mode(mode)
-            rb = RunningBatch(self.model, self.pad_id, dashkv=not mode.dense)
             stats = RowStats([], []) if self.handle is not None else None
-            if self.handle is not None:
-                self.handle.stats = stats
+            rb = RunningBatch(self.model, self.pad_id, dashkv=not mode.dense,
+                              new_cache=(lambda first: self._new_cache(stats if first else None))
+                              if self.handle is not None else None)
             while True:
                 if joining:
                     self._join(rb, joining)
@@ -613,9 +617,6 @@ class Engine:
                 if rb is None or not any(r.req is req for r in rb.rows):
                     req.emit(Failed(err))
         finally:
-            if self.handle is not None:
-                self.handle.stats = None
-                self.handle.live_layers.clear()
             self.running_rows = 0
             self.metrics.set("dashkv_running_requests", 0)
             self.batches_run += 1

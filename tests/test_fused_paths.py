@@ -1,0 +1,79 @@
+"""The fused CPU decode path against the torch reference path inside real `generate` calls:
+half-precision K/V, left-padded batches, and the one-time warning when a step leaves the fused path."""
+
+import logging
+
+import pytest
+import torch
+
+from dashkv import _logging, hf
+from dashkv.config import DashKVConfig
+from dashkv.encoders import HashEncoders
+from dashkv.models import model_shape, tiny_model
+
+SPARSE = DashKVConfig(budget=1 / 16, sink=4, window=8, k_min=4, dense_layers=())
+
+
+def _simhash(model):
+    s = model_shape(model)
+    return HashEncoders.simhash(s.to_dict(), 64, s.full_attention_layers, seed=0)
+
+
+def _generate(model, ids, fast, mask=None, config=SPARSE, **kw):
+    with hf.enable(model, _simhash(model), config, track=True) as handle:
+        handle.fast = fast
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, **kw)
+        fraction = handle.stats.fraction
+    return out, fraction
+
+
+def _step_logits(model, ids, fast, mask=None):
+    """Logits of the first decode step after a dense prefill (same cache contents on both paths)."""
+    with hf.enable(model, _simhash(model), SPARSE) as handle, torch.no_grad():
+        handle.fast = fast
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        mask2 = None if mask is None else torch.cat([mask, torch.ones_like(nxt)], 1)
+        return model(input_ids=nxt, attention_mask=mask2, cache=out.cache, use_cache=True).logits[:, -1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_fused_matches_reference(dtype):
+    model = tiny_model("llama", dtype=dtype)
+    ids = torch.randint(3, 500, (1, 700), generator=torch.Generator().manual_seed(1))
+    fast_logits = _step_logits(model, ids, fast=True).float()
+    ref_logits = _step_logits(model, ids, fast=False).float()
+    torch.testing.assert_close(fast_logits, ref_logits, atol=0.05, rtol=0.02)  # a few bf16 ulps of the logits
+    fast, frac = _generate(model, ids, fast=True)
+    ref, _ = _generate(model, ids, fast=False)
+    assert frac < 0.2  # it really was sparse
+    assert torch.equal(fast, ref)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_left_padded_batch_fused_matches_reference(family):
+    model = tiny_model(family)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 500, (3, 800), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :150] = 0
+    mask[2, :420] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    torch.testing.assert_close(_step_logits(model, ids, True, mask), _step_logits(model, ids, False, mask),
+                               atol=1e-4, rtol=1e-4)
+    fast, frac = _generate(model, ids, True, mask)
+    ref, _ = _generate(model, ids, False, mask)
+    assert frac < 0.2
+    assert torch.equal(fast, ref)
+
+
+def test_fallback_to_reference_path_warns_once(caplog):
+    _logging.reset_warnings()
+    model = tiny_model("llama")
+    ids = torch.randint(3, 500, (1, 300), generator=torch.Generator().manual_seed(3))
+    adaptive = DashKVConfig(budget=1 / 8, sink=4, window=8, adaptive=True, dense_layers=())
+    with caplog.at_level(logging.WARNING, logger="dashkv"):
+        _generate(model, ids, True, config=adaptive)
+        _generate(model, ids, True, config=adaptive)
+    hits = [r for r in caplog.records if "reference path" in r.getMessage()]
+    assert len(hits) == 1 and "adaptive=True" in hits[0].getMessage()
