@@ -599,8 +599,13 @@ class Engine:
                     for row, tok in zip(rb.rows, tokens):
                         row.push(tok, now)
                     rb.keep([i for i, r in enumerate(rb.rows) if not r.done])
-                if not self._running.is_set():
-                    raise RuntimeError("the server is shutting down")
+                if not self._running.is_set():  # stop(): fail what is still decoding, without a traceback
+                    err = APIError(503, "the server is shutting down", code="shutting_down")
+                    for row in rb.rows:
+                        row.done = True
+                        row.req.emit(Failed(err))
+                    rb.keep([])
+                    break
                 joining = self._joiners(rb, key)
                 if joining:
                     self._update_queue_gauge()
