@@ -1,4 +1,4 @@
-"""The `dashkv` command: demo, generate, calibrate, eval, bench.
+"""The `dashkv` command: demo, generate, calibrate, eval, bench, serve.
 
 Every subcommand validates its arguments before loading a model, and every error a user can cause
 (bad budget, wrong encoders, unsupported model, prompt too long, missing files) is printed as one
@@ -20,6 +20,7 @@ examples:
   dashkv eval --methods dashkv,dense,streaming --budgets 1/8,1/16 --tasks niah_single_1 --lengths 4096
   dashkv bench kernel --n 4096,16384,65536 --bits 64 --budget 1/16
   dashkv bench decode --model smollm2-135m --context 8192 --batch 1,8 --dtype bfloat16
+  dashkv serve --model smollm2-135m --budget 1/16 --port 8000   # OpenAI-compatible API (pip install 'dashkv[serve]')
 
 The budget is the number of cached tokens each decode step reads per KV head, counting sinks,
 the recent window and every candidate: a fraction of the context (1/16, 0.0625) or a count (512).
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continuation", type=int, default=None, help="scored tokens per perplexity window (64)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: DASHKV_EVAL_THREADS or 1)")
 
-    p = sub.add_parser("bench", help="benchmarks: kernel (one layer) or decode (end to end)")
+    p = sub.add_parser("bench", help="benchmarks: kernel (one layer), decode (end to end), serve (HTTP server)")
     bsub = p.add_subparsers(dest="bench", metavar="WHAT")
     k = bsub.add_parser("kernel", help="one layer's decode attention, DASH-KV vs dense, same run")
     k.add_argument("--n", default="4096,16384,65536,262144", help="context lengths")
@@ -133,6 +134,53 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--profile", action="store_true",
                    help="afterwards, time each part of DASH-KV's decode step inside a real generate")
     d.add_argument("--json", default=None, help="write the rows as JSON here")
+    sv = bsub.add_parser("serve", help="N concurrent streaming clients against `dashkv serve`, DASH-KV vs dense",
+                         description="Starts the server in this process (or targets --url) and sends N concurrent "
+                                     "streamed completions of --context tokens each, alternating DASH-KV and dense "
+                                     "per request; prints aggregate tokens/s and time to first token.")
+    from .serve.bench import add_arguments as add_bench_serve_arguments
+
+    add_bench_serve_arguments(sv)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions, streaming) over DASH-KV",
+                       description="Serves POST /v1/chat/completions and /v1/completions (stream or not), "
+                                   "GET /v1/models, /health and /metrics. Concurrent requests are decoded "
+                                   "together in one batch. A request may choose its budget or dense decoding with "
+                                   'the extension field "dashkv": {"budget": "1/16"} or "dashkv": "dense". '
+                                   "Needs the serve extra: pip install 'dashkv[serve]'.")
+    _add_model_args(p)
+    p.add_argument("--budget", default="1/16",
+                   help="default budget of requests that do not choose one: fraction (1/16), count (512) or "
+                        "'dense' (default: %(default)s)")
+    p.add_argument("--bits", type=int, default=64, help="key code length, a multiple of 64 (default: %(default)s)")
+    p.add_argument("--sink", type=int, default=4, help="first tokens always attended (default: %(default)s)")
+    p.add_argument("--window", type=int, default=64, help="recent tokens always attended (default: %(default)s)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="weights and KV cache dtype; the fused CPU kernel serves float32 (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; the server has no authentication, keep it on loopback unless "
+                        "something in front of it has (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="most requests decoded together in one batch (default: %(default)s)")
+    p.add_argument("--max-kv-memory", default="4GiB",
+                   help="bound on the K/V + key codes of one batch, estimated from the requested lengths; a "
+                        "request that alone exceeds it gets HTTP 413 (default: %(default)s)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="refuse prompt + max_tokens past this many tokens (default: the model's "
+                        "max_position_embeddings)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model id clients send and /v1/models lists (default: the --model value)")
+    p.add_argument("--scheduler", choices=("auto", "continuous", "admission"), default="auto",
+                   help="continuous: requests join and leave the running batch at step boundaries; admission: "
+                        "a batch is formed when it starts and runs to its end (auto: continuous unless the "
+                        "model has sliding-window layers) (default: %(default)s)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long the worker waits for more requests before starting a batch that is not full "
+                        "(default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch and numba (fused kernel) threads (default: their choice)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="log level of the server and the engine (default: %(default)s)")
     return parser
 
 
@@ -225,11 +273,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench_decode import bench_decode
 
         return bench_decode(args)
-    raise ValueError("choose what to benchmark: `dashkv bench kernel` or `dashkv bench decode`")
+    if args.bench == "serve":
+        from .serve.bench import bench_serve
+
+        return bench_serve(args)
+    raise ValueError("choose what to benchmark: `dashkv bench kernel`, `dashkv bench decode` or `dashkv bench serve`")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.cli import serve_command
+
+    return serve_command(args)
 
 
 COMMANDS = {"demo": cmd_demo, "generate": cmd_generate, "calibrate": cmd_calibrate, "eval": cmd_eval,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
