@@ -4,6 +4,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from dashkv import cli
 from dashkv.demo import run_demo
@@ -27,6 +28,9 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert all(r["tokens"] >= 1 for r in rows)
     dashkv_rows = [r for r in rows if r["method"] == "dashkv"]
     assert all(0 < r["read_fraction"] < 1 for r in dashkv_rows)
+    assert all(0.0 <= r["agreement"] <= 1.0 for r in dashkv_rows)
+    assert all(r["agreement"] is None for r in rows if r["method"] == "unmodified")
+    assert "StaticCache" in out and "teacher-forced agreement" in out
     assert (tmp_path / "demo.png").stat().st_size > 1000
 
 
@@ -123,3 +127,19 @@ def test_bench_kernel_rows(dtype):
     assert all(row[f"{m}_ms"] > 0 for m in METHODS)
     assert row["dense_max_abs_err"] < (1e-4 if dtype == "float32" else 2e-2)
     assert row["dashkv_bytes"] < row["dense_bytes"]
+
+
+def test_teacher_forced_agreement_is_one_at_full_budget():
+    from dashkv import hf
+    from dashkv.config import DashKVConfig
+    from dashkv.demo import prefill, teacher_forced_agreement
+    from dashkv.eval.runner import greedy_decode
+
+    model = tiny_model("llama")
+    s = model_shape(model)
+    enc = HashEncoders.simhash(s.to_dict(), 64, s.full_attention_layers)
+    ids = torch.randint(3, 500, (1, 400), generator=torch.Generator().manual_seed(0))
+    reference = greedy_decode(model, prefill(model, ids, static_tokens=12), int(ids[0, -1]), 10)
+    with hf.enable(model, enc, DashKVConfig(budget=1.0, dense_layers=())) as handle:
+        assert teacher_forced_agreement(model, handle.cache_from(prefill(model, ids)), int(ids[0, -1]),
+                                        reference) == 1.0
