@@ -14,7 +14,7 @@ from pathlib import Path
 
 EPILOG = """\
 examples:
-  dashkv demo                                   # needle in ~6K tokens, unmodified vs DASH-KV
+  dashkv demo                                   # needle in ~4K tokens, unmodified vs DASH-KV
   dashkv generate --prompt-file doc.txt --max-new-tokens 64 --budget 1/16
   dashkv calibrate --model smollm2-135m --text /usr/share/common-licenses --bits 64 --out enc/
   dashkv eval --methods dashkv,dense,streaming --budgets 1/8,1/16 --tasks niah_single_1 --lengths 4096
@@ -53,12 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="answer a needle-in-a-haystack prompt with and without DASH-KV",
-                       description="Loads the model with its encoders, hides a needle in ~6K tokens of real "
+                       description="Loads the model with its encoders, hides a needle in ~4K tokens of real "
                                    "text and answers it with the unmodified model and with DASH-KV, then "
                                    "repeats for a few needle depths. Prints a table and writes a PNG.")
     _add_model_args(p)
     _add_dashkv_args(p)
-    p.add_argument("--length", type=int, default=6000, help="prompt length in tokens (default: %(default)s)")
+    p.add_argument("--length", type=int, default=4000, help="prompt length in tokens (default: %(default)s)")
     p.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths for the table (default: %(default)s)")
     p.add_argument("--text", default=None,
                    help="haystack text file or directory (default: Paul Graham essays if installed, else the "
