@@ -25,21 +25,17 @@ per candidate is written and re-read from cache and not counted).
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import os
+import platform
+import statistics
 import sys
+import time
+from fractions import Fraction
 
-if "torch" not in sys.modules:  # standalone run: torch's OpenMP pool must not spin on a shared machine
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from fractions import Fraction  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 SHAPES = {"smollm2": (9, 3, 64), "d128": (32, 8, 128)}  # (query heads, KV heads, head dim)
 METHODS = ("dashkv", "dashkv_select", "dashkv_hamming", "dashkv_serial", "sdpa", "dense_torch", "dense_numba")

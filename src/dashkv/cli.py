@@ -296,10 +296,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command == "bench":
-        # before torch is imported: OpenMP threads that sleep instead of spin between the many small
-        # calls of a decode step measured fastest and steadiest (docs/kernels.md)
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .encoders import EncoderFileError, EncoderMismatchError
     from .errors import DashKVError
 

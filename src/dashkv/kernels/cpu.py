@@ -720,16 +720,15 @@ _dense_kernel_serial = _serial(_dense_kernel, "_dense_kernel_serial")
 # Python side: thread pool, zero-copy views, per-thread workspaces
 # ---------------------------------------------------------------------------------------------
 def _init_threads() -> None:
-    """Pick numba's threading layer before its first parallel launch.
+    """Pick numba's `workqueue` threading layer before its first parallel launch, unless the user chose
+    one (NUMBA_THREADING_LAYER).
 
-    numba's default OpenMP layer shares torch's libgomp pool, whose default wait policy *spins*. On a
-    machine with any other load (or torch's own pool still spinning after an op), a spinning team on
-    oversubscribed cores stalls a parallel region for a whole scheduler time slice: we measured 40-60
-    ms decode steps instead of 0.2-2 ms on the shared 2-core box. So unless the user chose a layer
-    (NUMBA_THREADING_LAYER) or made OpenMP passive (OMP_WAIT_POLICY=PASSIVE, which must be set before
-    torch is imported and is the fastest robust setting), use numba's 'workqueue' layer: its threads
-    sleep between regions. workqueue does not allow parallel kernels launched concurrently from several
-    Python threads; the decode loop is single-threaded.
+    numba's OpenMP layer loads the *system* libgomp beside the copy torch bundles; once it starts,
+    torch's own thread settings are no longer what the user set (measured: `torch.get_num_threads()`
+    went from 1 to 2 in the same process), and two OpenMP runtimes with spinning workers share the
+    cores. workqueue threads sleep between launches and touch nothing of torch's. It does not allow
+    concurrent launches from several Python threads, so parallel launches hold a lock
+    (`_PARALLEL_LOCK`); single sequences run the serial kernels and never launch at all.
     """
     from numba.np.ufunc import parallel
 
@@ -737,18 +736,16 @@ def _init_threads() -> None:
         return
     if "NUMBA_THREADING_LAYER" in os.environ or numba.config.THREADING_LAYER != "default":
         return
-    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
-        return
     numba.config.THREADING_LAYER = "workqueue"
 
 
 def threading_info() -> dict:
-    """The threads and layer the kernels run with (for benchmark reports)."""
+    """The threads and layer the kernels run with (for benchmark reports); starts no threads."""
     try:
         layer = numba.threading_layer()
     except ValueError:
         layer = "not started"
-    return {"numba_threads": numba.get_num_threads(), "numba_layer": layer,
+    return {"numba_threads": numba.config.NUMBA_NUM_THREADS, "numba_layer": layer,
             "torch_threads": torch.get_num_threads(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "")}
 
 
