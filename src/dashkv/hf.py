@@ -450,7 +450,7 @@ def dashkv_attention_forward(module: Any, query: torch.Tensor, key: torch.Tensor
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     if ctx.calibrated_length and n > ctx.calibrated_length:
-        warn_once(logger, ("past-calibrated-length", id(policy)),
+        warn_once(logger, ("past-calibrated-length", ctx.calibrated_length),
                   "dashkv: decoding at %d tokens, past the %d-token context the encoders were calibrated on; "
                   "selection quality there is unmeasured", n, ctx.calibrated_length)
     if q_len == 1:

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .perplexity import PerplexityDoc, _corpus_text
+from .perplexity import PerplexityDoc, _corpus_text, prose_window
 
 __all__ = ["FIDELITY_TASKS", "FIDELITY_KINDS", "stdlib_sources", "make_fidelity_documents", "teacher_forced_logprobs",
            "compare_logprobs", "FidelityStats", "DEFAULT_POSITIONS"]
@@ -69,17 +69,9 @@ def make_fidelity_documents(tokenizer: Any, kind: str, length: int, n: int, *, s
         name = haystack or "essays"
         text = _corpus_text(name)
         for i in range(n):
-            rng = random.Random(f"dashkv:fidelity:prose:{seed}:{i}")
-            chars = 6 * length
-            while True:
-                if len(text) <= chars:
-                    raise ValueError(f"fidelity: the {name} corpus is too short for {length} tokens")
-                start = text.find(" ", rng.randrange(len(text) - chars)) + 1
-                ids = tokenizer.encode(text[start:start + chars], add_special_tokens=False)
-                if len(ids) >= length:
-                    break
-                chars *= 2
-            docs.append(PerplexityDoc(i, list(ids[:length]), positions, start, name))
+            ids, start = prose_window(text, tokenizer, length, random.Random(f"dashkv:fidelity:prose:{seed}:{i}"),
+                                      f"fidelity: the {name} corpus")
+            docs.append(PerplexityDoc(i, ids, positions, start, name))
         return docs
     if kind != "code":
         raise ValueError(f"unknown fidelity kind {kind!r}: prose or code")

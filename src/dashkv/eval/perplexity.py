@@ -63,19 +63,24 @@ def make_documents(tokenizer: Any, length: int, n: int, *, seed: int = 0, contin
     text = _corpus_text(name)
     docs = []
     for i in range(n):
-        rng = random.Random(f"dashkv:perplexity:{seed}:{i}")
-        chars = 6 * length
-        while True:
-            if len(text) <= chars:
-                raise ValueError(f"perplexity: the {name} corpus is too short for {length} tokens")
-            start = rng.randrange(len(text) - chars)
-            start = text.find(" ", start) + 1  # a word boundary
-            ids = tokenizer.encode(text[start:start + chars], add_special_tokens=False)
-            if len(ids) >= length:
-                break
-            chars *= 2
-        docs.append(PerplexityDoc(i, list(ids[:length]), continuation, start, name))
+        ids, start = prose_window(text, tokenizer, length, random.Random(f"dashkv:perplexity:{seed}:{i}"),
+                                  f"perplexity: the {name} corpus")
+        docs.append(PerplexityDoc(i, ids, continuation, start, name))
     return docs
+
+
+def prose_window(text: str, tokenizer: Any, length: int, rng: random.Random, what: str) -> tuple[list[int], int]:
+    """`length` token ids of `text` from a seeded random word boundary, and that boundary's offset;
+    only the characters around the window are tokenised (6 per token at first, doubled until enough)."""
+    chars = 6 * length
+    while True:
+        if len(text) <= chars:
+            raise ValueError(f"{what} is too short for {length} tokens")
+        start = text.find(" ", rng.randrange(len(text) - chars)) + 1  # a word boundary
+        ids = tokenizer.encode(text[start:start + chars], add_special_tokens=False)
+        if len(ids) >= length:
+            return list(ids[:length]), start
+        chars *= 2
 
 
 @torch.inference_mode()
