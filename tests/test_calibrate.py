@@ -293,3 +293,25 @@ def test_calibration_code_never_overlaps_heldout_code():
     assert dirs and all(d.is_dir() for d in dirs)
     held = {p.resolve() for p in heldout_code_files()}
     assert held and not any(p.resolve() in held for d in dirs for p in d.rglob("*.py"))
+
+
+def test_spatial_vote_option():
+    """Δ_spatial: off by default; on, it moves a key every head ranks highly up and stays on the reference path."""
+    from dashkv.config import DashKVConfig
+    from dashkv.decode import _fast_kernel
+    from dashkv.selection import DashKVPolicy, LayerState, spatial_vote
+
+    with pytest.raises(ValueError, match="spatial_vote"):
+        DashKVConfig(spatial_vote=float("nan"))
+    s = torch.zeros(1, 4, 10)
+    s[0, 0, 3] = s[0, 1, 3] = s[0, 2, 3] = 1.0  # three of four heads like key 3
+    s[0, 3, 7] = 1.2  # head 3 alone likes key 7 a bit more
+    assert int(s[0, 3].argmax()) == 7 and int(spatial_vote(s, 3.0)[0, 3].argmax()) == 3
+    enc = HashEncoders.simhash({"model_type": "llama", "num_layers": 2, "num_q_heads": 4, "num_kv_heads": 2,
+                                "head_dim": 16}, 64, [1])
+    keys, q = torch.randn(1, 2, 50, 16), torch.randn(1, 4, 16)
+    st = LayerState(1, enc.encode_keys(1, keys))
+    off, on = DashKVPolicy(DashKVConfig(), enc), DashKVPolicy(DashKVConfig(spatial_vote=0.5), enc)
+    assert torch.equal(off.per_head_scores(st, q), spatial_vote(off.per_head_scores(st, q), 0.0))
+    assert not torch.equal(off.per_head_scores(st, q), on.per_head_scores(st, q))
+    assert _fast_kernel(on, on.config, keys) is None
