@@ -63,6 +63,8 @@ VARIANTS = {
     "mix4k+anneal+group3": ("mix4k", {**PAPER, "group_weight": 3.0}),
     "mix4k-q48+anneal": ("mix4k-q48", PAPER),
     "mix4k+anneal+400steps": ("mix4k", {**PAPER, "steps": 400}),
+    "mix4k+anneal+cosine": ("mix4k", {**PAPER, "lr_schedule": "cosine"}),
+    "mix4k+anneal+cosine+lr1e-2": ("mix4k", {**PAPER, "lr_schedule": "cosine", "lr": 1e-2}),
 }
 budgets = (1 / 16, 1 / 32)
 plans = {_budget_label(b): DashKVConfig(bits=64, budget=b, sink=4, window=64) for b in budgets}

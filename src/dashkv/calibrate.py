@@ -444,7 +444,8 @@ def train_layer(cap: LayerCapture, bits: int, *, objective: str = "kl", steps: i
                 balance: float = 0.05, decorrelation: float = 0.05, topk_fraction: float = 1 / 16,
                 depth: int = 1, hidden: int = 0, query_depth: int | None = None, query_hidden: int | None = None,
                 key_relax: str = "ste", anneal_beta: Sequence[float] = (1.0, 10.0), quantization: float = 0.0,
-                group_weight: float = 0.0, seed: int = 0) -> tuple[LayerEncoders, dict[str, float]]:
+                group_weight: float = 0.0, lr_schedule: str = "constant",
+                seed: int = 0) -> tuple[LayerEncoders, dict[str, float]]:
     """Train one layer's query/key encoders on its captured Q/K; the model is not involved.
 
     key_relax "ste": tanh(f_k) relaxed codes, straight-through sign for the last `ste_fraction` of the
@@ -469,6 +470,8 @@ def train_layer(cap: LayerCapture, bits: int, *, objective: str = "kl", steps: i
     params = (list(enc.parameters()) + ([threshold] if objective == "bce" else [])
               + ([group_scale] if group_weight else []))
     opt = torch.optim.Adam(params, lr=lr)
+    if lr_schedule not in ("constant", "cosine"):
+        raise CalibrationError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
     s_all = cap.num_sequences
     batch = min(batch, s_all)
     ste_from = int(steps * (1 - ste_fraction)) if key_relax == "ste" else steps
@@ -486,6 +489,9 @@ def train_layer(cap: LayerCapture, bits: int, *, objective: str = "kl", steps: i
         s, _, n, _ = k.shape
         p = q.shape[2]
         beta = anneal_schedule(step, steps, anneal_beta)
+        if lr_schedule == "cosine":
+            for grp_ in opt.param_groups:
+                grp_["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps)))
         fk = enc.key(k)  # (s, Hkv, N, b)
         u = torch.tanh(beta * fk) if key_relax == "anneal" else torch.tanh(fk)
         relaxed = u
