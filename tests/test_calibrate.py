@@ -315,3 +315,14 @@ def test_spatial_vote_option():
     assert torch.equal(off.per_head_scores(st, q), spatial_vote(off.per_head_scores(st, q), 0.0))
     assert not torch.equal(off.per_head_scores(st, q), on.per_head_scores(st, q))
     assert _fast_kernel(on, on.config, keys) is None
+
+
+def test_command_heldout_code_report(tiny_dir, tmp_path, capsys):
+    (tmp_path / "cal.txt").write_text(_words(600, 0))
+    out = tmp_path / "enc"
+    rc = _cmd(str(tiny_dir), [str(tmp_path / "cal.txt")], out, heldout_code=True, heldout_sequences=1,
+              budgets=(1 / 4,))
+    assert rc == 0, capsys.readouterr().err
+    assert (out / "report_code.json").is_file() and (out / "recall_code.png").is_file()
+    assert not (out / "report.json").exists()
+    assert "standard-library code" in capsys.readouterr().out
