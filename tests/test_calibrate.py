@@ -219,3 +219,110 @@ def test_shipped_default_encoders_fit_the_default_model():
     assert enc.meta["model_name"] and enc.meta["corpus_sha256"]
     with pytest.raises(Exception, match="no shipped encoders"):
         HashEncoders.for_default_model(bits=192)
+
+
+# ---- the paper's recipe as options (issue 10) ------------------------------------------------------
+
+def test_mlp_query_init_equals_the_linear_start():
+    """A GELU MLP query encoder starts exactly at the linear (SimHash-like) map it replaces."""
+    from dashkv.calibrate import _init_mlp_as_linear
+    from dashkv.encoders import HeadwiseMLP
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 16, 64, generator=g)
+    mlp = HeadwiseMLP(3, 16, 64, hidden=160, depth=3)
+    _init_mlp_as_linear(mlp, a, g)
+    x = torch.randn(2, 3, 5, 16, generator=g)
+    torch.testing.assert_close(mlp(x), torch.einsum("bhnd,hdk->bhnk", x, a), atol=1e-4, rtol=1e-4)
+
+
+def test_anneal_schedule_runs_from_start_to_end():
+    from dashkv.calibrate import anneal_schedule
+
+    assert anneal_schedule(0, 100) == 1.0 and anneal_schedule(99, 100) == 10.0
+    assert anneal_schedule(0, 1, (2.0, 5.0)) == 2.0
+    assert 1.0 < anneal_schedule(50, 100) < 10.0
+
+
+def test_paper_recipe_deterministic_and_round_trips(tiny, tmp_path):
+    kw = dict(query_depth=3, query_hidden=128, key_relax="anneal", quantization=0.1, balance=0.1,
+              query_from=0.75, queries_per_seq=8)
+    a, b = _cal(tiny, **kw), _cal(tiny, **kw)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    assert a.depth == 1 and a.query_depth == 3 and a.layers["2"].query.depth == 3
+    assert a.meta["key_relax"] == "anneal" and a.meta["quantization"] == 0.1 and a.meta["query_depth"] == 3
+    assert a.meta["attention_fingerprint"] and a.meta["query_from"] == 0.75
+    a.save_pretrained(tmp_path / "enc")
+    back = HashEncoders.from_pretrained(tmp_path / "enc")
+    assert back.query_depth == 3 and back.query_hidden == 128 and back.depth == 1
+    back.check_compatible(tiny)
+    q = torch.randn(1, 6, 1, 16)
+    k = torch.randn(1, 2, 7, 16)
+    # decode-sized inputs: MLP queries go through torch, linear keys through the compiled path; same values
+    torch.testing.assert_close(back.project_queries(2, q), a.layers["2"].query(q))
+    assert torch.equal(back.encode_keys(2, k), a.encode_keys(2, k))
+    assert back._fast_linear(2, "query", q) is None
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(key_relax="sigmoid"), "key_relax"),
+    (dict(anneal_beta=(0.0, 10.0)), "anneal_beta"),
+    (dict(query_depth=5, query_hidden=32), "query_depth"),
+    (dict(query_depth=3, query_hidden=0), "query_depth"),
+    (dict(quantization=-1.0), "quantization"),
+    (dict(query_from=1.0), "query_from"),
+])
+def test_recipe_options_rejected_before_capture(tiny, kw, match):
+    with pytest.raises(CalibrationError, match=match):
+        _cal(tiny, **kw)
+
+
+def test_command_bad_recipe_option_clear_error_no_output(tmp_path, capsys):
+    (tmp_path / "cal.txt").write_text(_words(600))
+    out = tmp_path / "enc"
+    assert _cmd("/nonexistent/model", [str(tmp_path / "cal.txt")], out, key_relax="nope") == 2
+    err = capsys.readouterr().err
+    assert "key_relax" in err and "Traceback" not in err and not out.exists()
+
+
+def test_calibration_code_never_overlaps_heldout_code():
+    from dashkv.calibrate import heldout_code_files, stdlib_package_dirs
+
+    dirs = stdlib_package_dirs()
+    assert dirs and all(d.is_dir() for d in dirs)
+    held = {p.resolve() for p in heldout_code_files()}
+    assert held and not any(p.resolve() in held for d in dirs for p in d.rglob("*.py"))
+
+
+def test_spatial_vote_option():
+    """Δ_spatial: off by default; on, it moves a key every head ranks highly up and stays on the reference path."""
+    from dashkv.config import DashKVConfig
+    from dashkv.decode import _fast_kernel
+    from dashkv.selection import DashKVPolicy, LayerState, spatial_vote
+
+    with pytest.raises(ValueError, match="spatial_vote"):
+        DashKVConfig(spatial_vote=float("nan"))
+    s = torch.zeros(1, 4, 10)
+    s[0, 0, 3] = s[0, 1, 3] = s[0, 2, 3] = 1.0  # three of four heads like key 3
+    s[0, 3, 7] = 1.2  # head 3 alone likes key 7 a bit more
+    assert int(s[0, 3].argmax()) == 7 and int(spatial_vote(s, 3.0)[0, 3].argmax()) == 3
+    enc = HashEncoders.simhash({"model_type": "llama", "num_layers": 2, "num_q_heads": 4, "num_kv_heads": 2,
+                                "head_dim": 16}, 64, [1])
+    keys, q = torch.randn(1, 2, 50, 16), torch.randn(1, 4, 16)
+    st = LayerState(1, enc.encode_keys(1, keys))
+    off, on = DashKVPolicy(DashKVConfig(), enc), DashKVPolicy(DashKVConfig(spatial_vote=0.5), enc)
+    assert torch.equal(off.per_head_scores(st, q), spatial_vote(off.per_head_scores(st, q), 0.0))
+    assert not torch.equal(off.per_head_scores(st, q), on.per_head_scores(st, q))
+    assert _fast_kernel(on, on.config, keys) is None
+
+
+def test_command_heldout_code_report(tiny_dir, tmp_path, capsys):
+    (tmp_path / "cal.txt").write_text(_words(600, 0))
+    out = tmp_path / "enc"
+    rc = _cmd(str(tiny_dir), [str(tmp_path / "cal.txt")], out, heldout_code=True, heldout_sequences=1,
+              budgets=(1 / 4,))
+    assert rc == 0, capsys.readouterr().err
+    assert (out / "report_code.json").is_file() and (out / "recall_code.png").is_file()
+    assert not (out / "report.json").exists()
+    assert "standard-library code" in capsys.readouterr().out

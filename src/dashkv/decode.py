@@ -93,7 +93,7 @@ def _fast_kernel(policy: SelectionPolicy, config: DashKVConfig, keys: torch.Tens
     """
     if not policy.uses_codes:
         return None  # baselines (oracle, Quest, H2O, ...) have no fused kernel by design
-    if config.adaptive or config.lowprec_fraction > 0:
+    if config.adaptive or config.lowprec_fraction > 0 or config.spatial_vote:
         return None
     if keys.device.type == "cpu":
         if keys.dtype not in (torch.float32, torch.bfloat16, torch.float16):

@@ -85,16 +85,21 @@ def attention_fingerprint(model: Any, layers: Iterable[int]) -> str:
 
 
 class HeadwiseMLP(nn.Module):
-    """One small MLP per head, evaluated for all heads at once: (B, H, N, d_in) -> (B, H, N, d_out)."""
+    """One small MLP per head, evaluated for all heads at once: (B, H, N, d_in) -> (B, H, N, d_out).
+
+    depth 1 is linear; depth D > 1 has D - 1 hidden GELU layers of width `hidden` (the paper's query
+    encoder is depth 3: d -> 256 -> 256 -> b)."""
+
+    MAX_DEPTH = 4
 
     def __init__(self, heads: int, d_in: int, d_out: int, hidden: int = 0, depth: int = 1, bias: bool = True):
         super().__init__()
-        if depth not in (1, 2):
-            raise ValueError(f"encoder depth must be 1 (linear) or 2 (one hidden layer), got {depth}")
-        if depth == 2 and hidden < 1:
-            raise ValueError("a depth-2 encoder needs hidden >= 1")
+        if not isinstance(depth, int) or not 1 <= depth <= self.MAX_DEPTH:
+            raise ValueError(f"encoder depth must be 1 (linear) .. {self.MAX_DEPTH}, got {depth}")
+        if depth > 1 and hidden < 1:
+            raise ValueError(f"a depth-{depth} encoder needs hidden >= 1")
         self.heads, self.d_in, self.d_out, self.hidden, self.depth = heads, d_in, d_out, hidden, depth
-        dims = [d_in, d_out] if depth == 1 else [d_in, hidden, d_out]
+        dims = [d_in] + [hidden] * (depth - 1) + [d_out]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for a, b in zip(dims[:-1], dims[1:]):
@@ -123,18 +128,25 @@ class LayerEncoders(nn.Module):
     """
 
     def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, bits: int, hidden: int, depth: int,
-                 bias: bool = True):
+                 bias: bool = True, query_hidden: int | None = None, query_depth: int | None = None):
         super().__init__()
-        self.query = HeadwiseMLP(num_q_heads, head_dim, bits, hidden, depth, bias)
+        qd = depth if query_depth is None else query_depth
+        qh = hidden if query_hidden is None else query_hidden
+        self.query = HeadwiseMLP(num_q_heads, head_dim, bits, qh, qd, bias)
         self.key = HeadwiseMLP(num_kv_heads, head_dim, bits, hidden, depth, bias)
         self.log_scale = nn.Parameter(torch.zeros(num_q_heads))
 
 
 class HashEncoders(nn.Module):
-    """All layers' encoders for one model, with the metadata that says which model they fit."""
+    """All layers' encoders for one model, with the metadata that says which model they fit.
+
+    `depth`/`hidden` shape the key encoders (and the query encoders unless `query_depth`/`query_hidden`
+    say otherwise): keys are encoded at every cached token, so they stay linear by default, while a
+    query MLP costs once per step and the fused kernels read only its real-valued output."""
 
     def __init__(self, shape: Mapping[str, Any], bits: int, layers: Iterable[int], *, hidden: int = 0,
-                 depth: int = 1, kind: str = "learned", bias: bool = True, meta: Mapping[str, Any] | None = None):
+                 depth: int = 1, kind: str = "learned", bias: bool = True, meta: Mapping[str, Any] | None = None,
+                 query_depth: int | None = None, query_hidden: int | None = None):
         super().__init__()
         check_bits(bits)
         missing = [f for f in SHAPE_FIELDS if f not in shape]
@@ -142,6 +154,8 @@ class HashEncoders(nn.Module):
             raise ValueError(f"model shape lacks {missing}")
         self.shape = {f: shape[f] for f in SHAPE_FIELDS}
         self.bits, self.hidden, self.depth, self.kind, self.bias = bits, hidden, depth, kind, bias
+        self.query_depth = depth if query_depth is None else int(query_depth)
+        self.query_hidden = hidden if query_hidden is None else int(query_hidden)
         self.layer_ids = tuple(sorted(int(i) for i in layers))
         bad = [i for i in self.layer_ids if not 0 <= i < self.shape["num_layers"]]
         if bad:
@@ -149,7 +163,8 @@ class HashEncoders(nn.Module):
         self.meta: dict[str, Any] = dict(meta or {})
         s = self.shape
         self.layers = nn.ModuleDict({
-            str(i): LayerEncoders(s["num_q_heads"], s["num_kv_heads"], s["head_dim"], bits, hidden, depth, bias)
+            str(i): LayerEncoders(s["num_q_heads"], s["num_kv_heads"], s["head_dim"], bits, hidden, depth, bias,
+                                  self.query_hidden, self.query_depth)
             for i in self.layer_ids
         })
         self.requires_grad_(False)
@@ -210,7 +225,8 @@ class HashEncoders(nn.Module):
         """float32 (weight, bias) numpy arrays of a linear encoder for the compiled CPU path of a decode
         step's few tokens, or None (MLP encoders, long inputs, other devices: torch serves those).
         Cached per layer and side; a parameter changed in place (its version counter moved) is re-read."""
-        if self.depth != 1 or x.device.type != "cpu" or x.shape[-2] > self._FAST_MAX_TOKENS or x.dim() != 4:
+        depth = self.query_depth if side == "query" else self.depth
+        if depth != 1 or x.device.type != "cpu" or x.shape[-2] > self._FAST_MAX_TOKENS or x.dim() != 4:
             return None
         cache = self.__dict__.setdefault("_fast_weights", {})
         hit = cache.get((layer_idx, side))
@@ -285,7 +301,8 @@ class HashEncoders(nn.Module):
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION, "dashkv_version": __version__,
             "model": self.shape, "bits": self.bits, "layers": list(self.layer_ids), "hidden": self.hidden,
-            "depth": self.depth, "kind": self.kind, "bias": self.bias, "meta": self.meta,
+            "depth": self.depth, "query_hidden": self.query_hidden, "query_depth": self.query_depth,
+            "kind": self.kind, "bias": self.bias, "meta": self.meta,
         }
 
     def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = True,
@@ -377,7 +394,8 @@ class HashEncoders(nn.Module):
                 raise EncoderFileError(f"{w_path}: tensor {k} is not finite floating point ({v.dtype})")
         try:
             enc = cls(fields["shape"], fields["bits"], fields["layers"], hidden=fields["hidden"],
-                      depth=fields["depth"], kind=fields["kind"], bias=fields["bias"], meta=config.get("meta", {}))
+                      depth=fields["depth"], kind=fields["kind"], bias=fields["bias"], meta=config.get("meta", {}),
+                      query_depth=fields["query_depth"], query_hidden=fields["query_hidden"])
             enc.load_state_dict({k: v.float() for k, v in tensors.items()})
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise EncoderFileError(f"{cfg_path} has invalid fields ({e})") from None
@@ -417,8 +435,11 @@ def _checked_fields(config: dict, path: Path) -> dict[str, Any]:
     layers = [integer(i, "layers[]", 0, shape["num_layers"] - 1) for i in layers]
     if len(set(layers)) != len(layers):
         raise bad("layers", "has duplicates")
-    depth = integer(config.get("depth"), "depth", 1, 2)
-    hidden = integer(config.get("hidden"), "hidden", 1 if depth == 2 else 0, _MAX_DIM)
+    depth = integer(config.get("depth"), "depth", 1, HeadwiseMLP.MAX_DEPTH)
+    hidden = integer(config.get("hidden"), "hidden", 1 if depth > 1 else 0, _MAX_DIM)
+    # files written before query encoders could differ from key encoders have neither field
+    query_depth = integer(config.get("query_depth", depth), "query_depth", 1, HeadwiseMLP.MAX_DEPTH)
+    query_hidden = integer(config.get("query_hidden", hidden), "query_hidden", 1 if query_depth > 1 else 0, _MAX_DIM)
     kind = config.get("kind", "learned")
     if kind not in ("learned", "simhash"):
         raise bad("kind", f"{kind!r} is neither 'learned' nor 'simhash'")
@@ -427,17 +448,19 @@ def _checked_fields(config: dict, path: Path) -> dict[str, Any]:
         raise bad("bias", f"{bias!r} is not true/false")
     if not isinstance(config.get("meta", {}), dict):
         raise bad("meta", "must be an object")
-    return dict(shape=shape, bits=bits, layers=layers, hidden=hidden, depth=depth, kind=kind, bias=bias)
+    return dict(shape=shape, bits=bits, layers=layers, hidden=hidden, depth=depth, kind=kind, bias=bias,
+                query_depth=query_depth, query_hidden=query_hidden)
 
 
 def _expected_shapes(shape: dict[str, Any], bits: int, layers: list[int], hidden: int, depth: int, kind: str,
-                     bias: bool) -> dict[str, tuple[int, ...]]:
+                     bias: bool, query_depth: int, query_hidden: int) -> dict[str, tuple[int, ...]]:
     """State-dict names and shapes of encoders with these fields, computed without allocating them."""
     out: dict[str, tuple[int, ...]] = {}
     d, hq, hkv = shape["head_dim"], shape["num_q_heads"], shape["num_kv_heads"]
-    dims = [d, bits] if depth == 1 else [d, hidden, bits]
+    sides = {"query": (hq, [d] + [query_hidden] * (query_depth - 1) + [bits]),
+             "key": (hkv, [d] + [hidden] * (depth - 1) + [bits])}
     for i in layers:
-        for side, heads in (("query", hq), ("key", hkv)):
+        for side, (heads, dims) in sides.items():
             for j, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
                 out[f"layers.{i}.{side}.weights.{j}"] = (heads, a, b)
                 out[f"layers.{i}.{side}.biases.{j}"] = (heads, b)

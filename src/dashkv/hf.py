@@ -242,6 +242,8 @@ def _warn_fallbacks(model: Any, shape: Any, policy: SelectionPolicy | None, mana
         reasons.append("adaptive=True")
     if cfg.lowprec_fraction > 0:
         reasons.append(f"lowprec_fraction={cfg.lowprec_fraction}")
+    if cfg.spatial_vote:
+        reasons.append(f"spatial_vote={cfg.spatial_vote}")
     if device.type == "cpu" and dtype not in (torch.float32, torch.bfloat16, torch.float16):
         reasons.append(f"the CPU kernels take float32, bfloat16 or float16 K/V, the model is {dtype}")
     if device.type == "cpu" and not reasons:

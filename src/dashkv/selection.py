@@ -125,6 +125,16 @@ def build_selection(scores: torch.Tensor, plan: StepPlan, start: torch.Tensor | 
     return Selection(indices=indices, exact=exact, lowprec=lowprec)
 
 
+def spatial_vote(scores: torch.Tensor, lam: float) -> torch.Tensor:
+    """Distance calibration Δ_spatial: (B, Hq, N) per-query-head scores plus lam·σ_h·vote, where vote is
+    the mean over the layer's query heads of each head's standardised score (a cross-head vote: a key
+    that many heads rank highly gains; lam < 0 discounts it). Measured in docs/calibration.md."""
+    s = scores.float()
+    mu, sd = s.mean(-1, keepdim=True), s.std(-1, keepdim=True).clamp_min(1e-6)
+    vote = ((s - mu) / sd).mean(1, keepdim=True)
+    return s + lam * sd * vote
+
+
 def group_queries(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """(B, Hq, d) -> (B, Hkv, G, d): the query heads that share each KV head."""
     b, hq, d = query.shape
@@ -207,7 +217,11 @@ class DashKVPolicy(SelectionPolicy):
             s = hamming_similarity(pack_bits(proj > 0), codes[:, :, None]).float()
         else:
             s = asymmetric_scores(proj, codes[:, :, None])
-        return s.reshape(b, hq, -1)  # (B, Hq, N)
+        s = s.reshape(b, hq, -1)  # (B, Hq, N)
+        lam = self.config.spatial_vote
+        if lam:
+            s = spatial_vote(s, lam)
+        return s
 
     def score(self, state, query, keys, scaling):
         return self.grouped(self.per_head_scores(state, query), keys.shape[1])
