@@ -108,11 +108,14 @@ class DashKVLayer(DynamicLayer):
 
     `keys`/`values` are views [:, :, :length] of capacity-sized buffers on the keys' device. `crop` only
     shortens `length`; beam reorder and batch selection copy the live part once (`index_select`).
+    A layer DASH-KV does not manage (`managed=False`: `dense_layers`) keeps only K and V, in place,
+    and attends densely through transformers' own attention: it never re-concatenates the cache.
     """
 
-    def __init__(self, layer_idx: int, ctx: DecodeContext):
+    def __init__(self, layer_idx: int, ctx: DecodeContext, managed: bool = True):
         super().__init__()
         self.layer_idx = layer_idx
+        self.managed = managed
         self.ctx = ctx
         self.state = LayerState(layer_idx=layer_idx)
         self.length = 0
@@ -162,7 +165,7 @@ class DashKVLayer(DynamicLayer):
 
     def _parts(self, key_states: torch.Tensor, value_states: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = {"k": key_states, "v": value_states}
-        policy = self.ctx.policy
+        policy = self.ctx.policy if self.managed else None
         if policy is not None and policy.uses_codes:
             parts["codes"] = policy.encode_keys(self.layer_idx, key_states)
         if policy is not None and policy.config.lowprec_fraction > 0:
@@ -175,7 +178,7 @@ class DashKVLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         self._append(self._parts(key_states, value_states))
         attn_kwargs = kwargs.get("kwargs")  # transformers: cache.update(k, v, layer_idx, kwargs=kwargs)
-        if isinstance(attn_kwargs, dict):
+        if self.managed and isinstance(attn_kwargs, dict):
             attn_kwargs[LAYER_KWARG] = self
         return self.keys, self.values
 
@@ -255,8 +258,10 @@ class DashKVCache(DynamicCache):
     def __init__(self, model_config: Any, ctx: DecodeContext, managed_layers: Iterable[int]):
         super().__init__(config=model_config)
         self.dashkv = ctx
-        for i in managed_layers:
-            self.layers[i] = DashKVLayer(i, ctx)
+        managed = set(managed_layers)
+        for i, layer in enumerate(self.layers):
+            if i in managed or type(layer) is DynamicLayer:  # dense full-attention layers: in place too
+                self.layers[i] = DashKVLayer(i, ctx, managed=i in managed)
 
     @property
     def stats(self) -> StepStats | None:
