@@ -526,7 +526,8 @@ def prefill_once(model: Any, ids: Sequence[int], methods: Iterable[str], bits: i
     for i, layer in enumerate(cache.layers):
         if isinstance(layer, DashKVLayer):
             kv[i] = (layer.keys.float(), layer.values.float())
-            stats[i] = dict(layer.state.stats)
+            if layer.managed:  # dense layers keep K/V in place too, but no policy statistics
+                stats[i] = dict(layer.state.stats)
         elif type(layer).__name__ == "DynamicLayer":
             kv[i] = (layer.keys.float(), layer.values.float())
         else:

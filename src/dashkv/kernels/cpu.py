@@ -957,13 +957,14 @@ def dense_decode_cpu(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
 
 def dense_decode_torch(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
                        start: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense GQA decode attention as plain torch matmul + softmax (no K/V repeat): (B, Hq, d) float32."""
+    """Dense GQA decode attention as plain torch matmul + softmax (no K/V repeat): (B, Hq, d) float32.
+    Any device (the decode path's dense steps use it on CUDA too)."""
     B, Hq, d = query.shape
     Hkv, N = keys.shape[1], keys.shape[2]
     q = query.reshape(B, Hkv, Hq // Hkv, d).to(keys.dtype)  # bf16 K/V: bf16 matmuls (AMX on this CPU)
     logits = torch.matmul(q, keys.transpose(-1, -2)).float() * scaling  # (B, Hkv, G, N)
-    if start is not None and bool((start > 0).any()):
-        mask = torch.arange(N)[None, :] < start[:, None]
+    if start is not None:  # left padding (no host sync: the mask is built on the keys' device)
+        mask = torch.arange(N, device=keys.device)[None, :] < start.to(keys.device)[:, None]
         logits = logits.masked_fill(mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.matmul(probs.to(values.dtype), values).float().reshape(B, Hq, d)
