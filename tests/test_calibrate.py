@@ -302,7 +302,7 @@ def test_spatial_vote_option():
     from dashkv.selection import DashKVPolicy, LayerState, spatial_vote
 
     with pytest.raises(ValueError, match="spatial_vote"):
-        DashKVConfig(spatial_vote=float("nan"))
+        DashKVConfig(min_context=0, spatial_vote=float("nan"))
     s = torch.zeros(1, 4, 10)
     s[0, 0, 3] = s[0, 1, 3] = s[0, 2, 3] = 1.0  # three of four heads like key 3
     s[0, 3, 7] = 1.2  # head 3 alone likes key 7 a bit more
@@ -311,7 +311,7 @@ def test_spatial_vote_option():
                                 "head_dim": 16}, 64, [1])
     keys, q = torch.randn(1, 2, 50, 16), torch.randn(1, 4, 16)
     st = LayerState(1, enc.encode_keys(1, keys))
-    off, on = DashKVPolicy(DashKVConfig(), enc), DashKVPolicy(DashKVConfig(spatial_vote=0.5), enc)
+    off, on = DashKVPolicy(DashKVConfig(min_context=0), enc), DashKVPolicy(DashKVConfig(min_context=0, spatial_vote=0.5), enc)
     assert torch.equal(off.per_head_scores(st, q), spatial_vote(off.per_head_scores(st, q), 0.0))
     assert not torch.equal(off.per_head_scores(st, q), on.per_head_scores(st, q))
     assert _fast_kernel(on, on.config, keys) is None

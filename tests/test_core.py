@@ -35,12 +35,12 @@ def test_budget_parsing_and_plan():
     assert parse_budget("512") == 512
     with pytest.raises(ValueError, match="budget"):
         parse_budget("a lot")
-    cfg = DashKVConfig(budget="1/16", sink=4, window=64)
+    cfg = DashKVConfig(min_context=0, budget="1/16", sink=4, window=64)
     plan = cfg.plan(8192)
     assert (plan.sink, plan.window, plan.critical, plan.lowprec) == (4, 64, 512 - 68, 0)
     assert plan.total == 512 and not plan.dense
     assert cfg.plan(50).dense  # budget would cover everything
-    lp = DashKVConfig(budget=1000, lowprec_fraction=0.5).plan(10_000)
+    lp = DashKVConfig(min_context=0, budget=1000, lowprec_fraction=0.5).plan(10_000)
     assert lp.total == 1000 and lp.lowprec == (1000 - 68) // 2
 
 
@@ -104,12 +104,12 @@ def test_full_budget_equals_dense(group, batch, n, grouping):
     enc = _encoders(hq, hkv)
     # budget = 1.0 takes the exact dense path; a token budget of n through the selection path must agree too
     for budget in (1.0, n):
-        cfg = DashKVConfig(budget=budget, sink=2, window=3, grouping=grouping, dense_layers=())
+        cfg = DashKVConfig(min_context=0, budget=budget, sink=2, window=3, grouping=grouping, dense_layers=())
         policy = make_policy("dashkv", cfg, enc)
         out = decode_step(policy, _state(policy, k), q, k, v, 0.25, fast=False)
         torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
     # a selection holding every position (no shortcut) equals dense
-    plan = DashKVConfig(budget=n, sink=1, window=1).plan(n + 10)  # not dense: forces the selection path
+    plan = DashKVConfig(min_context=0, budget=n, sink=1, window=1).plan(n + 10)  # not dense: forces the selection path
     plan = type(plan)(n=n, dense=False, sink=min(1, n), window=0, critical=n, lowprec=0)
     hs = hkv if grouping == "kv_head" else hq
     sel = build_selection(torch.randn(batch, hs, n), plan, None)
@@ -122,7 +122,7 @@ def test_full_budget_equals_dense(group, batch, n, grouping):
 def test_tiny_budget_is_restricted_softmax_and_keeps_sinks_and_window(name, grouping):
     b, hkv, g, n = 2, 2, 3, 300
     q, k, v = _inputs(b, hkv * g, hkv, n, seed=7)
-    cfg = DashKVConfig(budget=24, sink=3, window=5, grouping=grouping)
+    cfg = DashKVConfig(min_context=0, budget=24, sink=3, window=5, grouping=grouping)
     policy = make_policy(name, cfg, _encoders(hkv * g, hkv))
     state = _state(policy, k)
     start = torch.tensor([0, 11])  # second row is left-padded by 11 tokens
@@ -145,7 +145,7 @@ def test_tiny_budget_is_restricted_softmax_and_keeps_sinks_and_window(name, grou
 
 def test_decode_step_reads_the_budget_not_n():
     q, k, v = _inputs(1, 6, 2, 4096)
-    cfg = DashKVConfig(budget="1/16", sink=4, window=16)
+    cfg = DashKVConfig(min_context=0, budget="1/16", sink=4, window=16)
     policy = make_policy("dashkv", cfg, _encoders(6, 2))
     stats = StepStats()
     decode_step(policy, _state(policy, k), q, k, v, 0.25, fast=False, stats=stats)
@@ -154,7 +154,7 @@ def test_decode_step_reads_the_budget_not_n():
 
 def test_adaptive_exact_tier_stays_within_bounds():
     q, k, v = _inputs(1, 6, 2, 2000)
-    cfg = DashKVConfig(budget=400, sink=4, window=16, adaptive=True, mass_target=0.5, k_min=8)
+    cfg = DashKVConfig(min_context=0, budget=400, sink=4, window=16, adaptive=True, mass_target=0.5, k_min=8)
     enc = _encoders(6, 2)
     for layer in enc.layers.values():
         layer.log_scale.data.fill_(math.log(20.0))
@@ -176,7 +176,7 @@ def test_lowprec_tier_error_is_bounded():
     v = torch.randn(b, hkv, n, d, generator=gen)
     k8, v8 = QuantizedRows.quantize(k), QuantizedRows.quantize(v)
     assert float(((k8.dequantize() - k).abs() - k.abs().amax(-1, keepdim=True) / 254).max()) <= 1e-6
-    cfg = DashKVConfig(budget=n - 1, sink=4, window=64, lowprec_fraction=0.5)
+    cfg = DashKVConfig(min_context=0, budget=n - 1, sink=4, window=64, lowprec_fraction=0.5)
     plan = cfg.plan(n)
     policy = make_policy("oracle", cfg)
     sel = policy.select(LayerState(0), q[:, :, 0], k, plan, d ** -0.5, None)
@@ -189,7 +189,7 @@ def test_lowprec_tier_error_is_bounded():
 
 def test_unknown_method_is_named():
     with pytest.raises(ValueError, match="unknown method 'magic'"):
-        make_policy("magic", DashKVConfig())
+        make_policy("magic", DashKVConfig(min_context=0))
 
 
 def test_quest_reads_the_whole_page_holding_the_most_aligned_key():
@@ -199,9 +199,17 @@ def test_quest_reads_the_whole_page_holding_the_most_aligned_key():
     k = torch.randn(b, hkv, n, d) * 0.1
     hot = 333  # inside page 20 (positions 320..335)
     k[:, :, hot] = q.reshape(b, hkv, g, d).sum(2) * 3  # strongly aligned with every query of the group
-    cfg = DashKVConfig(budget=68 + 32, sink=4, window=64)
+    cfg = DashKVConfig(min_context=0, budget=68 + 32, sink=4, window=64)
     policy = make_policy("quest", cfg)
     sel = policy.select(LayerState(0), q, k, cfg.plan(n), 0.25, None)
     for h in range(hkv):
         chosen = set(sel.indices[0, h][sel.exact[0, h]].tolist())
         assert set(range(320, 336)) <= chosen  # the hot key's page, whole
+
+
+def test_short_contexts_decode_densely_by_default():
+    """min_context is the measured crossover (docs/RESULTS.md §1): selection does not pay below it."""
+    cfg = DashKVConfig(budget="1/16")
+    assert cfg.min_context == 1536
+    assert cfg.plan(1536).dense and not cfg.plan(1537).dense
+    assert not DashKVConfig(budget="1/16", min_context=0).plan(1000).dense

@@ -18,7 +18,8 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     s = model_shape(model)
     enc = HashEncoders.simhash(s.to_dict(), 64, s.full_attention_layers)
     args = argparse.Namespace(model="tiny", encoders=None, budget="1/8", bits=64, sink=4, window=16,
-                              length=600, depths="0.2,0.8", text=None, out=str(tmp_path), new_tokens=4)
+                              length=600, depths="0.2,0.8", text=None, out=str(tmp_path), new_tokens=4,
+                              min_context=0)
     assert run_demo(args, model, tok, enc) == 0
     out = capsys.readouterr().out
     assert "unmodified" in out and "dashkv" in out and "decode speed" in out
@@ -69,7 +70,7 @@ def test_bench_decode_runs_on_a_tiny_model(tmp_path, capsys):
     model = tiny_model("llama", vocab_size=49152)
     s = model_shape(model)
     enc = HashEncoders.simhash(s.to_dict(), 64, s.full_attention_layers)
-    args = argparse.Namespace(model="tiny", encoders=None, budget="1/8", bits=64, sink=4, window=16, context=700,
+    args = argparse.Namespace(model="tiny", encoders=None, budget="1/8", bits=64, sink=4, window=16, context=700, min_context=0,
                               batch="1,2", dtype="float32", steps=4, warmup=1, profile=True,
                               json=str(tmp_path / "b.json"))
     assert bench_decode(args, model, default_tokenizer(), enc) == 0
@@ -105,7 +106,7 @@ def test_generate_command_on_a_local_model_directory(tmp_path, capsys):
     prompt = tmp_path / "p.txt"
     prompt.write_text("The quick brown fox jumps over the lazy dog. " * 60)
     argv = ["generate", "--model", str(tmp_path / "m"), "--encoders", str(tmp_path / "enc"), "--prompt-file",
-            str(prompt), "--max-new-tokens", "4", "--budget", "48", "--window", "16"]
+            str(prompt), "--max-new-tokens", "4", "--budget", "48", "--window", "16", "--min-context", "0"]
     assert cli.main(argv) == 0
     err = capsys.readouterr().err
     assert "[dashkv]" in err and "decode" in err and "sparse layers read" in err
@@ -140,6 +141,6 @@ def test_teacher_forced_agreement_is_one_at_full_budget():
     enc = HashEncoders.simhash(s.to_dict(), 64, s.full_attention_layers)
     ids = torch.randint(3, 500, (1, 400), generator=torch.Generator().manual_seed(0))
     reference = greedy_decode(model, prefill(model, ids, static_tokens=12), int(ids[0, -1]), 10)
-    with hf.enable(model, enc, DashKVConfig(budget=1.0, dense_layers=())) as handle:
+    with hf.enable(model, enc, DashKVConfig(min_context=0, budget=1.0, dense_layers=())) as handle:
         assert teacher_forced_agreement(model, handle.cache_from(prefill(model, ids)), int(ids[0, -1]),
                                         reference) == 1.0

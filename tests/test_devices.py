@@ -25,7 +25,7 @@ SHAPE = dict(model_type="llama", num_layers=1, num_q_heads=6, num_kv_heads=2, he
 def test_the_reference_decode_path_creates_no_tensor_off_the_keys_device(method, scorer, grouping):
     enc = HashEncoders(SHAPE, 64, [0]) if method == "dashkv" else HashEncoders.simhash(SHAPE, 64, [0])
     enc.to("meta")
-    policy = make_policy(method, DashKVConfig(budget=40, sink=4, window=8, scorer=scorer, grouping=grouping), enc)
+    policy = make_policy(method, DashKVConfig(min_context=0, budget=40, sink=4, window=8, scorer=scorer, grouping=grouping), enc)
     layer = DashKVLayer(0, DecodeContext(policy, fast=False))
     k = torch.empty(2, 2, 700, 16, device="meta")
     layer.update(k, torch.empty_like(k))
@@ -55,7 +55,7 @@ def test_left_padding_is_read_once_per_decode_step_not_per_layer(monkeypatch):
     mask = torch.ones_like(ids)
     mask[0, :20] = 0
     with hf.enable(model, HashEncoders.simhash(SHAPE | dict(num_layers=4), 64, [0, 1, 2, 3]),
-                   DashKVConfig(budget=40, dense_layers=()), method="simhash", track=True) as h:
+                   DashKVConfig(min_context=0, budget=40, dense_layers=()), method="simhash", track=True) as h:
         model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
         steps = len(h.stats.per_step) // len(h.managed_layers)
     assert steps == 4 and len(calls) == steps  # 4 layers share each step's mask

@@ -146,7 +146,7 @@ def test_decoding_past_the_calibrated_length_warns_once(caplog):
     model, _, enc = _tiny_pair()
     enc.meta.update(attention_fingerprint=attention_fingerprint(model, enc.layer_ids), calibrated_context=100)
     ids = torch.randint(3, 500, (1, 90))
-    with caplog.at_level("WARNING", logger="dashkv"), hf.enable(model, enc, DashKVConfig(budget=1.0, dense_layers=())):
+    with caplog.at_level("WARNING", logger="dashkv"), hf.enable(model, enc, DashKVConfig(min_context=0, budget=1.0, dense_layers=())):
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0)
         assert "calibrated" not in caplog.text
         ids = torch.randint(3, 500, (1, 150))

@@ -56,7 +56,7 @@ def snapkv_reference(q: torch.Tensor, k: torch.Tensor, window: int, capacity: in
 def test_snapkv_matches_its_reference_selection():
     n, w, cap = 300, SnapKVPolicy.observe_window, 96
     q, k = _qk(n)
-    pol = SnapKVPolicy(DashKVConfig(budget=cap, sink=0, window=0))
+    pol = SnapKVPolicy(DashKVConfig(min_context=0, budget=cap, sink=0, window=0))
     state = LayerState(0)
     pol.on_prefill(state, q, k, 1 / math.sqrt(D), None)
     sel = pol.select(state, q[:, :, -1], k, pol.config.plan(n), 1 / math.sqrt(D), None)
@@ -69,7 +69,7 @@ def test_snapkv_matches_its_reference_selection():
 def test_snapkv_keeps_every_generated_token_and_the_window():
     n, gen = 300, 20
     q, k = _qk(n + gen)
-    pol = SnapKVPolicy(DashKVConfig(budget=96, sink=0, window=0))
+    pol = SnapKVPolicy(DashKVConfig(min_context=0, budget=96, sink=0, window=0))
     state = LayerState(0)
     pol.on_prefill(state, q[:, :, :n], k[:, :, :n], 0.25, None)
     sel = pol.select(state, q[:, :, -1], k, pol.config.plan(n + gen), 0.25, None)
@@ -122,7 +122,7 @@ class H2OReference:
 def test_h2o_matches_permanent_eviction_over_decode_steps():
     n, steps, budget = 200, 12, 64
     q, k = _qk(n + steps, seed=3)
-    cfg = DashKVConfig(budget=budget, sink=0, window=0)
+    cfg = DashKVConfig(min_context=0, budget=budget, sink=0, window=0)
     pol = H2OPolicy(cfg)
     state = LayerState(0)
     pol.on_prefill(state, q[:, :, :n], k[:, :, :n], 1 / math.sqrt(D), None)
@@ -146,7 +146,7 @@ def test_h2o_matches_permanent_eviction_over_decode_steps():
 def test_h2o_splits_the_budget_half_heavy_half_recent():
     n = 400
     q, k = _qk(n)
-    cfg = DashKVConfig(budget=100, sink=4, window=8)
+    cfg = DashKVConfig(min_context=0, budget=100, sink=4, window=8)
     pol = H2OPolicy(cfg)
     state = LayerState(0)
     pol.on_prefill(state, q, k, 0.25, None)
@@ -178,7 +178,7 @@ def quest_reference(q: torch.Tensor, k: torch.Tensor, page: int, top_pages: int)
 def test_quest_matches_its_reference_per_query_head(grouping):
     n, pages = 320, 5
     q, k = _qk(n, seed=5)
-    cfg = DashKVConfig(budget=pages * QuestPolicy.page, sink=0, window=0, grouping=grouping)
+    cfg = DashKVConfig(min_context=0, budget=pages * QuestPolicy.page, sink=0, window=0, grouping=grouping)
     pol = QuestPolicy(cfg)
     sel = pol.select(LayerState(0), q[:, :, -1], k, cfg.plan(n), 0.25, None)
     ref = quest_reference(q[:, :, -1], k, QuestPolicy.page, pages)
@@ -191,7 +191,7 @@ def test_quest_matches_its_reference_per_query_head(grouping):
 def test_streaming_is_sinks_plus_the_most_recent_tokens():
     n = 300
     q, k = _qk(n)
-    cfg = DashKVConfig(budget=64, sink=4, window=16)
+    cfg = DashKVConfig(min_context=0, budget=64, sink=4, window=16)
     sel = StreamingPolicy(cfg).select(LayerState(0), q[:, :, -1], k, cfg.plan(n), 0.25, None)
     for h in range(sel.heads):
         assert _selected(sel, h) == set(range(4)) | set(range(n - 60, n))

@@ -54,7 +54,7 @@ def test_teacher_forced_logprobs_equal_a_full_forward_pass():
     ids = torch.randint(3, 500, (1, 120), generator=torch.Generator().manual_seed(0))
     full = torch.log_softmax(model(ids).logits[0].float(), -1)
     pre = prefill_once(model, ids[0, :100].tolist(), ["dense"])
-    res, _ = decode_method(model, pre, "dense", DashKVConfig(budget=1.0), targets=ids[0, 100:].tolist(), logprobs=True)
+    res, _ = decode_method(model, pre, "dense", DashKVConfig(min_context=0, budget=1.0), targets=ids[0, 100:].tolist(), logprobs=True)
     # row t predicts token 100 + t from tokens < 100 + t, like the full pass's position 99 + t
     torch.testing.assert_close(res.logprobs, full[99:119], rtol=1e-4, atol=1e-4)
 

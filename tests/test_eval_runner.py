@@ -48,7 +48,7 @@ def test_copied_cache_greedy_equals_generate_on_the_full_prompt(family):
     pre = prefill_once(model, ids[0].tolist(), ["dense", "dashkv", "h2o", "snapkv"])
     assert pre.tokens == ids.shape[1] - 1
     enc = _simhash_for_dashkv(model)
-    full = DashKVConfig(budget=1.0)
+    full = DashKVConfig(min_context=0, budget=1.0)
     res, _ = decode_method(model, pre, "dense", full, max_new_tokens=10)
     assert res.tokens == ref and res.read_fraction == 1.0
     res, _ = decode_method(model, pre, "dashkv", full, enc, max_new_tokens=10)
@@ -68,7 +68,7 @@ def test_sparse_copied_cache_matches_generate_at_small_budget():
     model = tiny_model("llama", attn_implementation="sdpa")
     ids = _ids(400)
     enc = _simhash_for_dashkv(model)
-    cfg = DashKVConfig(budget=48, sink=4, window=8)
+    cfg = DashKVConfig(min_context=0, budget=48, sink=4, window=8)
     pre = prefill_once(model, ids[0].tolist(), ["dashkv"])
     res, _ = decode_method(model, pre, "dashkv", cfg, enc, max_new_tokens=6)
     with hf.enable(model, enc, cfg):
@@ -86,8 +86,8 @@ def test_oracle_with_budget_covering_the_context_equals_dense():
     model = tiny_model("llama", attn_implementation="sdpa")
     ids = _ids(250)
     pre = prefill_once(model, ids[0].tolist(), ["oracle"])
-    dense, _ = decode_method(model, pre, "dense", DashKVConfig(budget=1.0), max_new_tokens=10)
-    oracle, handle = decode_method(model, pre, "oracle", DashKVConfig(budget=10_000), max_new_tokens=10)
+    dense, _ = decode_method(model, pre, "dense", DashKVConfig(min_context=0, budget=1.0), max_new_tokens=10)
+    oracle, handle = decode_method(model, pre, "oracle", DashKVConfig(min_context=0, budget=10_000), max_new_tokens=10)
     assert oracle.tokens == dense.tokens
     assert oracle.read_fraction == 1.0
 
@@ -97,7 +97,7 @@ def test_every_policy_obeys_the_budget_through_the_runner(method):
     model = tiny_model("llama", attn_implementation="sdpa")
     ids = _ids(500)
     pre = prefill_once(model, ids[0].tolist(), [method])
-    cfg = DashKVConfig(budget=40, sink=4, window=8)
+    cfg = DashKVConfig(min_context=0, budget=40, sink=4, window=8)
     enc = _simhash_for_dashkv(model) if method == "dashkv" else None
     res, handle = decode_method(model, pre, method, cfg, enc, max_new_tokens=5, stop_ids=())
     steps = handle.stats.per_step
@@ -113,8 +113,8 @@ def test_prefill_statistics_match_the_policies_own_hooks():
     k = torch.randn(1, 2, 300, 16)
     acc, tail = prefill_attention_stats(q, k, 0.25, None, want_acc=True, last=32, chunk=64)
     h2o_state, snap_state = LayerState(0), LayerState(0)
-    H2OPolicy(DashKVConfig()).on_prefill(h2o_state, q, k, 0.25, None)
-    SnapKVPolicy(DashKVConfig()).on_prefill(snap_state, q, k, 0.25, None)
+    H2OPolicy(DashKVConfig(min_context=0)).on_prefill(h2o_state, q, k, 0.25, None)
+    SnapKVPolicy(DashKVConfig(min_context=0)).on_prefill(snap_state, q, k, 0.25, None)
     torch.testing.assert_close(acc, h2o_state.stats["acc"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(snapkv_pool(tail), snap_state.stats["votes"], rtol=1e-4, atol=1e-4)
     _, tail_only = prefill_attention_stats(q, k, 0.25, None, want_acc=False, last=32)
@@ -128,7 +128,7 @@ def test_runner_copies_prefill_statistics_into_the_policy_state():
     assert managed and all("acc" in pre.stats[i] and "votes" in pre.stats[i] for i in managed)
     assert all(pre.stats[i]["acc"].shape[-1] == 199 for i in managed)
     acc_before = pre.stats[managed[0]]["acc"].clone()
-    decode_method(model, pre, "h2o", DashKVConfig(budget=32, sink=4, window=8), max_new_tokens=3)
+    decode_method(model, pre, "h2o", DashKVConfig(min_context=0, budget=32, sink=4, window=8), max_new_tokens=3)
     assert torch.equal(pre.stats[managed[0]]["acc"], acc_before)  # H2O's in-place updates hit a copy
 
 
@@ -304,4 +304,4 @@ def test_simhash_rows_score_by_hamming_on_every_path(tiny_lm, tmp_path):
     plan = _plan(tmp_path, d)
     assert plan.config(1 / 16, "simhash").scorer == "hamming"
     assert plan.config(1 / 16, "simhash_asym").scorer == "asymmetric"
-    assert plan.config(1 / 16, "dashkv").scorer == DashKVConfig().scorer
+    assert plan.config(1 / 16, "dashkv").scorer == DashKVConfig(min_context=0).scorer

@@ -11,7 +11,7 @@ from dashkv.config import DashKVConfig
 from dashkv.encoders import HashEncoders
 from dashkv.models import model_shape, tiny_model
 
-SPARSE = DashKVConfig(budget=1 / 16, sink=4, window=8, k_min=4, dense_layers=())
+SPARSE = DashKVConfig(min_context=0, budget=1 / 16, sink=4, window=8, k_min=4, dense_layers=())
 
 
 def _simhash(model):
@@ -71,7 +71,7 @@ def test_fallback_to_reference_path_warns_once(caplog):
     _logging.reset_warnings()
     model = tiny_model("llama")
     ids = torch.randint(3, 500, (1, 300), generator=torch.Generator().manual_seed(3))
-    adaptive = DashKVConfig(budget=1 / 8, sink=4, window=8, adaptive=True, dense_layers=())
+    adaptive = DashKVConfig(min_context=0, budget=1 / 8, sink=4, window=8, adaptive=True, dense_layers=())
     with caplog.at_level(logging.WARNING, logger="dashkv"):
         _generate(model, ids, True, config=adaptive)
         _generate(model, ids, True, config=adaptive)

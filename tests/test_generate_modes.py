@@ -17,8 +17,8 @@ from dashkv.errors import DashKVError, UnsupportedCacheError, UnsupportedGenerat
 from dashkv.models import model_shape, tiny_model
 from dashkv.selection import LayerState, make_policy
 
-FULL = DashKVConfig(budget=1.0, dense_layers=())
-SPARSE = DashKVConfig(budget=1 / 16, sink=4, window=8, dense_layers=())  # 40 of 640 tokens: really sparse
+FULL = DashKVConfig(min_context=0, budget=1.0, dense_layers=())
+SPARSE = DashKVConfig(min_context=0, budget=1 / 16, sink=4, window=8, dense_layers=())  # 40 of 640 tokens: really sparse
 
 
 def _prompt(n=640, batch=1, seed=0):
@@ -53,7 +53,7 @@ def test_simhash_scores_hamming_on_the_fused_and_the_reference_path():
     from dashkv.kernels.cpu import dashkv_decode_cpu
 
     shape = dict(model_type="llama", num_layers=1, num_q_heads=6, num_kv_heads=2, head_dim=16)
-    cfg = DashKVConfig(budget=48, sink=4, window=8, scorer="asymmetric")  # the user's scorer is overridden
+    cfg = DashKVConfig(min_context=0, budget=48, sink=4, window=8, scorer="asymmetric")  # the user's scorer is overridden
     policy = make_policy("simhash", cfg, HashEncoders.simhash(shape, 64, [0], seed=1))
     assert policy.scorer == "hamming" and policy.config.scorer == "hamming"
     assert make_policy("simhash_asym", cfg, HashEncoders.simhash(shape, 64, [0], seed=1)).scorer == "asymmetric"
@@ -92,7 +92,7 @@ def test_generate_runs_the_policys_scorer_in_the_fused_kernel(monkeypatch, metho
     monkeypatch.setattr(cpu, "dashkv_decode_cpu", spy)
     model = tiny_model("llama")
     enc = _learned(model) if method == "dashkv" else None
-    with hf.enable(model, enc, DashKVConfig(budget=40, dense_layers=(), scorer="asymmetric"), method=method) as h:
+    with hf.enable(model, enc, DashKVConfig(min_context=0, budget=40, dense_layers=(), scorer="asymmetric"), method=method) as h:
         seen.clear()  # enable warms the kernels with both scorers
         model.generate(_prompt(300), max_new_tokens=3, **_greedy())
         assert h.config is h.policy.config
@@ -166,7 +166,7 @@ def _filled_layer(method="h2o", b=3, n=50):
     from dashkv.cache import DecodeContext
 
     shape = dict(model_type="llama", num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=8)
-    policy = make_policy(method, DashKVConfig(budget=16), HashEncoders.simhash(shape, 64, [0], seed=0))
+    policy = make_policy(method, DashKVConfig(min_context=0, budget=16), HashEncoders.simhash(shape, 64, [0], seed=0))
     layer = DashKVLayer(0, DecodeContext(policy))
     g = torch.Generator().manual_seed(0)
     k, v = torch.randn(b, 2, n, 8, generator=g), torch.randn(b, 2, n, 8, generator=g)

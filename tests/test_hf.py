@@ -25,7 +25,7 @@ def test_full_budget_generation_is_token_identical(family):
     model = tiny_model(family)
     ids = _prompt()
     ref = model.generate(ids, max_new_tokens=16, do_sample=False)
-    with hf.enable(model, _simhash(model), DashKVConfig(budget=1.0, dense_layers=())) as handle:
+    with hf.enable(model, _simhash(model), DashKVConfig(min_context=0, budget=1.0, dense_layers=())) as handle:
         out = model.generate(ids, max_new_tokens=16, do_sample=False)
         assert handle.active
     assert torch.equal(out, ref)
@@ -36,7 +36,7 @@ def test_full_budget_generation_is_token_identical(family):
 def test_decode_reads_the_budget_not_n(family):
     model = tiny_model(family)
     shape = model_shape(model)
-    handle = hf.enable(model, _simhash(model), DashKVConfig(budget=40, sink=4, window=8, dense_layers=()),
+    handle = hf.enable(model, _simhash(model), DashKVConfig(min_context=0, budget=40, sink=4, window=8, dense_layers=()),
                        track=True)
     model.generate(_prompt(500), max_new_tokens=6, do_sample=False)
     # every managed full-attention layer, every decode step (5 after the prefill's token), 40 tokens each
@@ -53,8 +53,8 @@ def test_disable_restores_bit_identical_logits_and_is_idempotent():
     with torch.no_grad():
         ref = model(ids).logits
     enc = _simhash(model)
-    hf.enable(model, enc, DashKVConfig(budget=24, dense_layers=()))
-    hf.enable(model, enc, DashKVConfig(budget=48, dense_layers=()))  # enabling twice replaces the config
+    hf.enable(model, enc, DashKVConfig(min_context=0, budget=24, dense_layers=()))
+    hf.enable(model, enc, DashKVConfig(min_context=0, budget=48, dense_layers=()))  # enabling twice replaces the config
     assert model._dashkv_handle.config.budget == 48
     model.generate(ids, max_new_tokens=4, do_sample=False)
     hf.disable(model)
@@ -71,7 +71,7 @@ def test_training_mode_warns_and_stays_dense(caplog):
     model = tiny_model("llama")
     model.train()
     with caplog.at_level("WARNING", logger="dashkv"):
-        handle = hf.enable(model, _simhash(model), DashKVConfig(budget=16, dense_layers=()), track=True)
+        handle = hf.enable(model, _simhash(model), DashKVConfig(min_context=0, budget=16, dense_layers=()), track=True)
     assert "training mode" in caplog.text
     ids = _prompt(100)
     out = model(ids).logits  # training forward: dense, with gradients
@@ -90,7 +90,7 @@ def test_left_padded_batch_and_sampling_match_the_unmodified_model():
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     torch.manual_seed(5)
     ref_s = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=True, top_k=20, pad_token_id=0)
-    with hf.enable(model, _simhash(model), DashKVConfig(budget=1.0, dense_layers=())):
+    with hf.enable(model, _simhash(model), DashKVConfig(min_context=0, budget=1.0, dense_layers=())):
         out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
         torch.manual_seed(5)
         out_s = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=True, top_k=20,
@@ -103,7 +103,7 @@ def test_sparse_batch_with_padding_never_reads_padding():
     ids = _prompt(400, batch=2, seed=2)
     mask = torch.ones_like(ids)
     mask[1, :100] = 0
-    handle = hf.enable(model, _simhash(model), DashKVConfig(budget=32, dense_layers=()), track=True)
+    handle = hf.enable(model, _simhash(model), DashKVConfig(min_context=0, budget=32, dense_layers=()), track=True)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 405)
     assert all(read == 32.0 for _, _, read in handle.stats.per_step)
@@ -114,7 +114,7 @@ def test_sparse_batch_with_padding_never_reads_padding():
 def test_every_method_generates(method):
     model = tiny_model("llama")
     enc = _simhash(model) if method == "dashkv" else None
-    with hf.enable(model, enc, DashKVConfig(budget=32, dense_layers=()), method=method, track=True) as h:
+    with hf.enable(model, enc, DashKVConfig(min_context=0, budget=32, dense_layers=()), method=method, track=True) as h:
         out = model.generate(_prompt(200), max_new_tokens=4, do_sample=False)
         assert out.shape == (1, 204)
         heads = model.config.num_attention_heads if method == "quest" else 2  # Quest selects per query head
@@ -127,7 +127,7 @@ def test_encoders_from_another_model_are_refused_with_the_mismatch_named():
     with pytest.raises(EncoderMismatchError, match=r"num_kv_heads: encoders 2 vs model 3.*head_dim: encoders 16 vs model 8"):
         hf.enable(other, _simhash(small))
     with pytest.raises(EncoderMismatchError, match="bits"):
-        hf.enable(small, _simhash(small, bits=64), DashKVConfig(bits=128))
+        hf.enable(small, _simhash(small, bits=64), DashKVConfig(min_context=0, bits=128))
     assert not hf.is_enabled(other)
 
 
@@ -148,7 +148,7 @@ def test_pipeline_works_unchanged():
 
     model = tiny_model("llama", vocab_size=49152)
     tok = pytest.importorskip("dashkv.models").default_tokenizer()
-    with hf.enable(model, _simhash(model), DashKVConfig(budget=1.0, dense_layers=())):
+    with hf.enable(model, _simhash(model), DashKVConfig(min_context=0, budget=1.0, dense_layers=())):
         pipe = pipeline("text-generation", model=model, tokenizer=tok)
         text = pipe("The quick brown fox", max_new_tokens=5, do_sample=False)[0]["generated_text"]
     assert text.startswith("The quick brown fox")
@@ -164,7 +164,7 @@ def test_fused_kernel_and_reference_path_generate_the_same_tokens(grouping):
     enc = HashEncoders(s.to_dict(), 64, s.full_attention_layers)  # random projections, learned kind
     for p in enc.parameters():
         p.data.normal_()
-    cfg = DashKVConfig(budget=48, sink=4, window=8, dense_layers=(), grouping=grouping)
+    cfg = DashKVConfig(min_context=0, budget=48, sink=4, window=8, dense_layers=(), grouping=grouping)
     outs = []
     for fast in (True, False):
         handle = hf.enable(model, enc, cfg, track=True)
@@ -188,7 +188,7 @@ def test_default_model_full_budget_is_token_identical_on_a_2k_prompt():
     ids = long_prompt_ids(tok, 2048)
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0)
     ref = model.generate(ids, **kw)
-    with hf.enable(model, config=DashKVConfig(budget=1.0)) as handle:  # the shipped encoders
+    with hf.enable(model, config=DashKVConfig(min_context=0, budget=1.0)) as handle:  # the shipped encoders
         out = model.generate(ids, **kw)
         assert handle.method == "dashkv" and len(handle.managed_layers) == 28
     assert torch.equal(out, ref)
@@ -197,7 +197,7 @@ def test_default_model_full_budget_is_token_identical_on_a_2k_prompt():
 def test_enable_warms_the_fused_kernels_once(monkeypatch):
     calls = []
     monkeypatch.setattr(hf, "_KERNELS_WARM", set())
-    monkeypatch.setattr("dashkv.kernels.cpu.warmup", lambda dtypes, parallel: calls.append(dtypes) or 0.0)
+    monkeypatch.setattr("dashkv.kernels.cpu.warmup", lambda dtypes: calls.append(dtypes) or 0.0)
     model = tiny_model("llama")
     hf.enable(model, _simhash(model))
     hf.enable(model, _simhash(model))

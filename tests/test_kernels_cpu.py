@@ -278,7 +278,7 @@ def test_matches_torch_selection_path(grouping, scorer, batch):
     query, q_proj, keys, values, codes, start = make_inputs(batch * 100 + 1, batch, g, hkv, 1, d, n)
     # integer projections: exact float32 scores on both paths, few ties (the lead's top-k is not stable)
     q_proj = torch.randint(-2**15, 2**15, q_proj.shape, generator=torch.Generator().manual_seed(batch)).float()
-    cfg = DashKVConfig(bits=64, budget=1 / 16, sink=4, window=64, grouping=grouping, scorer=scorer)
+    cfg = DashKVConfig(min_context=0, bits=64, budget=1 / 16, sink=4, window=64, grouping=grouping, scorer=scorer)
     plan = cfg.plan(n)
     proj = q_proj.reshape(batch, hkv, g, -1)
     if scorer == "hamming":

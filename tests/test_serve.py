@@ -91,7 +91,7 @@ def served(request):
     model = tiny_model("llama", max_position_embeddings=MAX_CONTEXT)
     shape = model_shape(model)
     enc = HashEncoders.simhash(shape.to_dict(), 64, shape.full_attention_layers, seed=0)
-    engine = Engine(model, chat_tokenizer(), encoders=enc, config=DashKVConfig(budget="1/16"), max_batch=16,
+    engine = Engine(model, chat_tokenizer(), encoders=enc, config=DashKVConfig(min_context=0, budget="1/16"), max_batch=16,
                     max_kv_memory=KV_BOUND, scheduler=request.param)
     with Server(create_app(engine, MODEL)) as server:
         server.engine = engine

@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent("""
     g = torch.Generator().manual_seed(0)
     for p in enc.parameters():
         p.data.copy_(torch.randn(p.shape, generator=g))
-    handle = hf.enable(model, enc, DashKVConfig(budget=1 / 16, sink=4, window=8, dense_layers=()), track=True)
+    handle = hf.enable(model, enc, DashKVConfig(min_context=0, budget=1 / 16, sink=4, window=8, dense_layers=()), track=True)
     handle.fast = sys.argv[1] == "fused"
     prompts = [torch.randint(3, 500, (1 + i % 2, 600 + 40 * i), generator=torch.Generator().manual_seed(i))
                for i in range(4)]

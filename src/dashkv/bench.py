@@ -98,7 +98,7 @@ def bench_kernel(ns=(4096, 16384, 65536, 262144), bits=(64, 128), budget=1 / 16,
         hq, hkv, d = SHAPES[shape]
         for n in ns:
             for b in bits:
-                cfg = DashKVConfig(bits=b, budget=budget, sink=sink, window=window)
+                cfg = DashKVConfig(bits=b, budget=budget, sink=sink, window=window, min_context=0)
                 plan = cfg.plan(n)
                 query, q_proj, keys, values, codes = _inputs(hq, hkv, d, n, b, dtype=kv_dtype)
                 q4 = query[:, :, None, :]

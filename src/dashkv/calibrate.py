@@ -697,7 +697,7 @@ def evaluate_captured(encoders: HashEncoders, caps: dict[int, LayerCapture], pos
 
     caps = dict(caps)
     simenc = HashEncoders.simhash(encoders.shape, encoders.bits, layer_ids, seed=simhash_seed)
-    base = DashKVConfig(bits=encoders.bits, sink=sink, window=window)
+    base = DashKVConfig(bits=encoders.bits, sink=sink, window=window, min_context=0)  # measure selection at every length
     methods: dict[str, Any] = {}
     for sc in scorers:
         methods[f"learned-{sc}"] = DashKVPolicy(DashKVConfig(**{**base.to_dict(), "scorer": sc}), encoders)

@@ -41,6 +41,9 @@ def _add_dashkv_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=64, help="key code length, a multiple of 64 (default: %(default)s)")
     p.add_argument("--sink", type=int, default=4, help="first tokens always attended (default: %(default)s)")
     p.add_argument("--window", type=int, default=64, help="recent tokens always attended (default: %(default)s)")
+    p.add_argument("--min-context", type=int, default=1536,
+                   help="contexts up to this many tokens decode densely, where selection cannot pay off "
+                        "(default: %(default)s, measured)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_from(args: argparse.Namespace, **extra):
     from .config import DashKVConfig
 
-    return DashKVConfig(bits=args.bits, budget=args.budget, sink=args.sink, window=args.window, **extra)
+    return DashKVConfig(bits=args.bits, budget=args.budget, sink=args.sink, window=args.window,
+                        min_context=getattr(args, "min_context", 1536), **extra)
 
 
 def _encoders_from(args: argparse.Namespace):

@@ -55,7 +55,9 @@ class DashKVConfig:
     scorer:          "asymmetric" (real-valued query projection against binary keys) or "hamming".
     grouping:        one candidate set per "kv_head" (G query heads summed) or per "query_head".
     dense_layers:    layers kept dense (diffuse early layers).
-    min_context:     contexts up to this many tokens are decoded densely (selection cannot pay off).
+    min_context:     contexts up to this many tokens are decoded densely: below it selection costs more
+                     than it saves (measured default, docs/RESULTS.md §1: 0.95x StaticCache at 1K, 1.05x
+                     at 2K on the default model).
     spatial_vote:    λ of the cross-head vote (distance calibration Δ_spatial): each query head's score
                      gains λ·σ_h·(mean over the layer's query heads of the standardised score), so keys
                      many heads rank highly move up (0 = off; torch reference path only).
@@ -73,7 +75,7 @@ class DashKVConfig:
     scorer: Scorer = "asymmetric"
     grouping: Grouping = "kv_head"
     dense_layers: tuple[int, ...] = (0, 1)
-    min_context: int = 0
+    min_context: int = 1536
     spatial_vote: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 

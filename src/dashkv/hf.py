@@ -278,7 +278,7 @@ def _warm_cpu_kernels(dtype: torch.dtype) -> None:
     except ImportError:  # numba missing: the torch reference path serves
         return
     if dtype in KV_DTYPES:
-        warmup((dtype,), parallel=True)  # batched steps run the parallel schedule
+        warmup((dtype,))
     _KERNELS_WARM.add(dtype)
 
 

@@ -131,7 +131,8 @@ class EvalPlan:
         """The decode configuration of `method` at `budget`. "simhash" always scores by symmetric Hamming
         distance and "simhash_asym" by the asymmetric scorer, on every path: the fused kernel takes the
         scorer from this (enabling) configuration, not from the policy."""
-        cfg = DashKVConfig(budget=budget, bits=self.bits, **self.config_overrides)
+        # min_context 0: the evaluation measures selection at every length (min_context is a speed knob)
+        cfg = DashKVConfig(**{"min_context": 0, **self.config_overrides, "budget": budget, "bits": self.bits})
         if method == "simhash":
             cfg = DashKVConfig(**{**cfg.to_dict(), "scorer": "hamming", "adaptive": False})
         elif method == "simhash_asym":

@@ -753,8 +753,6 @@ _init_threads()
 _tls = threading.local()
 _PARALLEL_LOCK = threading.Lock()  # numba's workqueue layer takes one parallel launch at a time
 _NO_LOCK = contextlib.nullcontext()
-#: Fewest (batch row, selecting head) work units for which `parallel=None` splits a step over threads.
-PARALLEL_MIN_UNITS = int(os.environ.get("DASHKV_PARALLEL_MIN_UNITS", "8"))
 
 
 def _workspace() -> list:
@@ -850,7 +848,7 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
                       codes: torch.Tensor, *, sink: int, window: int, critical: int, scaling: float,
                       grouping: str = "kv_head", scorer: str = "asymmetric",
                       start: torch.Tensor | None = None, return_indices: bool = False,
-                      return_counts: bool = False, parallel: bool | None = None, _mode: int = 0):
+                      return_counts: bool = False, parallel: bool = False, _mode: int = 0):
     """One DASH-KV decode step of one layer on the CPU (fused numba kernel).
 
     query (B, Hq, d) any float dtype; q_proj (B, Hq, b) float32 (the query encoder's real-valued
@@ -863,12 +861,10 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     selecting head (Hs = Hkv for grouping="kv_head", Hq for "query_head"), ascending, padded with -1 --
     and counts (B, Hs) int64, the number of positions read.
 
-    `parallel=False` runs on the calling thread: no thread pool to wake, nothing to fight torch's
-    OpenMP threads for, and safe to call from several Python threads at once. `parallel=True` splits
-    the step over numba's threads; launches are serialised by a lock (numba's workqueue layer allows one
-    at a time). `None` (what decoding uses) picks parallel only for steps with at least
-    `PARALLEL_MIN_UNITS` (batch row, selecting head) units -- batched decoding -- where the work pays for
-    the wake-ups (docs/kernels.md has the measurement).
+    `parallel=False` (what decoding uses, at every batch size) runs on the calling thread: no thread pool
+    to wake, nothing to fight torch's OpenMP threads for, safe from several Python threads at once, and
+    measured faster inside `generate` even at batch 8 (docs/kernels.md). `parallel=True` splits the step
+    over numba's threads (launches serialised by a lock): the stand-alone kernel benchmark's schedule.
     """
     _check(query, keys, values, codes)
     B, Hq, d = query.shape
@@ -898,8 +894,6 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     qp = _query_f32(q_proj)
     st = _start_array(start, B)
     ws = _workspace()
-    if parallel is None:
-        parallel = B * (Hq if per_query else Hkv) >= PARALLEL_MIN_UNITS and numba.config.NUMBA_NUM_THREADS > 1
     kernel, nthreads = (_dashkv_kernel, numba.get_num_threads()) if parallel else (_dashkv_kernel_serial, 1)
     args = (q, qp, float(scaling), kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cft.view(np.uint64), cb0, csb, csh, N, W, st,
             int(sink), int(window), int(critical), Hkv, per_query, scorer == "hamming", nthreads, _mode)
