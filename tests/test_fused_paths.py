@@ -77,3 +77,31 @@ def test_fallback_to_reference_path_warns_once(caplog):
         _generate(model, ids, True, config=adaptive)
     hits = [r for r in caplog.records if "reference path" in r.getMessage()]
     assert len(hits) == 1 and "adaptive=True" in hits[0].getMessage()
+
+
+def test_codes_wait_for_min_context_then_cover_every_key():
+    """Below min_context steps are dense and no key is encoded; the first step past it encodes the
+    backlog, so the sparse steps after it see a code for every cached key."""
+    model = tiny_model("llama")
+    cfg = DashKVConfig(budget=1 / 8, sink=4, window=8, k_min=4, dense_layers=(), min_context=300)
+    ids = torch.randint(3, 500, (1, 250), generator=torch.Generator().manual_seed(4))
+    enc = _simhash(model)
+    with hf.enable(model, enc, cfg, track=True) as handle, torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        cache, tok = out.cache, out.logits[:, -1:].argmax(-1)
+        layer = cache.layers[handle.managed_layers[0]]
+        assert layer.coded == 0 and layer.state.codes is None
+        for _ in range(80):
+            out = model(input_ids=tok, cache=cache, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+        for i in handle.managed_layers:
+            layer = cache.layers[i]
+            assert layer.coded == layer.length == 330
+            assert torch.equal(layer.state.codes, enc.encode_keys(i, layer.keys))
+        assert handle.stats.fraction < 1.0  # the steps past min_context were sparse
+    outs = []
+    for fast in (True, False):  # the crossing inside generate: fused and reference paths agree
+        with hf.enable(model, enc, cfg) as handle:
+            handle.fast = fast
+            outs.append(model.generate(ids, max_new_tokens=80, do_sample=False, pad_token_id=0))
+    assert torch.equal(outs[0], outs[1])

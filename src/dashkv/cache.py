@@ -49,9 +49,9 @@ class CallStats(StepStats):
         super().__init__()
         self._total = total
 
-    def record(self, layer_idx: int, n: int, attended: torch.Tensor, keep: bool) -> None:
+    def record(self, layer_idx: int, n: int, attended: torch.Tensor | int, keep: bool, rows: int = 1) -> None:
         a0, c0, k0 = self.attended, self.context, len(self.per_step)
-        super().record(layer_idx, n, attended, keep)
+        super().record(layer_idx, n, attended, keep, rows)
         if self._total is not None:
             with self._total.lock:
                 t = self._total.stats
@@ -119,6 +119,7 @@ class DashKVLayer(DynamicLayer):
         self.ctx = ctx
         self.state = LayerState(layer_idx=layer_idx)
         self.length = 0
+        self.coded = 0  # positions [0, coded) have key codes (encoding waits while steps are dense)
         self.lowprec: tuple[QuantizedRows, QuantizedRows] | None = None
         self._buffers: dict[str, torch.Tensor] = {}
 
@@ -134,13 +135,14 @@ class DashKVLayer(DynamicLayer):
         cap = self._capacity()
         if need <= cap and all(k in self._buffers for k in like):
             return
-        new_cap = max(need, cap + max(_MIN_CAPACITY, cap // 4))
+        new_cap = max(need, cap + max(_MIN_CAPACITY, cap // 4)) if need > cap else cap
         new_cap = -(-new_cap // _MIN_CAPACITY) * _MIN_CAPACITY
         grown = {}
-        for name, t in like.items():
+        for name, t in {**self._buffers, **like}.items():  # existing buffers keep growing with the rest
             b, h, _, tail = t.shape
-            buf = torch.empty(b, h, new_cap, tail, dtype=t.dtype, device=t.device)
-            if name in self._buffers and self.length:
+            buf = t if name not in like and t.shape[2] == new_cap else torch.empty(
+                b, h, new_cap, tail, dtype=t.dtype, device=t.device)
+            if buf is not t and name in self._buffers and self.length:
                 buf[:, :, : self.length] = self._buffers[name][:, :, : self.length]
             grown[name] = buf
         self._buffers = grown
@@ -166,17 +168,43 @@ class DashKVLayer(DynamicLayer):
     def _parts(self, key_states: torch.Tensor, value_states: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = {"k": key_states, "v": value_states}
         policy = self.ctx.policy if self.managed else None
-        if policy is not None and policy.uses_codes:
+        if policy is not None and policy.uses_codes and self.coded == self.length and \
+                self.length + key_states.shape[2] > policy.config.min_context:
             parts["codes"] = policy.encode_keys(self.layer_idx, key_states)
         if policy is not None and policy.config.lowprec_fraction > 0:
             k8, v8 = QuantizedRows.quantize(key_states), QuantizedRows.quantize(value_states)
             parts.update(k8=k8.q, k8s=k8.scale, v8=v8.q, v8s=v8.scale)
         return parts
 
+    def _encode_backlog(self) -> None:
+        """Encode the keys of the dense steps below `min_context` once the context passes it: short
+        contexts decode densely and pay no encoding; the first sparse step encodes what it needs."""
+        policy = self.ctx.policy if self.managed else None
+        if policy is not None and self.length > policy.config.min_context:
+            self.ensure_codes()
+
+    def ensure_codes(self) -> None:
+        """Encode every key that has no code yet (callers that copy the codes buffer need all of it)."""
+        policy = self.ctx.policy if self.managed else None
+        if policy is None or not policy.uses_codes or self.coded >= self.length:
+            return
+        codes = policy.encode_keys(self.layer_idx, self._buffers["k"][:, :, self.coded:self.length])
+        if "codes" not in self._buffers:
+            b, h, cap, _ = self._buffers["k"].shape
+            self._buffers["codes"] = codes.new_empty(b, h, cap, codes.shape[-1])
+        self._buffers["codes"][:, :, self.coded:self.length] = codes
+        self.coded = self.length
+        self._publish()
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._append(self._parts(key_states, value_states))
+        parts = self._parts(key_states, value_states)
+        self._append(parts)
+        if "codes" in parts:
+            self.coded = self.length
+        else:
+            self._encode_backlog()
         attn_kwargs = kwargs.get("kwargs")  # transformers: cache.update(k, v, layer_idx, kwargs=kwargs)
         if self.managed and isinstance(attn_kwargs, dict):
             attn_kwargs[LAYER_KWARG] = self
@@ -202,7 +230,7 @@ class DashKVLayer(DynamicLayer):
         return self.length
 
     def reset(self) -> None:
-        self._buffers, self.length = {}, 0
+        self._buffers, self.length, self.coded = {}, 0, 0
         self.state = LayerState(layer_idx=self.layer_idx)
         self.keys = self.values = None
         self.lowprec = None
@@ -215,6 +243,7 @@ class DashKVLayer(DynamicLayer):
         if not tokens_to_remove or not self.length:
             return
         self.length = max(0, self.length + tokens_to_remove)
+        self.coded = min(self.coded, self.length)
         for name, value in self.state.stats.items():
             t = _stat_tensor(name, value)
             if t.dim() >= 3 and t.shape[2] > self.length:

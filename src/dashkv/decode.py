@@ -24,12 +24,17 @@ class StepStats:
     context: int = 0  # context length, summed the same way
     per_step: list[tuple[int, int, float]] = field(default_factory=list)  # (layer, N, mean tokens read)
 
-    def record(self, layer_idx: int, n: int, attended: torch.Tensor, keep: bool) -> None:
+    def record(self, layer_idx: int, n: int, attended: torch.Tensor | int, keep: bool, rows: int = 1) -> None:
+        """attended: tokens read per (batch row, selecting head), or an int: every one of `rows` read it."""
         self.steps += 1
-        self.attended += int(attended.sum())
-        self.context += n * attended.numel()
+        if isinstance(attended, int):  # a dense step: no tensor work on the hot path
+            total, count = attended * rows, rows
+        else:
+            total, count = int(attended.sum()), attended.numel()
+        self.attended += total
+        self.context += n * count
         if keep:
-            self.per_step.append((layer_idx, n, float(attended.float().mean())))
+            self.per_step.append((layer_idx, n, total / count))
 
     @property
     def fraction(self) -> float:
@@ -53,8 +58,8 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
     valid = None if start is None else valid_positions(n, start, b, device=keys.device)
     if policy is None or plan.dense:
         if stats is not None:
-            stats.record(state.layer_idx, n, (valid.sum(-1, keepdim=True) if valid is not None
-                                              else torch.full((b, 1), n, device=keys.device)), keep=False)
+            stats.record(state.layer_idx, n, valid.sum(-1, keepdim=True) if valid is not None else n, keep=False,
+                         rows=b)
         if fast:  # matmul + softmax, no K/V copy: 1.7x faster than SDPA for this one-query shape on CPU
             from .kernels.cpu import dense_decode_torch
 

@@ -39,6 +39,7 @@ def _left_pad(t: torch.Tensor, to: int) -> torch.Tensor:
 
 def _layer_parts(layer: Any) -> dict[str, torch.Tensor]:
     if isinstance(layer, DashKVLayer):
+        layer.ensure_codes()  # short contexts defer encoding; a merged buffer must be complete
         return {name: buf[:, :, : layer.length] for name, buf in layer._buffers.items()}
     if type(layer) is DynamicLayer:
         return {"k": layer.keys, "v": layer.values}
@@ -50,6 +51,7 @@ def _set_parts(layer: Any, parts: dict[str, torch.Tensor]) -> None:
         layer._buffers, layer.length = {}, 0
         layer.state.stats.clear()
         layer._append(parts)
+        layer.coded = layer.length if "codes" in parts else 0
     else:
         layer.keys, layer.values = parts["k"], parts["v"]
 

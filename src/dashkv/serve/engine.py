@@ -155,8 +155,10 @@ class RowStats(StepStats):
         super().__init__()
         self.rows, self.pads = rows, pads
 
-    def record(self, layer_idx: int, n: int, attended: torch.Tensor, keep: bool) -> None:
-        super().record(layer_idx, n, attended, keep=False)  # totals only: per_step would grow per step
+    def record(self, layer_idx: int, n: int, attended: torch.Tensor | int, keep: bool, rows: int = 1) -> None:
+        super().record(layer_idx, n, attended, keep=False, rows=rows)  # totals only: per_step would grow
+        if isinstance(attended, int):  # a dense step: every row read all n tokens
+            attended = torch.full((rows, 1), attended)
         a = attended.reshape(attended.shape[0], -1)
         heads = a.shape[1]
         for row, pad, r in zip(self.rows, self.pads, a.sum(-1).tolist()):
