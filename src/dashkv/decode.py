@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from .attention import QuantizedRows, dense_decode_attention, sparse_decode_attention
 from .config import DashKVConfig
@@ -60,10 +61,14 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
         if stats is not None:
             stats.record(state.layer_idx, n, valid.sum(-1, keepdim=True) if valid is not None else n, keep=False,
                          rows=b)
-        if fast:  # matmul + softmax, no K/V copy: 1.7x faster than SDPA for this one-query shape on CPU
-            from .kernels.cpu import dense_decode_torch
+        if fast and keys.dtype == torch.float32:  # matmul + softmax, no K/V copy: 1.7x faster than SDPA
+            from .kernels.cpu import dense_decode_torch  # for this one-query shape on the CPU
 
             return dense_decode_torch(query[:, :, 0], keys, values, scaling, start)[:, :, None].to(query.dtype)
+        if fast:  # half precision: SDPA, the unmodified model's own kernel and rounding (and faster in bf16)
+            mask = None if valid is None else valid[:, None, None, :]
+            return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling,
+                                                  enable_gqa=True)
         return dense_decode_attention(query, keys, values, scaling, valid)
 
     q = query[:, :, 0, :]
