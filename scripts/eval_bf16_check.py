@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """fp32 vs bf16 prefill at 4K on the default model, one thread: time and whether fidelity/answers change."""
-import json, sys, time, os
+import json, sys, os
 import torch
 torch.set_num_threads(1)
 torch.set_grad_enabled(False)
 import dashkv
 from dashkv.config import DashKVConfig
 from dashkv.eval.fidelity import make_fidelity_documents, compare_logprobs
-from dashkv.eval.runner import prefill_once, decode_method, _encoders_for, EvalPlan, build_prompt_ids, _overhead, stop_ids, NEWLINE_STOP
+from dashkv.eval.runner import prefill_once, decode_method, _encoders_for, EvalPlan, build_prompt_ids, _overhead, stop_ids
 from dashkv.eval.tasks import make_sample
 from pathlib import Path
 model, tok = dashkv.load_model("smollm2-135m")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from dashkv.config import DashKVConfig
-from dashkv.eval.fidelity import compare_logprobs, make_fidelity_documents, stdlib_sources, teacher_forced_logprobs
+from dashkv.eval.fidelity import compare_logprobs, make_fidelity_documents, stdlib_sources
 from dashkv.eval.runner import EvalPlan, decode_method, prefill_once, run_eval
 from dashkv.models import default_tokenizer, tiny_model
 

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import dashkv
 from dashkv import hf
 from dashkv.config import DashKVConfig
 from dashkv.encoders import EncoderMismatchError, HashEncoders

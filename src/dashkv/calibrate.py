@@ -660,7 +660,6 @@ def evaluate(model, tokenizer, encoders: HashEncoders, texts, *, budgets: Sequen
     sinks and window count inside the budget, exactly as decoding spends it.
     Writes report.json and recall.png into `out_dir` if given.
     """
-    from tqdm.auto import tqdm
 
     shape = _shape_of(model)
     encoders.check_compatible(shape)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 from .fidelity import stdlib_sources
 from .haystack import TextHaystack, TokenizerLike, count_tokens, get_haystack

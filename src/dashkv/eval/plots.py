@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 __all__ = ["plot_accuracy_vs_budget", "plot_accuracy_vs_length"]
 
