@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .attention import QuantizedRows, dense_decode_attention, sparse_decode_attention
 from .config import DashKVConfig
+from .kernels import CPU_KV_DTYPES
 from .selection import H2OPolicy, LayerState, SelectionPolicy, valid_positions
 
 
@@ -105,7 +106,7 @@ def _fast_kernel(policy: SelectionPolicy, config: DashKVConfig, keys: torch.Tens
     if config.adaptive or config.lowprec_fraction > 0 or config.spatial_vote:
         return None
     if keys.device.type == "cpu":
-        if keys.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        if keys.dtype not in CPU_KV_DTYPES:
             return None
         try:
             from .kernels.cpu import dashkv_decode_cpu

@@ -37,6 +37,7 @@ from .config import DashKVConfig
 from .decode import StepStats, decode_step
 from .encoders import HashEncoders
 from .errors import UnsupportedCacheError, UnsupportedGenerationError
+from .kernels import CPU_KV_DTYPES
 from .models import check_context_length, check_supported, model_shape
 from .selection import SelectionPolicy, make_policy
 
@@ -244,7 +245,7 @@ def _warn_fallbacks(model: Any, shape: Any, policy: SelectionPolicy | None, mana
         reasons.append(f"lowprec_fraction={cfg.lowprec_fraction}")
     if cfg.spatial_vote:
         reasons.append(f"spatial_vote={cfg.spatial_vote}")
-    if device.type == "cpu" and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if device.type == "cpu" and dtype not in CPU_KV_DTYPES:
         reasons.append(f"the CPU kernels take float32, bfloat16 or float16 K/V, the model is {dtype}")
     if device.type == "cpu" and not reasons:
         try:
@@ -274,10 +275,10 @@ def _warm_cpu_kernels(dtype: torch.dtype) -> None:
     if dtype in _KERNELS_WARM:
         return
     try:
-        from .kernels.cpu import KV_DTYPES, warmup
+        from .kernels.cpu import warmup
     except ImportError:  # numba missing: the torch reference path serves
         return
-    if dtype in KV_DTYPES:
+    if dtype in CPU_KV_DTYPES:
         warmup((dtype,))
     _KERNELS_WARM.add(dtype)
 

@@ -7,4 +7,10 @@ cached compilation of) the numba kernels takes a moment the first time.
 
 from __future__ import annotations
 
-__all__ = ["cpu"]
+import torch
+
+#: K/V dtypes the fused CPU kernel reads (16-bit ones widened in registers, fp32 accumulation). Here, not
+#: in `cpu`, so code that only asks "is this dtype fused?" does not import numba.
+CPU_KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+__all__ = ["cpu", "CPU_KV_DTYPES"]

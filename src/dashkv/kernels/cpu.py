@@ -43,6 +43,8 @@ from llvmlite import ir
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from . import CPU_KV_DTYPES
+
 NBINS_ASYM = 2048  # histogram buckets of the asymmetric (float) score
 _SCAN_MIN_CHUNK = 1024  # fewest candidate positions per scan work unit
 _ATTN_MIN_ROWS = 64  # fewest rows per attention work unit
@@ -824,11 +826,10 @@ def _zeros_i64(B: int) -> np.ndarray:
     return z[:B]
 
 
-KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check(query, keys, values, codes=None) -> None:
-    if keys.dtype not in KV_DTYPES or values.dtype != keys.dtype or not query.is_floating_point():
+    if keys.dtype not in CPU_KV_DTYPES or values.dtype != keys.dtype or not query.is_floating_point():
         raise TypeError("dashkv CPU kernels take float32, bfloat16 or float16 keys/values of one dtype and a "
                         f"floating-point query (got {query.dtype}, {keys.dtype}, {values.dtype})")
     if keys.device.type != "cpu":
@@ -973,22 +974,16 @@ def warmup(dtypes=(torch.float32,), parallel: bool = False, verbose: bool = Fals
     """
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(0)
-    for dtype in dtypes:
-        for W in (1, 2):
-            q = torch.randn(1, 2, 8, generator=g)
-            qp = torch.randn(1, 2, 64 * W, generator=g)
-            k = torch.randn(1, 1, 40, 8, generator=g).to(dtype)
-            c = torch.randint(-2**62, 2**62, (1, 1, 40, W), generator=g)
-            for par in ((False, True) if parallel else (False,)):
-                for grouping in ("kv_head", "query_head"):
-                    for scorer in ("asymmetric", "hamming"):
-                        dashkv_decode_cpu(q, qp, k, k, c, sink=2, window=4, critical=8, scaling=0.3,
-                                          grouping=grouping, scorer=scorer, parallel=par)
-                dense_decode_cpu(q, k, k, 0.3, parallel=par)
-            w = np.ones((1, 8, 64 * W), np.float32)
-            encode_linear_cpu(k[:, :, :2], w, np.zeros((1, 64 * W), np.float32))
-            linear_heads_cpu(q[:, :, None].to(dtype), np.ones((2, 8, 64 * W), np.float32),
-                             np.zeros((2, 64 * W), np.float32))
+    q = torch.randn(1, 2, 8, generator=g)
+    qp = torch.randn(1, 2, 64, generator=g)
+    c = torch.randint(-2**62, 2**62, (1, 1, 40, 1), generator=g)
+    for dtype in dtypes:  # one call per compiled variant: grouping, scorer and code words are run-time values
+        k = torch.randn(1, 1, 40, 8, generator=g).to(dtype)
+        for par in ((False, True) if parallel else (False,)):
+            dashkv_decode_cpu(q, qp, k, k, c, sink=2, window=4, critical=8, scaling=0.3, parallel=par)
+            dense_decode_cpu(q, k, k, 0.3, parallel=par)
+        encode_linear_cpu(k[:, :, :2], np.ones((1, 8, 64), np.float32), np.zeros((1, 64), np.float32))
+        linear_heads_cpu(q[:, :, None].to(dtype), np.ones((2, 8, 64), np.float32), np.zeros((2, 64), np.float32))
     dt = time.perf_counter() - t0
     if verbose:
         print(f"dashkv.kernels.cpu: kernels ready in {dt:.2f} s")
