@@ -143,8 +143,7 @@ def bench_decode(args: argparse.Namespace, model: Any = None, tokenizer: Any = N
     from .hf import enable
     from .models import check_context_length, load_model
 
-    config = DashKVConfig(bits=args.bits, budget=args.budget, sink=args.sink, window=args.window,
-                          min_context=getattr(args, "min_context", DashKVConfig.min_context))
+    config = DashKVConfig.from_args(args)
     batches = [int(b) for b in str(args.batch).split(",")]
     if args.context < 64 or args.steps < 3 or args.warmup < 0 or min(batches) < 1:
         raise ValueError("--context must be >= 64, --steps >= 3, --warmup >= 0 and --batch >= 1")

@@ -49,9 +49,10 @@ class CallStats(StepStats):
         super().__init__()
         self._total = total
 
-    def record(self, layer_idx: int, n: int, attended: torch.Tensor | int, keep: bool, rows: int = 1) -> None:
+    def record(self, layer_idx: int, n: int, attended: torch.Tensor | int, keep: bool, rows: int = 1,
+               extra: float = 0.0) -> None:
         a0, c0, k0 = self.attended, self.context, len(self.per_step)
-        super().record(layer_idx, n, attended, keep, rows)
+        super().record(layer_idx, n, attended, keep, rows, extra)
         if self._total is not None:
             with self._total.lock:
                 t = self._total.stats
@@ -162,8 +163,9 @@ class DashKVLayer(DynamicLayer):
         self.keys, self.values = view.get("k"), view.get("v")
         self.state.codes = view.get("codes")
         self.lowprec = None
-        if "k8" in view:
-            self.lowprec = (QuantizedRows(view["k8"], view["k8s"]), QuantizedRows(view["v8"], view["v8s"]))
+        self.state.keys8 = QuantizedRows(view["k8"], view["k8s"]) if "k8" in view else None
+        if "v8" in view:
+            self.lowprec = (self.state.keys8, QuantizedRows(view["v8"], view["v8s"]))
 
     def _parts(self, key_states: torch.Tensor, value_states: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = {"k": key_states, "v": value_states}
@@ -171,9 +173,12 @@ class DashKVLayer(DynamicLayer):
         if policy is not None and policy.uses_codes and self.coded == self.length and \
                 self.length + key_states.shape[2] > policy.config.min_context:
             parts["codes"] = policy.encode_keys(self.layer_idx, key_states)
+        if policy is not None and (policy.config.lowprec_fraction > 0 or policy.config.rerank > 0):
+            k8 = QuantizedRows.quantize(key_states)  # the low-precision tier's keys, and the re-rank stage's
+            parts.update(k8=k8.q, k8s=k8.scale)
         if policy is not None and policy.config.lowprec_fraction > 0:
-            k8, v8 = QuantizedRows.quantize(key_states), QuantizedRows.quantize(value_states)
-            parts.update(k8=k8.q, k8s=k8.scale, v8=v8.q, v8s=v8.scale)
+            v8 = QuantizedRows.quantize(value_states)
+            parts.update(v8=v8.q, v8s=v8.scale)
         return parts
 
     def _encode_backlog(self) -> None:

@@ -44,6 +44,12 @@ def _add_dashkv_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-context", type=int, default=1536,
                    help="contexts up to this many tokens decode densely, where selection cannot pay off "
                         "(default: %(default)s, measured)")
+    p.add_argument("--rerank", type=int, default=None,
+                   help="re-rank stage: re-score this many times the exact tier's candidates from int8 keys "
+                        "(charged to the budget at their bytes; 0 = off; default: the configuration's)")
+    p.add_argument("--head-budget", choices=("fixed", "pooled"), default=None,
+                   help="fixed: equal exact tier per head; pooled: a layer's heads share it by estimated "
+                        "attention probability, same mean (default: the configuration's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,8 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_from(args: argparse.Namespace, **extra):
     from .config import DashKVConfig
 
-    return DashKVConfig(bits=args.bits, budget=args.budget, sink=args.sink, window=args.window,
-                        min_context=getattr(args, "min_context", 1536), **extra)
+    return DashKVConfig.from_args(args, **extra)
 
 
 def _encoders_from(args: argparse.Namespace):

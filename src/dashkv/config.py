@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 Scorer = Literal["asymmetric", "hamming"]
 Grouping = Literal["kv_head", "query_head"]
+HeadBudget = Literal["fixed", "pooled"]
 
 
 def parse_budget(value: str | float | int) -> float | int:
@@ -58,6 +59,14 @@ class DashKVConfig:
     min_context:     contexts up to this many tokens are decoded densely: below it selection costs more
                      than it saves (measured default, docs/RESULTS.md §1: 0.95x StaticCache at 1K, 1.05x
                      at 2K on the default model).
+    rerank:          re-rank stage: the code scan keeps `rerank` x the exact tier's size of candidates, which
+                     are re-scored from an int8 copy of the keys (q·k, softmax per query head, summed over
+                     the group) and the best of them form the exact tier (0 = off). Each re-scored key is
+                     charged to the budget at its bytes: an int8 key row (d + 4 bytes) against a full K+V
+                     row (2·d·element bytes), so the exact tier shrinks to keep the budget.
+    head_budget:     "fixed": every selecting head gets the same exact tier; "pooled": a layer's exact
+                     tokens are shared by its heads at the same mean, by estimated attention probability
+                     (concentrated heads give their tail to diffuse ones; DASH-KV and oracle top-k).
     spatial_vote:    λ of the cross-head vote (distance calibration Δ_spatial): each query head's score
                      gains λ·σ_h·(mean over the layer's query heads of the standardised score), so keys
                      many heads rank highly move up (0 = off; torch reference path only).
@@ -77,6 +86,8 @@ class DashKVConfig:
     dense_layers: tuple[int, ...] = (0, 1)
     min_context: int = 1536
     spatial_vote: float = 0.0
+    rerank: int = 0
+    head_budget: HeadBudget = "fixed"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -112,6 +123,10 @@ class DashKVConfig:
             raise bad("scorer", "must be 'asymmetric' or 'hamming'")
         if self.grouping not in ("kv_head", "query_head"):
             raise bad("grouping", "must be 'kv_head' or 'query_head'")
+        if not isinstance(self.rerank, int) or isinstance(self.rerank, bool) or not 0 <= self.rerank <= 64:
+            raise bad("rerank", "must be an integer in [0, 64] (0 disables the re-rank stage)")
+        if self.head_budget not in ("fixed", "pooled"):
+            raise bad("head_budget", "must be 'fixed' or 'pooled'")
         if not (isinstance(self.spatial_vote, (int, float)) and math.isfinite(self.spatial_vote)):
             raise bad("spatial_vote", "must be a finite number (0 disables the cross-head vote)")
         if any(i < 0 for i in self.dense_layers):
@@ -129,8 +144,12 @@ class DashKVConfig:
         floor = self.sink + self.window + self.k_min
         return min(n, max(1, floor, math.ceil(self.budget * n)))
 
-    def plan(self, n: int) -> "StepPlan":
-        """Split the budget at context n into sinks, window, exact candidates and low-precision tier."""
+    def plan(self, n: int, rerank_cost: float = 0.125) -> "StepPlan":
+        """Split the budget at context n into sinks, window, exact candidates and low-precision tier.
+
+        rerank_cost: what re-scoring one key from its int8 copy costs, in full K+V rows read (0.125 for
+        float32 K/V of head dim 64: (64 + 4) / (2 * 64 * 4) rounded; `rerank_read_cost` computes it).
+        """
         total = self.budget_tokens(n)
         if total >= n or n <= self.min_context:
             return StepPlan(n=n, dense=True, sink=0, window=0, critical=0, lowprec=0)
@@ -139,14 +158,27 @@ class DashKVConfig:
         free = total - sink - window
         lowprec = int(math.floor(free * self.lowprec_fraction))
         critical = free - lowprec
+        rerank = 0
+        if self.rerank:  # exact + re-scored keys at their cost fill what the low-precision tier leaves
+            critical = max(1, int(math.floor(critical / (1.0 + rerank_cost * self.rerank))))
         if self.k_max is not None:
             critical = min(critical, self.k_max)
-        return StepPlan(n=n, dense=False, sink=sink, window=window, critical=critical, lowprec=lowprec)
+        if self.rerank:
+            rerank = self.rerank * critical
+        return StepPlan(n=n, dense=False, sink=sink, window=window, critical=critical, lowprec=lowprec,
+                        rerank=rerank, rerank_cost=rerank_cost if rerank else 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["dense_layers"] = list(self.dense_layers)
         return d
+
+    @classmethod
+    def from_args(cls, args: Any, **extra: Any) -> "DashKVConfig":
+        """The configuration of a command line (`dashkv demo/generate/bench decode`): the options
+        `_add_dashkv_args` defines, each falling back to the field's default when a command lacks it."""
+        names = ("bits", "budget", "sink", "window", "min_context", "rerank", "head_budget")
+        return cls(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None}, **extra)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DashKVConfig":
@@ -167,7 +199,19 @@ class StepPlan:
     window: int
     critical: int
     lowprec: int
+    rerank: int = 0  # candidates of the code scan re-scored from int8 keys (0: no re-rank stage)
+    rerank_cost: float = 0.0  # full K+V rows one re-scored key costs
 
     @property
     def total(self) -> int:
         return self.n if self.dense else self.sink + self.window + self.critical + self.lowprec
+
+    @property
+    def reads(self) -> float:
+        """Full K+V rows read per selecting head: the attended tokens plus the re-scored int8 keys."""
+        return self.total + self.rerank * self.rerank_cost
+
+
+def rerank_read_cost(head_dim: int, element_bytes: int) -> float:
+    """Cost of re-scoring one key from its int8 copy (d bytes + a float32 scale), in full K+V rows."""
+    return (head_dim + 4) / (2 * head_dim * element_bytes)

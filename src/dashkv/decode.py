@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from .attention import QuantizedRows, dense_decode_attention, sparse_decode_attention
-from .config import DashKVConfig
+from .config import DashKVConfig, rerank_read_cost
 from .kernels import CPU_KV_DTYPES
-from .selection import H2OPolicy, LayerState, SelectionPolicy, valid_positions
+from .selection import POOL_CAP, H2OPolicy, LayerState, SelectionPolicy, valid_positions
 
 
 @dataclass
@@ -22,17 +22,20 @@ class StepStats:
     """Tokens read per step, for tests and reports: sum over steps of tokens read per selecting head."""
 
     steps: int = 0
-    attended: int = 0  # tokens read, summed over steps, batch rows and selecting heads
+    attended: float = 0  # tokens read (full K+V rows), summed over steps, batch rows and selecting heads
     context: int = 0  # context length, summed the same way
     per_step: list[tuple[int, int, float]] = field(default_factory=list)  # (layer, N, mean tokens read)
 
-    def record(self, layer_idx: int, n: int, attended: torch.Tensor | int, keep: bool, rows: int = 1) -> None:
-        """attended: tokens read per (batch row, selecting head), or an int: every one of `rows` read it."""
+    def record(self, layer_idx: int, n: int, attended: torch.Tensor | int, keep: bool, rows: int = 1,
+               extra: float = 0.0) -> None:
+        """attended: tokens read per (batch row, selecting head), or an int: every one of `rows` read it;
+        extra: further full-row equivalents each selecting head read (the re-rank stage's int8 keys)."""
         self.steps += 1
         if isinstance(attended, int):  # a dense step: no tensor work on the hot path
             total, count = attended * rows, rows
         else:
             total, count = int(attended.sum()), attended.numel()
+        total += extra * count
         self.attended += total
         self.context += n * count
         if keep:
@@ -56,7 +59,7 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
     """
     b, hkv, n, _ = keys.shape
     config = policy.config if policy is not None else None
-    plan = config.plan(n) if config is not None else None
+    plan = config.plan(n, rerank_read_cost(keys.shape[-1], keys.element_size())) if config is not None else None
     valid = None if start is None else valid_positions(n, start, b, device=keys.device)
     if policy is None or plan.dense:
         if stats is not None:
@@ -75,12 +78,18 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
     q = query[:, :, 0, :]
     kernel = _fast_kernel(policy, config, keys) if fast else None
     if kernel is not None:
+        rerank = {}
+        if plan.rerank:  # the scan picks plan.rerank candidates, the int8 keys keep plan.critical of them
+            rerank = dict(critical=plan.rerank, keep=plan.critical, keys8=(state.keys8.q, state.keys8.scale))
+        elif config.head_budget == "pooled":  # the layer's exact tokens shared between its heads
+            rerank = dict(pool_temps=policy.pool_temperatures(state.layer_idx, hkv).numpy(),
+                          k_min=min(config.k_min, plan.critical), pool_cap=POOL_CAP)
         out, idx_count = kernel(
             q, policy.query_projection(state.layer_idx, q), keys, values, state.codes,
-            sink=plan.sink, window=plan.window, critical=plan.critical, scaling=scaling,
+            **{"sink": plan.sink, "window": plan.window, "critical": plan.critical, **rerank}, scaling=scaling,
             grouping=config.grouping, scorer=policy.scorer, start=start, return_counts=True)
         if stats is not None:
-            stats.record(state.layer_idx, n, idx_count, keep=True)
+            stats.record(state.layer_idx, n, idx_count, keep=True, extra=plan.rerank * plan.rerank_cost)
         return out[:, :, None, :].to(query.dtype)
 
     selection = policy.select(state, q, keys, plan, scaling, start)
@@ -90,7 +99,7 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
         result, probs = result
         policy.observe(state, selection, probs)
     if stats is not None:
-        stats.record(state.layer_idx, n, selection.attended(), keep=True)
+        stats.record(state.layer_idx, n, selection.attended(), keep=True, extra=plan.rerank * plan.rerank_cost)
     return result
 
 
@@ -105,6 +114,10 @@ def _fast_kernel(policy: SelectionPolicy, config: DashKVConfig, keys: torch.Tens
         return None  # baselines (oracle, Quest, H2O, ...) have no fused kernel by design
     if config.adaptive or config.lowprec_fraction > 0 or config.spatial_vote:
         return None
+    if config.head_budget == "pooled" and config.rerank:
+        return None  # pooled budgets after the re-rank stage: reference path only
+    if (config.rerank or config.head_budget == "pooled") and keys.device.type != "cpu":
+        return None  # the re-rank stage and pooled budgets are in the CPU kernel only
     if keys.device.type == "cpu":
         if keys.dtype not in CPU_KV_DTYPES:
             return None

@@ -89,8 +89,7 @@ def teacher_forced_agreement(model: Any, cache: Any, last_id: int, reference: li
 
 # ---- the demo -----------------------------------------------------------------------------------------
 def _validate(args: argparse.Namespace) -> tuple[DashKVConfig, list[float]]:
-    config = DashKVConfig(bits=args.bits, budget=args.budget, sink=args.sink, window=args.window,
-                          min_context=getattr(args, "min_context", DashKVConfig.min_context))
+    config = DashKVConfig.from_args(args)
     try:
         depths = [float(x) for x in str(args.depths).split(",") if x.strip()]
     except ValueError:

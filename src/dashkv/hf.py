@@ -46,7 +46,8 @@ logger = get_logger(__name__)
 ATTN_NAME = "dashkv"
 _HANDLE_ATTR = "_dashkv_handle"
 _DEFAULT_ENCODERS = Path(__file__).parent / "data" / "encoders"
-_CODE_METHODS = ("dashkv", "simhash", "simhash_asym")
+_CODE_METHODS = ("dashkv", "dashkv_rerank", "simhash", "simhash_asym")
+_LEARNED_METHODS = ("dashkv", "dashkv_rerank")  # methods that use the calibrated encoders
 
 
 class DashKVHandle:
@@ -161,7 +162,7 @@ def enable(model: Any, encoders: HashEncoders | None = None, config: DashKVConfi
                   "model.eval()")
 
     candidates = [i for i in shape.full_attention_layers if i not in config.dense_layers]
-    if method == "dashkv":
+    if method in _LEARNED_METHODS:
         if encoders is None:
             encoders = default_encoders(shape, config.bits)
             if encoders is None:
@@ -188,7 +189,7 @@ def enable(model: Any, encoders: HashEncoders | None = None, config: DashKVConfi
         _warm_cpu_kernels(model.dtype)
     handle = DashKVHandle(model, policy, config, method, managed, track, encoders)
     handle.max_positions = shape.max_position_embeddings
-    if encoders is not None and method == "dashkv":
+    if encoders is not None and method in _LEARNED_METHODS:
         handle.calibrated_length = encoders.calibrated_length
     _register_attention()
     handle._previous_attn = model.config._attn_implementation
@@ -245,6 +246,12 @@ def _warn_fallbacks(model: Any, shape: Any, policy: SelectionPolicy | None, mana
         reasons.append(f"lowprec_fraction={cfg.lowprec_fraction}")
     if cfg.spatial_vote:
         reasons.append(f"spatial_vote={cfg.spatial_vote}")
+    if cfg.head_budget == "pooled" and cfg.rerank:
+        reasons.append("head_budget='pooled' with rerank (pooled after the re-rank stage)")
+    elif cfg.head_budget == "pooled" and device.type != "cpu":
+        reasons.append("head_budget='pooled' (in the CPU kernel only)")
+    if cfg.rerank and device.type != "cpu":
+        reasons.append(f"rerank={cfg.rerank} (the re-rank stage is in the CPU kernel only)")
     if device.type == "cpu" and dtype not in CPU_KV_DTYPES:
         reasons.append(f"the CPU kernels take float32, bfloat16 or float16 K/V, the model is {dtype}")
     if device.type == "cpu" and not reasons:
@@ -482,7 +489,9 @@ def _decode_rows(layer: DashKVLayer, query: torch.Tensor, key: torch.Tensor, val
     for i in range(q_len):
         m = n - q_len + 1 + i
         view = LayerState(layer_idx=state.layer_idx, stats=state.stats,  # the same statistics, updated in place
-                          codes=None if state.codes is None else state.codes[:, :, :m])
+                          codes=None if state.codes is None else state.codes[:, :, :m],
+                          keys8=None if state.keys8 is None else
+                          QuantizedRows(state.keys8.q[:, :, :m], state.keys8.scale[:, :, :m]))
         low = None
         if layer.lowprec is not None:
             low = tuple(QuantizedRows(r.q[:, :, :m], r.scale[:, :, :m]) for r in layer.lowprec)

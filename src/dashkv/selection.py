@@ -13,7 +13,7 @@ metadata (DASH-KV's key codes, Quest's page bounds) keep them in the per-layer `
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -61,6 +61,7 @@ class LayerState:
 
     layer_idx: int
     codes: torch.Tensor | None = None  # (B, Hkv, N, W) packed key codes, kept by the cache
+    keys8: Any = None  # QuantizedRows (B, Hkv, N, d) int8 keys for the re-rank stage, kept by the cache
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,7 +74,8 @@ def valid_positions(n: int, start: torch.Tensor | None, batch: int, device=None)
 
 
 def build_selection(scores: torch.Tensor, plan: StepPlan, start: torch.Tensor | None,
-                    mass_logits: torch.Tensor | None = None, config: DashKVConfig | None = None) -> Selection:
+                    mass_logits: torch.Tensor | None = None, config: DashKVConfig | None = None,
+                    stable: bool = False) -> Selection:
     """Sinks ∪ window ∪ top-scoring candidates, within the plan's budget.
 
     scores: (B, Hs, N) relevance (larger = better). `mass_logits`, if given with `config.adaptive`,
@@ -90,10 +92,18 @@ def build_selection(scores: torch.Tensor, plan: StepPlan, start: torch.Tensor | 
     window_start = n - plan.window
     fixed = valid & ((pos[None, :] < st[:, None] + plan.sink) | (pos[None, :] >= window_start))  # (B, N)
     candidate = valid & ~fixed
+    pooled = config is not None and config.head_budget == "pooled" and hs > 1 and plan.critical > 0
     k = min(plan.critical + plan.lowprec, n)
-    cand_scores = scores.float().masked_fill(~candidate[:, None, :], NEG_INF)
-    top_vals, top_idx = cand_scores.topk(k, dim=-1, sorted=True) if k > 0 else (
-        cand_scores[..., :0], torch.zeros(bsz, hs, 0, dtype=torch.long, device=device))
+    if pooled:  # a head may take up to POOL_CAP x the mean exact tier
+        k = min(POOL_CAP * plan.critical + plan.lowprec, n)
+    cand_scores = (scores if scores.dtype == torch.float64 else scores.float()).masked_fill(
+        ~candidate[:, None, :], NEG_INF)
+    if stable and k > 0:  # exact ties go to the lower position, as in the fused kernel
+        top_vals, top_idx = torch.sort(cand_scores, dim=-1, descending=True, stable=True)
+        top_vals, top_idx = top_vals[..., :k], top_idx[..., :k]
+    else:
+        top_vals, top_idx = cand_scores.topk(k, dim=-1, sorted=True) if k > 0 else (
+            cand_scores[..., :0], torch.zeros(bsz, hs, 0, dtype=torch.long, device=device))
     top_ok = top_vals > NEG_INF
     slot = torch.arange(k, device=device)
     n_exact = torch.full((bsz, hs, 1), plan.critical, dtype=torch.long, device=device)
@@ -107,6 +117,8 @@ def build_selection(scores: torch.Tensor, plan: StepPlan, start: torch.Tensor | 
                             torch.full_like(n_exact, k))
         n_exact = first.clamp(min=min(config.k_min, plan.critical), max=plan.critical)
     exact_c = top_ok & (slot < n_exact)
+    if pooled:
+        exact_c = top_ok & pooled_exact_slots(top_vals, top_ok, plan.critical, min(config.k_min, plan.critical))
     lowprec_c = top_ok & (slot >= n_exact) if plan.lowprec > 0 else None
 
     # fixed positions (sinks then window), one row per batch element, shared by all selecting heads
@@ -123,6 +135,97 @@ def build_selection(scores: torch.Tensor, plan: StepPlan, start: torch.Tensor | 
     if lowprec_c is not None:
         lowprec = torch.cat([torch.zeros_like(fixed_ok)[:, None, :].expand(-1, hs, -1), lowprec_c], dim=-1)
     return Selection(indices=indices, exact=exact, lowprec=lowprec)
+
+
+#: With `head_budget="pooled"`, no selecting head takes more than this many times the mean exact tier.
+POOL_CAP = 4
+
+
+def pooled_exact_slots(top_vals: torch.Tensor, top_ok: torch.Tensor, mean_k: int, k_min: int) -> torch.Tensor:
+    """Per-head exact-tier sizes at an equal mean: (B, Hs, K) bool over each head's sorted candidates.
+
+    top_vals are estimated attention probabilities, comparable across heads (each query head's sum to
+    one), sorted descending per head. Every head keeps its first `k_min`; the rest of the row's
+    Hs x mean_k slots go to the most probable candidates of *any* head, so a
+    head whose attention is concentrated gives its tail to a diffuse one. The total stays Hs x mean_k:
+    the budget counts the same tokens as the fixed split, only spread by need. Ties: lower head, then
+    lower slot (stable over the flattened row).
+    """
+    b, hs, k = top_vals.shape
+    slot = torch.arange(k, device=top_vals.device)
+    base = (slot < k_min)[None, None, :] & top_ok
+    rest = top_vals.masked_fill(~top_ok | base, float("-inf")).reshape(b, hs * k)
+    extra = hs * mean_k - base.reshape(b, -1).sum(-1)  # (B,): a head short of its floor leaves it to others
+    take = torch.zeros(b, hs * k, dtype=torch.bool, device=top_vals.device)
+    if int(extra.max()) > 0:
+        order = torch.sort(rest, dim=-1, descending=True, stable=True).indices
+        rank = torch.arange(hs * k, device=top_vals.device)[None, :]
+        take.scatter_(-1, order, rank < extra[:, None])
+        take &= rest > float("-inf")
+    return base | take.reshape(b, hs, k)
+
+
+def pooled_counts(buckets: torch.Tensor, candidate: torch.Tensor, mids: torch.Tensor, temps: torch.Tensor,
+                  mean_k: int, k_min: int, cap: int) -> torch.Tensor:
+    """Reference of the fused kernel's pooled budgets (`kernels.cpu._pool_counts`), in plain loops.
+
+    buckets (B, Hs, N) int: each token's score bucket; candidate (B, N) bool; mids (B, Hs, nbins) float64:
+    the score at each bucket's middle; temps (Hs,). Estimated log-probability of a token of head s in
+    bucket t: temps[s] * mids[s, t] - log Z_s. Each head keeps its best min(k_min, cap) tokens; the rest of
+    the row's Hs x mean_k go bucket by bucket to the highest estimate of any head (ties: lower head),
+    at most `cap` per head. Returns (B, Hs) int64: tokens selected per head.
+    """
+    b_, hs, _ = buckets.shape
+    nbins = mids.shape[-1]
+    out = torch.zeros(b_, hs, dtype=torch.int64)
+    for b in range(b_):
+        cand = candidate[b]
+        if not bool(cand.any()):
+            continue
+        hist = [torch.bincount(buckets[b, x][cand].long(), minlength=nbins).tolist() for x in range(hs)]
+        mid = mids[b].tolist()
+        logz = []
+        for x in range(hs):
+            vals = [temps[x] * mid[x][t] for t in range(nbins) if hist[x][t] > 0]
+            m = max(vals)
+            logz.append(m + math.log(sum(h * math.exp(temps[x] * mid[x][t] - m)
+                                         for t, h in enumerate(hist[x]) if h > 0)))
+        counts, extra, ptr = [], 0, []
+        for x in range(hs):
+            f = min(k_min, cap)
+            counts.append(f)
+            extra += mean_k - f
+            order = [t for t in range(nbins - 1, -1, -1) if hist[x][t] > 0]
+            remaining = [(t, hist[x][t]) for t in order]
+            rem = f
+            while remaining and rem > 0:  # the floor takes the best f
+                t, h = remaining[0]
+                if h > rem:
+                    remaining[0] = (t, h - rem)
+                    rem = 0
+                else:
+                    rem -= h
+                    remaining.pop(0)
+            ptr.append(remaining)
+        while extra > 0:
+            best, bu = -1, -math.inf
+            for x in range(hs):
+                if ptr[x] and counts[x] < cap:
+                    u = temps[x] * mid[x][ptr[x][0][0]] - logz[x]
+                    if best < 0 or u > bu:
+                        best, bu = x, u
+            if best < 0:
+                break
+            t, h = ptr[best][0]
+            take = min(h, extra, cap - counts[best])
+            counts[best] += take
+            extra -= take
+            if take == h:
+                ptr[best].pop(0)
+            else:
+                ptr[best][0] = (t, h - take)
+        out[b] = torch.tensor(counts)
+    return out
 
 
 def spatial_vote(scores: torch.Tensor, lam: float) -> torch.Tensor:
@@ -226,16 +329,102 @@ class DashKVPolicy(SelectionPolicy):
     def score(self, state, query, keys, scaling):
         return self.grouped(self.per_head_scores(state, query), keys.shape[1])
 
+    def probability_estimate(self, state: LayerState, per_head: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+        """(B, Hs, N) attention probability estimated from the codes: softmax of each query head's score
+        at its calibrated temperature (asymmetric score / b in [-1, 1]), summed over a selecting head."""
+        scale = self.encoders.logit_scale(state.layer_idx).to(per_head.device)
+        logits = per_head.float() / self.config.bits * scale[None, :, None]
+        return self.grouped(torch.softmax(logits, -1), num_kv_heads)
+
+    def pool_temperatures(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
+        """(Hs,) float64: per selecting head, the factor turning its (grouped) score into an estimated
+        logit: the calibrated logit scale / b (the mean over a KV head's group, divided by its size)."""
+        scale = self.encoders.logit_scale(layer_idx).double().cpu()
+        if self.config.grouping == "query_head":
+            return scale / self.config.bits
+        return scale.reshape(num_kv_heads, -1).mean(-1) / (self.config.bits * (scale.numel() // num_kv_heads))
+
+    def pooled_selection(self, state: LayerState, query: torch.Tensor, scores: torch.Tensor, plan: StepPlan,
+                         start: torch.Tensor | None) -> Selection:
+        """Pooled per-head budgets exactly as the fused kernel spends them: scores binned as its scan bins
+        them, exact-tier sizes by `pooled_counts`, then each head's best (stable: lower position first)."""
+        from .kernels import NBINS_ASYM
+
+        b, hs, n = scores.shape
+        hkv = state.codes.shape[1]
+        gq = query.shape[1] // hs
+        span = gq * self.config.bits
+        st = torch.zeros(b, dtype=torch.long) if start is None else start.cpu().long()
+        pos = torch.arange(n)
+        candidate = (pos[None, :] >= st[:, None] + plan.sink) & (pos[None, :] < n - plan.window)
+        if self.config.scorer == "hamming":
+            buckets = ((scores.double() + span) / 2).round().long()
+            mids = (2.0 * torch.arange(span + 1, dtype=torch.float64) - span).expand(b, hs, -1)
+        else:  # the kernel's binning: float32 (s + sum|q|) * 2048 / (2 sum|q|), clamped, truncated
+            proj = self.query_projection(state.layer_idx, query).reshape(b, hs, gq, -1).float().sum(2)
+            a = proj.double().abs().sum(-1)  # (B, Hs) the score range
+            af = a.float()
+            sf = torch.where(a > 0, (NBINS_ASYM / (2.0 * a)).float(), torch.zeros_like(af))
+            x = ((scores.float() + af[..., None]) * sf[..., None]).clamp(0, NBINS_ASYM - 1)
+            buckets = x.long()
+            t = torch.arange(NBINS_ASYM, dtype=torch.float64)
+            mids = torch.where(sf[..., None] > 0, (t + 0.5) / sf.double()[..., None] - af.double()[..., None],
+                               torch.zeros(()), )
+        temps = self.pool_temperatures(state.layer_idx, hkv)
+        cap = torch.clamp(n - plan.window - st - plan.sink, min=0)
+        counts = torch.stack([pooled_counts(buckets[i:i + 1], candidate[i:i + 1], mids[i:i + 1], temps.tolist(),
+                                            plan.critical, min(self.config.k_min, plan.critical),
+                                            int(min(POOL_CAP * plan.critical, int(cap[i]))))[0] for i in range(b)])
+        kmax = max(1, int(counts.max()))
+        first = build_selection(scores, replace(plan, critical=kmax, lowprec=0), start, stable=True)
+        slot = torch.arange(kmax)
+        fixed = plan.sink + plan.window
+        exact = first.exact.clone()
+        exact[..., fixed:] &= slot[None, None, :] < counts[..., None].to(exact.device)
+        return Selection(indices=first.indices, exact=exact)
+
     def select(self, state, query, keys, plan, scaling, start):
         per_head = self.per_head_scores(state, query)
         scores = self.grouped(per_head, keys.shape[1])
+        if self.config.head_budget == "pooled" and plan.rerank == 0 and not self.config.adaptive:
+            return self.pooled_selection(state, query, scores, plan, start)
+        if self.config.head_budget == "pooled":  # after re-rank: by the re-scored probabilities
+            scores = self.probability_estimate(state, per_head, keys.shape[1])
         mass_logits = None
         if self.config.adaptive:
             # relaxed similarity -> logits with the calibrated temperature (asymmetric score / b in [-1, 1])
             scale = self.encoders.logit_scale(state.layer_idx).to(per_head.device)
             logits = per_head / self.config.bits * scale[None, :, None]
             mass_logits = self.grouped(torch.softmax(logits, -1), keys.shape[1]).clamp_min(1e-30).log()
+        if plan.rerank > 0:
+            scores = self.rerank_scores(state, query, scores, plan, scaling, start)
         return build_selection(scores, plan, start, mass_logits, self.config)
+
+    def rerank_scores(self, state: LayerState, query: torch.Tensor, scores: torch.Tensor, plan: StepPlan,
+                      scaling: float, start: torch.Tensor | None) -> torch.Tensor:
+        """The re-rank stage: scores (B, Hs, N) where only the code scan's top `plan.rerank` candidates
+        are finite, each re-scored from the int8 keys as the attention probability it would get among
+        those candidates (softmax per query head), summed over the query heads of a selecting head --
+        the same quantity oracle top-k ranks by, restricted to the candidates."""
+        if state.keys8 is None:
+            raise ValueError("DashKVConfig.rerank needs the cache's int8 key copy (LayerState.keys8)")
+        if self.config.scorer == "hamming":  # integer scores tie often: lower position first, as the kernel
+            n = scores.shape[-1]
+            scores = scores.double() - torch.arange(n, dtype=torch.float64, device=scores.device) / (n + 1)
+        first = build_selection(scores, replace(plan, critical=plan.rerank, lowprec=0, rerank=0), start)
+        fixed = plan.sink + plan.window
+        idx, ok = first.indices[..., fixed:], first.exact[..., fixed:]  # (B, Hs, R), distinct per row
+        b, hq, d = query.shape
+        hkv = state.keys8.q.shape[1]
+        rows = state.keys8.gather(idx)  # (B, Hkv, Hs/Hkv, R, d)
+        q = group_queries(query, hkv).float()  # (B, Hkv, G, d)
+        g, g_sel = hq // hkv, idx.shape[1] // hkv
+        logits = torch.einsum("bhgd,bhgrd->bhgr", q, rows.expand(-1, -1, g, -1, -1) if g_sel == 1 else rows)
+        logits = (logits * scaling).masked_fill(~ok.reshape(b, hkv, g_sel, -1).expand(-1, -1, g, -1), NEG_INF)
+        probs = torch.softmax(logits, -1).nan_to_num(0.0)
+        rescored = probs.sum(2) if g_sel == 1 else probs.reshape(b, hq, -1)
+        rescored = rescored.reshape(b, -1, idx.shape[-1]).masked_fill(~ok, NEG_INF)
+        return torch.full_like(scores, NEG_INF, dtype=torch.float32).scatter_(-1, idx, rescored)
 
 
 class SimHashPolicy(DashKVPolicy):
@@ -260,6 +449,18 @@ class SimHashAsymPolicy(SimHashPolicy):
     forced_scorer = "asymmetric"
 
 
+class DashKVRerankPolicy(DashKVPolicy):
+    """DASH-KV with the re-rank stage on (`rerank` = 4 unless the config sets it): a named method so the
+    evaluation can put both side by side on the same prefills."""
+
+    name = "dashkv_rerank"
+    default_rerank = 4
+
+    def __init__(self, config: DashKVConfig, encoders: HashEncoders):
+        cfg = config if config.rerank else DashKVConfig(**{**config.to_dict(), "rerank": self.default_rerank})
+        super().__init__(cfg, encoders)
+
+
 class OraclePolicy(SelectionPolicy):
     """Exact top-k by true attention probability: the upper bound of any top-k selection."""
 
@@ -271,6 +472,10 @@ class OraclePolicy(SelectionPolicy):
         q = group_queries(query, hkv)
         logits = torch.einsum("bhgd,bhnd->bhgn", q.float(), keys.float()) * scaling
         return self.grouped(torch.softmax(logits, -1).reshape(b, hq, -1), hkv)
+
+
+    def select(self, state, query, keys, plan, scaling, start):
+        return build_selection(self.score(state, query, keys, scaling), plan, start, config=self.config)
 
 
 class StreamingPolicy(SelectionPolicy):
@@ -468,7 +673,7 @@ def _accumulated_prefill_attention(query: torch.Tensor, keys: torch.Tensor, scal
 
 
 POLICIES = {
-    "dashkv": DashKVPolicy, "simhash": SimHashPolicy, "simhash_asym": SimHashAsymPolicy, "oracle": OraclePolicy, "streaming": StreamingPolicy,
+    "dashkv": DashKVPolicy, "dashkv_rerank": DashKVRerankPolicy, "simhash": SimHashPolicy, "simhash_asym": SimHashAsymPolicy, "oracle": OraclePolicy, "streaming": StreamingPolicy,
     "h2o": H2OPolicy, "snapkv": SnapKVPolicy, "quest": QuestPolicy,
 }
 METHODS = ("dense",) + tuple(POLICIES)

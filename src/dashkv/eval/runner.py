@@ -51,6 +51,7 @@ VALID_TASKS = tuple(TASKS) + tuple(LONGBENCH_TASKS) + (PERPLEXITY_TASK,) + FIDEL
 EVAL_METHODS = tuple(dict.fromkeys(METHODS + ("simhash_asym",)))
 #: Methods that score with random-hyperplane codes (built once per run, seed 0).
 SIMHASH_METHODS = ("simhash", "simhash_asym")
+LEARNED_METHODS = ("dashkv", "dashkv_rerank")  # methods that decode with the calibrated encoders
 PREFILL_DTYPES = ("fp32", "bf16")
 DENSE = "dense"
 FULL = "full"  # budget label of the dense rows
@@ -336,7 +337,7 @@ def validate_plan(args: Any) -> EvalPlan:
     if any(t in FIDELITY_TASKS for t in tasks) and min(lengths) <= positions + 1:
         raise ValueError(f"length {min(lengths)} is too short for the fidelity tasks ({positions} scored positions)")
     all_methods = list(dict.fromkeys(methods + [m for ms, _ in also for m in ms]))
-    if "dashkv" in all_methods and encoders is None:
+    if any(m in LEARNED_METHODS for m in all_methods) and encoders is None:
         from ..hf import _DEFAULT_ENCODERS
 
         default_dir = _DEFAULT_ENCODERS / f"smollm2-135m-b{bits}"
@@ -701,11 +702,12 @@ def _encoders_for(plan: EvalPlan, model: Any) -> dict[str, Any]:
 
     shape = model_shape(model)
     out: dict[str, Any] = {}
-    if "dashkv" in plan.all_methods:
+    learned = [m for m in LEARNED_METHODS if m in plan.all_methods]
+    if learned:
         enc = HashEncoders.from_pretrained(plan.encoders) if plan.encoders else default_encoders(shape, plan.bits)
         if enc is None:
             raise ValueError("method 'dashkv' needs encoders for this model: pass --encoders DIR")
-        out["dashkv"] = enc
+        out.update({m: enc for m in learned})
     wanted = [m for m in SIMHASH_METHODS if m in plan.all_methods]
     if wanted:
         cfg = plan.config(1.0)

@@ -31,8 +31,8 @@ from .runner import FULL, _budget_sort, load_results
 
 __all__ = ["load_rows", "family", "wilson", "make_tables", "main", "METHOD_ORDER"]
 
-METHOD_ORDER = ("dense", "dashkv", "oracle", "simhash", "simhash_asym", "snapkv", "quest", "h2o", "streaming")
-METHOD_NAMES = {"dense": "dense (full attention)", "dashkv": "DASH-KV", "oracle": "oracle top-k",
+METHOD_ORDER = ("dense", "dashkv", "dashkv_rerank", "oracle", "simhash", "simhash_asym", "snapkv", "quest", "h2o", "streaming")
+METHOD_NAMES = {"dense": "dense (full attention)", "dashkv": "DASH-KV", "dashkv_rerank": "DASH-KV + int8 re-rank", "oracle": "oracle top-k",
                 "simhash": "SimHash (Hamming)", "simhash_asym": "SimHash (asymmetric)", "snapkv": "SnapKV",
                 "quest": "Quest", "h2o": "H2O", "streaming": "StreamingLLM"}
 FAMILIES = ("niah", "vt", "aggregation", "passkey")

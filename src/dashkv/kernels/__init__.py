@@ -13,4 +13,7 @@ import torch
 #: in `cpu`, so code that only asks "is this dtype fused?" does not import numba.
 CPU_KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+#: Histogram buckets of the fused CPU kernel's asymmetric score (the pooled-budget reference bins alike).
+NBINS_ASYM = 2048
+
 __all__ = ["cpu", "CPU_KV_DTYPES"]

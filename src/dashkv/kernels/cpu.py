@@ -43,9 +43,7 @@ from llvmlite import ir
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import CPU_KV_DTYPES
-
-NBINS_ASYM = 2048  # histogram buckets of the asymmetric (float) score
+from . import CPU_KV_DTYPES, NBINS_ASYM  # NBINS_ASYM: histogram buckets of the asymmetric (float) score
 _SCAN_MIN_CHUNK = 1024  # fewest candidate positions per scan work unit
 _ATTN_MIN_ROWS = 64  # fewest rows per attention work unit
 _LN2 = 0.6931471805599453
@@ -297,6 +295,140 @@ def _attend_rows(qs, h0, Gq, d, kf, vf, kbase, vbase, rows, n, r0, lg, pm, pl, p
 
 
 @njit(cache=True)
+def _bucket_mid(t, hamming, span, af, sf):
+    """The score at the middle of bucket t (asymmetric: inverse of the scan's binning; Hamming: exact)."""
+    if hamming:
+        return 2.0 * t - span
+    if sf == 0.0:
+        return 0.0
+    return (t + 0.5) / np.float64(sf) - np.float64(af)
+
+
+@njit(cache=True)
+def _pool_counts(htot, S, nbins, hamming, span, afs, sfs, temps, mean_k, k_min, capn, out):
+    """Water-filling of one batch row's S x mean_k exact tokens over its S selecting heads.
+
+    htot[s*nbins + t]: candidates of head s in score bucket t. A token's estimated log-probability is
+    temps[s] * mid_s(t) - log Z_s (Z_s over all of head s's candidates, bucket midpoints). Every head
+    keeps its best k_min; the rest go, bucket by bucket, to the highest estimated probability of any
+    head (ties: the lower head), a head taking at most capn. out[s] = tokens head s selects.
+    """
+    top = nbins - 1
+    logz = np.empty(S)
+    for x in range(S):
+        m = -np.inf
+        for t in range(nbins):
+            if htot[x * nbins + t] > 0:
+                m = max(m, temps[x] * _bucket_mid(t, hamming, span, afs[x], sfs[x]))
+        z = 0.0
+        for t in range(nbins):
+            h = htot[x * nbins + t]
+            if h > 0:
+                z += h * math.exp(temps[x] * _bucket_mid(t, hamming, span, afs[x], sfs[x]) - m)
+        logz[x] = m + math.log(z) if z > 0.0 else 0.0
+    ptr = np.empty(S, np.int64)
+    left = np.zeros(S, np.int64)
+    extra = 0
+    for x in range(S):
+        f = min(k_min, capn)
+        out[x] = f
+        extra += mean_k - f
+        t = top
+        avail = htot[x * nbins + t]
+        rem = f
+        while t >= 0:  # the floor takes the head's best f tokens
+            if avail > rem:
+                avail -= rem
+                break
+            rem -= avail
+            t -= 1
+            avail = htot[x * nbins + t] if t >= 0 else 0
+        while t >= 0 and avail == 0:
+            t -= 1
+            avail = htot[x * nbins + t] if t >= 0 else 0
+        ptr[x] = t
+        left[x] = avail
+    while extra > 0:
+        best = -1
+        bu = -np.inf
+        for x in range(S):
+            if ptr[x] >= 0 and out[x] < capn:
+                u = temps[x] * _bucket_mid(ptr[x], hamming, span, afs[x], sfs[x]) - logz[x]
+                if best < 0 or u > bu:
+                    best = x
+                    bu = u
+        if best < 0:
+            break
+        take = min(left[best], extra, capn - out[best])
+        out[best] += take
+        extra -= take
+        left[best] -= take
+        if left[best] == 0:
+            t = ptr[best] - 1
+            while t >= 0 and htot[best * nbins + t] == 0:
+                t -= 1
+            ptr[best] = t
+            left[best] = htot[best * nbins + t] if t >= 0 else 0
+
+
+@njit(cache=True, fastmath=True)
+def _rerank_rows(qs, h0, Gq, d, k8f, k8s, base, cand, keep):
+    """The re-rank stage for one selecting head: cand[0:m] (positions) -> its best `keep` in cand[0:keep].
+
+    Score of a candidate: its softmax probability among the candidates under the int8 keys
+    (logit = scale_j * <q_g * scaling, k8_j>), summed over the Gq query heads; ties keep the lower slot.
+    """
+    m = cand.size
+    lg = np.empty(Gq * m, np.float32)
+    kx = np.empty(d, np.float32)
+    for r in range(min(m, _PREFETCH)):
+        _prefetch(k8f, (base + np.intp(cand[r])) * d)
+    for r in range(m):
+        if r + _PREFETCH < m:
+            _prefetch(k8f, (base + np.intp(cand[r + _PREFETCH])) * d)
+        row = base + np.intp(cand[r])
+        kr = k8f[row]
+        sc8 = k8s[row]
+        for i in range(d):  # widen once, scaled: every head's dot then reads float32
+            kx[i] = np.float32(kr[i]) * sc8
+        for g in range(Gq):
+            qr = qs[h0 + g]
+            s = np.float32(0.0)
+            for i in range(d):
+                s += qr[i] * kx[i]
+            lg[g * m + r] = s
+    tot = np.zeros(m, np.float32)
+    for g in range(Gq):
+        lgg = lg[g * m:(g + 1) * m]
+        mx = lgg[0]
+        for r in range(m):
+            mx = max(mx, lgg[r])
+        z = np.float32(0.0)
+        for r in range(m):
+            e = _exp_neg(lgg[r] - mx)
+            lgg[r] = e
+            z += e
+        inv = np.float32(1.0) / z
+        for r in range(m):
+            tot[r] -= lgg[r] * inv
+    # the keep smallest of tot (= largest probabilities) in O(m): the keep-th value, then those below
+    # it and, in slot order, as many equal to it as fit (ties: lower slot first)
+    thr = np.partition(tot, keep - 1)[keep - 1]
+    best = np.empty(keep, cand.dtype)
+    j = 0
+    for r in range(m):
+        if tot[r] < thr:
+            best[j] = cand[r]
+            j += 1
+    for r in range(m):
+        if j < keep and tot[r] == thr:
+            best[j] = cand[r]
+            j += 1
+    for r in range(keep):
+        cand[r] = best[r]
+
+
+@njit(cache=True)
 def _merge_parts(B, Hq, Hkv, G, d, per_query, npart, pm, pl, pacc, out):
     """Combine the parts' partial softmaxes into out (B, Hq, d)."""
     Gq = 1 if per_query else G
@@ -346,8 +478,18 @@ def _splits(target_units, base, cap):
 @njit(parallel=True, cache=True)
 def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0, csb, csh, N, W, start,
                    sink, window, critical, Hkv, per_query, hamming, nthreads, mode,
+                   k8f, k8s, k8b0, k8sb, k8sh, keep, pool_temps, k_min, pool_cap,
                    ws16, ws32, wsf, ws64, out):
     """Returns (status, need16, need32, needf, need64, idx_offset, Lmax).
+
+    Re-rank stage (keep > 0): the scan selects `critical` candidates (fewer if the row has fewer), which
+    are re-scored from the int8 keys k8f (rows, d) with per-row scales k8s (same row numbering as kf:
+    k8b0 + b*k8sb + h*k8sh + j) as their softmax probability among the candidates, summed over the query
+    heads of the selecting head; the best `keep` of them are attended exactly.
+
+    Pooled per-head budgets (pool_temps non-empty, one temperature per selecting head of a row): the
+    row's S x `critical` exact tokens are shared by its selecting heads by estimated probability, at
+    bucket granularity (`_pool_counts`); each head keeps at least k_min and at most pool_cap x critical.
 
     kf, vf: (rows, d) views of the K/V storage; row of (b, h, j) = kb0 + b*ksb + h*ksh + j (row strides).
     cf: flat uint64 code words; word w of (b, h, j) = cb0 + b*csb + h*csh + j*W + w.
@@ -367,6 +509,10 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
 
     # ---- per-row plan (tiny, serial) ----
     st = np.empty(B, np.int64)
+    crit = np.zeros(B, np.int64)  # candidates the scan selects in row b (the mean, when pooled)
+    pooled = pool_temps.size > 0
+    crit_s = np.zeros(BS, np.int64)  # candidates selected per selecting head
+    exact_k = keep if keep > 0 else critical  # exact-tier size after the (optional) re-rank
     dense = np.empty(B, np.bool_)
     clo = np.empty(B, np.int64)
     ncand = np.zeros(B, np.int64)
@@ -378,17 +524,22 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
         s0 = min(max(start[b], 0), N)
         st[b] = s0
         valid = N - s0
-        dense[b] = budget >= valid
+        dense[b] = sink + window + exact_k >= valid
         clo[b] = s0 + sink
         if dense[b]:
             rowlen[b] = valid
         else:
-            rowlen[b] = budget
+            crit[b] = min(critical, N - window - clo[b])
+            rowlen[b] = sink + window + crit[b]
+            if pooled:  # room for the largest share a head may get
+                rowlen[b] = sink + window + min(pool_cap * crit[b], N - window - clo[b])
             if critical > 0:
                 ncand[b] = N - window - clo[b]
                 maxcand = max(maxcand, ncand[b])
                 anyscan = True
         Lmax = max(Lmax, rowlen[b])
+        for x in range(S):
+            crit_s[b * S + x] = crit[b]
 
     nbins = (bbits * Gq + 1) if hamming else NBINS_ASYM
     top = nbins - 1
@@ -448,6 +599,8 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     if anyscan:
         # Hamming: query sign words, one set per query head
         qw = np.zeros(B * Hq * W, np.uint64)
+        afs = np.zeros(BS, np.float32)
+        sfs = np.zeros(BS, np.float32)
         if hamming:
             for bh in range(B * Hq):
                 for w in range(W):
@@ -486,10 +639,30 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                         a = _build_lut(qp, b, h0, Gq, P, lt)
                         af = np.float32(a)
                         sf = np.float32(NBINS_ASYM / (2.0 * a)) if a > 0.0 else np.float32(0.0)
+                        afs[sidx] = af  # every chunk of the head writes the same values
+                        sfs[sidx] = sf
                     qwu = qw[(b * Hq + h0) * W:(b * Hq + h0 + Gq) * W]
                     _scan_unit(cu, m, W, hamming, lt, af, sf, qwu, Gq, top, buf, bu, hs)
         if mode == 2:
             return 0, n16, n32, nf, n64, o_idx, Lmax
+
+        # ---- phase 1b (serial, pooled budgets only): exact-tier size per selecting head ----
+        if pooled:
+            for b in range(B):
+                if ncand[b] <= 0:
+                    continue
+                htot = np.zeros(S * nbins, np.int64)
+                for x in range(S):
+                    kvh = x // NS
+                    ns = x % NS
+                    u0 = (b * Hkv + kvh) * nch
+                    for c in range(nch):
+                        hc = hist[((u0 + c) * NS + ns) * nbins:((u0 + c) * NS + ns + 1) * nbins]
+                        for t in range(nbins):
+                            htot[x * nbins + t] += hc[t]
+                _pool_counts(htot, S, nbins, hamming, Gq * bbits, afs[b * S:(b + 1) * S], sfs[b * S:(b + 1) * S],
+                             pool_temps, crit[b], min(k_min, crit[b]),
+                             min(pool_cap * crit[b], ncand[b]), crit_s[b * S:(b + 1) * S])
 
         # ---- phase 2 (serial, small): threshold bucket and write offsets per selecting head ----
         for sidx in range(BS):
@@ -507,7 +680,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                     cnt = 0
                     for c in range(nch):
                         cnt += hist[((u0 + c) * NS + ns) * nbins + t]
-                    if cum + cnt >= critical:
+                    if cum + cnt >= crit_s[sidx]:
                         break
                     cum += cnt
                     t -= 1
@@ -565,12 +738,14 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
         else:
             for r in range(sink):
                 ii[r] = st[b] + r
+            cb = crit_s[sidx]
+            lens[sidx] = sink + cb + window
             for r in range(window):
-                ii[sink + critical + r] = N - window + r
+                ii[sink + cb + r] = N - window + r
             if ncand[b] > 0:
-                need = critical - ngt[sidx]
+                need = cb - ngt[sidx]
                 eb = bnd[sidx * maxcand:sidx * maxcand + neq[sidx]]
-                dst = ii[sink + ngt[sidx]:sink + critical]
+                dst = ii[sink + ngt[sidx]:sink + cb]
                 if hamming or neq[sidx] == need:
                     for r in range(need):
                         dst[r] = eb[r]  # ties: lower position first
@@ -586,6 +761,12 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                     order = np.argsort(sc, kind="mergesort")  # stable: ties keep position order
                     for r in range(need):
                         dst[r] = eb[order[r]]
+                if keep > 0 and cb > keep:
+                    _rerank_rows(qs, b * Hq + kvh * G + ns, Gq, d, k8f, k8s, k8b0 + b * k8sb + kvh * k8sh,
+                                 ii[sink:sink + cb], keep)
+                    for r in range(window):
+                        ii[sink + keep + r] = N - window + r
+                    lens[sidx] = sink + keep + window
     if mode == 1:
         return 0, n16, n32, nf, n64, o_idx, Lmax
 
@@ -772,6 +953,9 @@ def _grow(ws: list, sizes) -> None:
 
 
 _AS_NUMPY = {torch.float32: None, torch.bfloat16: torch.uint16, torch.float16: torch.int16}
+_NO_K8 = np.zeros((1, 1), np.int8)  # placeholders when the re-rank stage is off (one compiled variant)
+_NO_K8S = np.zeros(1, np.float32)
+_NO_TEMPS = np.zeros(0, np.float64)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -849,7 +1033,8 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
                       codes: torch.Tensor, *, sink: int, window: int, critical: int, scaling: float,
                       grouping: str = "kv_head", scorer: str = "asymmetric",
                       start: torch.Tensor | None = None, return_indices: bool = False,
-                      return_counts: bool = False, parallel: bool = False, _mode: int = 0):
+                      return_counts: bool = False, parallel: bool = False, keys8=None, keep: int = 0,
+                      pool_temps=None, k_min: int = 0, pool_cap: int = 4, _mode: int = 0):
     """One DASH-KV decode step of one layer on the CPU (fused numba kernel).
 
     query (B, Hq, d) any float dtype; q_proj (B, Hq, b) float32 (the query encoder's real-valued
@@ -861,6 +1046,15 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     Returns out (B, Hq, d) float32, then (if asked) indices (B, Hs, L) int64 -- the positions read per
     selecting head (Hs = Hkv for grouping="kv_head", Hq for "query_head"), ascending, padded with -1 --
     and counts (B, Hs) int64, the number of positions read.
+
+    Re-rank stage: with `keep` > 0 and keys8 = (int8 keys (B, Hkv, N, d), float32 scales (B, Hkv, N, 1))
+    (`QuantizedRows`), the scan picks `critical` candidates and the `keep` most probable of them under
+    the int8 keys are attended (see `DashKVPolicy.rerank_scores`, the reference).
+
+    Pooled per-head budgets: `pool_temps` (Hs,) float -- the temperature turning each selecting head's
+    score into an estimated log-probability -- shares B x Hs x `critical` exact tokens between the heads
+    of each row (at least `k_min`, at most `pool_cap` x critical each; `dashkv.selection.pooled_counts`
+    is the reference). Not combined with the re-rank stage.
 
     `parallel=False` (what decoding uses, at every batch size) runs on the calling thread: no thread pool
     to wake, nothing to fight torch's OpenMP threads for, safe from several Python threads at once, and
@@ -878,8 +1072,18 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     if Hq % Hkv or q_proj.shape[-1] != 64 * W or codes.shape[2] != N:
         raise ValueError(f"shape mismatch: query {tuple(query.shape)}, q_proj {tuple(q_proj.shape)}, "
                          f"keys {tuple(keys.shape)}, codes {tuple(codes.shape)}")
-    if min(sink, window, critical) < 0:
-        raise ValueError("sink, window and critical must be >= 0")
+    if min(sink, window, critical, keep) < 0:
+        raise ValueError("sink, window, critical and keep must be >= 0")
+    if keep > 0 and (keys8 is None or keep > critical):
+        raise ValueError("the re-rank stage (keep > 0) needs keys8 and keep <= critical")
+    hs_count = Hq if grouping == "query_head" else Hkv
+    if pool_temps is not None:
+        pool_temps = np.ascontiguousarray(np.asarray(pool_temps, dtype=np.float64).reshape(-1))
+        if pool_temps.size != hs_count or keep > 0 or pool_cap < 1:
+            raise ValueError(f"pooled budgets need one temperature per selecting head ({hs_count}), "
+                             "pool_cap >= 1 and no re-rank stage")
+    else:
+        pool_temps = _NO_TEMPS
     per_query = grouping == "query_head"
     out = torch.empty(B, Hq, d, dtype=torch.float32)
     if N == 0:
@@ -896,8 +1100,17 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     st = _start_array(start, B)
     ws = _workspace()
     kernel, nthreads = (_dashkv_kernel, numba.get_num_threads()) if parallel else (_dashkv_kernel_serial, 1)
+    if keep > 0:
+        k8f, k8sb, k8sh, k8b0 = _rows(keys8[0])
+        k8s, ssb, ssh, sb0 = _rows(keys8[1])
+        if (ssb, ssh, sb0) != (k8sb, k8sh, k8b0) or keys8[0].shape[:3] != keys.shape[:3]:
+            raise ValueError("keys8: the int8 keys and their scales must share the cache's layout")
+        k8s = k8s.reshape(-1)
+    else:
+        k8f, k8s, k8sb, k8sh, k8b0 = _NO_K8, _NO_K8S, 0, 0, 0
     args = (q, qp, float(scaling), kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cft.view(np.uint64), cb0, csb, csh, N, W, st,
-            int(sink), int(window), int(critical), Hkv, per_query, scorer == "hamming", nthreads, _mode)
+            int(sink), int(window), int(critical), Hkv, per_query, scorer == "hamming", nthreads, _mode,
+            k8f, k8s, k8b0, k8sb, k8sh, int(keep), pool_temps, int(k_min), int(pool_cap))
     with _PARALLEL_LOCK if parallel else _NO_LOCK:
         res = kernel(*args, ws[0], ws[1], ws[2], ws[3], out.numpy())
         if res[0] != 0:

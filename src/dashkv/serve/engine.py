@@ -155,14 +155,15 @@ class RowStats(StepStats):
         super().__init__()
         self.rows, self.pads = rows, pads
 
-    def record(self, layer_idx: int, n: int, attended: torch.Tensor | int, keep: bool, rows: int = 1) -> None:
-        super().record(layer_idx, n, attended, keep=False, rows=rows)  # totals only: per_step would grow
+    def record(self, layer_idx: int, n: int, attended: torch.Tensor | int, keep: bool, rows: int = 1,
+               extra: float = 0.0) -> None:
+        super().record(layer_idx, n, attended, keep=False, rows=rows, extra=extra)  # totals only
         if isinstance(attended, int):  # a dense step: every row read all n tokens
             attended = torch.full((rows, 1), attended)
         a = attended.reshape(attended.shape[0], -1)
         heads = a.shape[1]
         for row, pad, r in zip(self.rows, self.pads, a.sum(-1).tolist()):
-            row.read += int(r)
+            row.read += r + extra * heads  # the re-rank stage's int8 keys, in full rows
             row.ctx += (n - pad) * heads
 
 

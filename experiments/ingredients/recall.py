@@ -1,0 +1,141 @@
+"""What each selection ingredient buys, at equal reads (issue 10): held-out attention-mass recall and
+output error of the default model with its shipped encoders.
+
+    .venv/bin/python experiments/ingredients/recall.py --kind essays --seq-len 4096 --out DIR
+
+Methods (one candidate set per KV head, b = 64, sinks 4, window 64; every row reads the same full K+V
+rows per step, the re-rank stage's int8 keys counted at their bytes):
+  oracle / oracle+pooled         exact top-k by attention probability, fixed or pooled per-head budgets
+  simhash                        random hyperplanes, Hamming scan
+  learned                        the shipped encoders (today's default)
+  learned+pooled                 ... with per-head budgets pooled by estimated probability
+  learned+rerankR                ... with the int8 re-rank stage (R x the exact tier re-scored)
+  learned+rerank4+pooled
+Rows: one JSON line per (layer, method, budget); summary.json and summary.md with the means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dashkv.attention import QuantizedRows, sparse_decode_attention
+from dashkv.calibrate import essays_dir, heldout_code_files, load_texts, make_sequences
+from dashkv.capture import capture_qkv
+from dashkv.config import DashKVConfig, rerank_read_cost
+from dashkv.encoders import HashEncoders
+from dashkv.hf import default_encoders
+from dashkv.models import load_model, model_shape
+from dashkv.selection import DashKVPolicy, LayerState, OraclePolicy, SimHashPolicy
+
+METHODS = ["oracle", "oracle+pooled", "simhash", "learned", "learned+pooled", "learned+rerank2",
+           "learned+rerank4", "learned+rerank8", "learned+rerank4+pooled"]
+
+
+def policy_for(name: str, budget: float, enc: HashEncoders, simenc: HashEncoders):
+    kw = dict(bits=64, budget=budget, min_context=0)
+    if "pooled" in name:
+        kw["head_budget"] = "pooled"
+    if "rerank" in name:
+        kw["rerank"] = int(name.split("rerank")[1].split("+")[0])
+    cfg = DashKVConfig(**kw)
+    if name.startswith("oracle"):
+        return OraclePolicy(cfg)
+    if name == "simhash":
+        return SimHashPolicy(cfg, simenc)
+    return DashKVPolicy(cfg, enc)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kind", choices=("essays", "code"), default="essays", help="held-out text")
+    p.add_argument("--seq-len", type=int, default=4096, help="held-out sequence length (tokens)")
+    p.add_argument("--sequences", type=int, default=2, help="held-out sequences")
+    p.add_argument("--positions", type=int, default=16, help="decode positions per sequence (later half)")
+    p.add_argument("--budgets", default="1/16,1/32")
+    p.add_argument("--layers", default="2-29", help="layers, e.g. 2-29 or 4,10,20")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model("smollm2-135m")
+    shape = model_shape(model)
+    enc = default_encoders(shape, 64)
+    lo, _, hi = a.layers.partition("-")
+    layers = list(range(int(lo), int(hi) + 1)) if hi else [int(x) for x in a.layers.split(",")]
+    simenc = HashEncoders.simhash(shape.to_dict(), 64, layers, seed=0)
+    src = [essays_dir()] if a.kind == "essays" else list(heldout_code_files())
+    seqs = make_sequences(tok, load_texts(src), a.seq_len, a.sequences)
+    positions = torch.linspace(a.seq_len // 2, a.seq_len - 1, a.positions).round().long().unique()
+    t0 = time.perf_counter()
+    caps = capture_qkv(model, seqs, layers, positions=positions, keep_values=True, desc="capture")
+    budgets = [float(eval(b)) for b in a.budgets.split(",")]
+    cost = rerank_read_cost(shape.head_dim, 4)
+    rows = []
+    with open(out / "rows.jsonl", "w") as f:
+        for li in layers:
+            cap = caps.pop(li)
+            k_all, v_all, q_all = cap.keys.float(), cap.values.float(), cap.queries.float()
+            s, hkv, _, d = k_all.shape
+            hq = q_all.shape[1]
+            pols = {(m, b): policy_for(m, b, enc, simenc) for m in METHODS for b in budgets}
+            codes = {"learned": enc.encode_keys(li, k_all), "simhash": simenc.encode_keys(li, k_all)}
+            k8 = QuantizedRows.quantize(k_all)
+            acc = {}
+            for pi, pos in enumerate(positions.tolist()):
+                n = pos + 1
+                q = q_all[:, :, pi]
+                keys, vals = k_all[:, :, :n], v_all[:, :, :n]
+                logits = torch.einsum("shgd,shnd->shgn", q.reshape(s, hkv, hq // hkv, d), keys) * cap.scaling
+                p_true = torch.softmax(logits, -1).reshape(s, hq, n)
+                o_dense = torch.einsum("shgn,shnd->shgd", p_true.reshape(s, hkv, hq // hkv, n), vals).reshape(s, hq, d)
+                for (m, b), pol in pols.items():
+                    c = codes["simhash" if m == "simhash" else "learned"][:, :, :n]
+                    state = LayerState(li, codes=c, keys8=QuantizedRows(k8.q[:, :, :n], k8.scale[:, :, :n]))
+                    plan = pol.config.plan(n, cost)
+                    sel = pol.select(state, q, keys, plan, cap.scaling, None)
+                    allowed = torch.zeros(s, sel.heads, n, dtype=torch.bool).scatter_(-1, sel.indices, sel.exact)
+                    allowed = allowed.repeat_interleave(hq // sel.heads, dim=1)
+                    rec = (p_true * allowed).sum(-1)
+                    o_sel = sparse_decode_attention(q[:, :, None], keys, vals, sel, cap.scaling)[:, :, 0]
+                    err = (o_sel - o_dense).norm(dim=-1) / o_dense.norm(dim=-1).clamp_min(1e-12)
+                    reads = plan.reads / n
+                    acc.setdefault((m, b), []).append(torch.stack([rec.mean(), err.mean(), torch.tensor(reads)]))
+            for (m, b), v in acc.items():
+                t = torch.stack(v).mean(0)
+                row = {"layer": li, "method": m, "budget": b, "recall": float(t[0]), "output_error": float(t[1]),
+                       "reads": float(t[2])}
+                rows.append(row)
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            print(f"layer {li} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    summary = {}
+    for m in METHODS:
+        for b in budgets:
+            rs = [r for r in rows if r["method"] == m and r["budget"] == b]
+            summary[f"{m}@1/{round(1 / b)}"] = {k: round(sum(r[k] for r in rs) / len(rs), 4)
+                                               for k in ("recall", "output_error", "reads")}
+    meta = {"kind": a.kind, "seq_len": a.seq_len, "sequences": a.sequences, "positions": positions.tolist(),
+            "layers": layers, "rerank_cost": cost, "seconds": round(time.perf_counter() - t0, 1),
+            "command": "experiments/ingredients/recall.py " + " ".join(argv or sys.argv[1:])}
+    (out / "summary.json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=1) + "\n")
+    lines = [f"# Ingredients at equal reads: {a.kind}, {a.seq_len} tokens", "",
+             f"`{meta['command']}` ({meta['seconds']} s, one thread)", "",
+             "| method | budget | recall | output error | reads / context |", "|---|---|---:|---:|---:|"]
+    for key, v in summary.items():
+        m, b = key.split("@")
+        lines.append(f"| {m} | {b} | {v['recall']:.4f} | {v['output_error']:.4f} | {v['reads']:.4f} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
