@@ -27,3 +27,9 @@ run kernel "$PY" -m dashkv.cli bench kernel --n 4096,16384,65536 --bits 64 --sha
     --json "$OUT/kernel-fp32.json"
 run kernel_bf16 "$PY" -m dashkv.cli bench kernel --n 4096,16384,65536 --bits 64 --shapes smollm2 --repeats 20 \
     --dtype bfloat16 --json "$OUT/kernel-bf16.json"
+# issue 10's selection options at 8K, batch 1, fp32: their speed cost beside today's default
+for opt in "rerank 4" "rerank 8" "head-budget pooled"; do
+  set -- $opt
+  run "decode8k_$1$2" "$PY" -m dashkv.cli bench decode --context 8000 --batch 1 --dtype float32 --steps 24 --warmup 4 \
+      --$1 $2 --json "$OUT/decode-8k-fp32-$1-$2.json"
+done
