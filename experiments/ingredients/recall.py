@@ -58,18 +58,23 @@ def main(argv=None) -> int:
     p.add_argument("--sequences", type=int, default=2, help="held-out sequences")
     p.add_argument("--positions", type=int, default=16, help="decode positions per sequence (later half)")
     p.add_argument("--budgets", default="1/16,1/32")
-    p.add_argument("--layers", default="2-29", help="layers, e.g. 2-29 or 4,10,20")
+    p.add_argument("--layers", default=None, help="layers, e.g. 2-29 or 4,10,20 (default: the encoders' layers)")
+    p.add_argument("--model", default="smollm2-135m", help="alias, .gguf file or local HF directory")
+    p.add_argument("--encoders", default=None, help="encoder directory (default: the shipped ones)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(1)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model(a.model)
     shape = model_shape(model)
-    enc = default_encoders(shape, 64)
-    lo, _, hi = a.layers.partition("-")
-    layers = list(range(int(lo), int(hi) + 1)) if hi else [int(x) for x in a.layers.split(",")]
+    enc = HashEncoders.from_pretrained(a.encoders) if a.encoders else default_encoders(shape, 64)
+    if a.layers is None:
+        layers = sorted(enc.layer_ids)
+    else:
+        lo, _, hi = a.layers.partition("-")
+        layers = list(range(int(lo), int(hi) + 1)) if hi else [int(x) for x in a.layers.split(",")]
     simenc = HashEncoders.simhash(shape.to_dict(), 64, layers, seed=0)
     src = [essays_dir()] if a.kind == "essays" else list(heldout_code_files())
     seqs = make_sequences(tok, load_texts(src), a.seq_len, a.sequences)
@@ -122,11 +127,11 @@ def main(argv=None) -> int:
             rs = [r for r in rows if r["method"] == m and r["budget"] == b]
             summary[f"{m}@1/{round(1 / b)}"] = {k: round(sum(r[k] for r in rs) / len(rs), 4)
                                                for k in ("recall", "output_error", "reads")}
-    meta = {"kind": a.kind, "seq_len": a.seq_len, "sequences": a.sequences, "positions": positions.tolist(),
+    meta = {"model": a.model, "encoders": a.encoders or "shipped", "kind": a.kind, "seq_len": a.seq_len, "sequences": a.sequences, "positions": positions.tolist(),
             "layers": layers, "rerank_cost": cost, "seconds": round(time.perf_counter() - t0, 1),
             "command": "experiments/ingredients/recall.py " + " ".join(argv or sys.argv[1:])}
     (out / "summary.json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=1) + "\n")
-    lines = [f"# Ingredients at equal reads: {a.kind}, {a.seq_len} tokens", "",
+    lines = [f"# Ingredients at equal reads: {a.model}, {a.kind}, {a.seq_len} tokens", "",
              f"`{meta['command']}` ({meta['seconds']} s, one thread)", "",
              "| method | budget | recall | output error | reads / context |", "|---|---|---:|---:|---:|"]
     for key, v in summary.items():
