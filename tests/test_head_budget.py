@@ -76,6 +76,7 @@ def _reference_pooled_mask(query, q_proj, keys, codes, *, sink, window, critical
     """Bucket the exact (dyadic) scores as the kernel's scan does, share the exact tier by `pooled_counts`,
     then take each head's best (stable: lower position first)."""
     from kernel_refs import reference_scores
+    from test_kernels_cpu import reference_allowed
 
     from dashkv.kernels import NBINS_ASYM
     from dashkv.selection import pooled_counts
@@ -92,24 +93,16 @@ def _reference_pooled_mask(query, q_proj, keys, codes, *, sink, window, critical
         af, sf = a.float(), (NBINS_ASYM / (2.0 * a)).float()
         buckets = ((scores.float() + af[..., None]) * sf[..., None]).clamp(0, NBINS_ASYM - 1).long()
         mids = (torch.arange(NBINS_ASYM, dtype=torch.float64) + 0.5) / sf.double()[..., None] - af.double()[..., None]
-    allowed = torch.zeros(b, hs, n, dtype=torch.bool)
+    counts = torch.zeros(b, hs, dtype=torch.int64)
     for i in range(b):
         s0 = 0 if start is None else int(start[i])
         if sink + window + critical >= n - s0:
-            allowed[i, :, s0:] = True
-            continue
+            continue  # read densely: counts unused
         cand = torch.zeros(n, dtype=torch.bool)
         cand[s0 + sink:n - window] = True
-        ncand = int(cand.sum())
-        counts = pooled_counts(buckets[i:i + 1], cand[None], mids[i:i + 1], temps, critical, min(k_min, critical),
-                               min(cap_factor * critical, ncand))[0]
-        allowed[i, :, s0:s0 + sink] = True
-        allowed[i, :, n - window:] = True
-        lo = s0 + sink
-        for h in range(hs):
-            order = torch.sort(-scores[i, h, lo:n - window], stable=True).indices[:int(counts[h])]
-            allowed[i, h, lo + order] = True
-    return allowed
+        counts[i] = pooled_counts(buckets[i:i + 1], cand[None], mids[i:i + 1], temps, critical,
+                                  min(k_min, critical), min(cap_factor * critical, int(cand.sum())))[0]
+    return reference_allowed(scores, start, sink, window, critical, counts)
 
 
 @pytest.mark.parametrize("grouping", ["kv_head", "query_head"])
@@ -137,23 +130,17 @@ def test_fused_pooled_budgets_match_the_reference(grouping, scorer, seed):
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_pooled_generate_fused_equals_reference(family):
-    from dashkv import hf
-    from dashkv.encoders import HashEncoders
-    from dashkv.models import model_shape, tiny_model
+    from test_fused_paths import SPARSE, _generate
+
+    from dashkv.models import tiny_model
 
     model = tiny_model(family)
-    s = model_shape(model)
-    enc = HashEncoders.simhash(s.to_dict(), 64, s.full_attention_layers, seed=0)
     ids = torch.randint(3, 500, (2, 900), generator=torch.Generator().manual_seed(6))
     mask = torch.ones_like(ids)
     mask[1, :200] = 0
-    cfg = DashKVConfig(min_context=0, budget=1 / 16, sink=4, window=8, k_min=4, dense_layers=(), head_budget="pooled")
-    outs, fractions = {}, {}
-    for fast in (True, False):
-        with hf.enable(model, enc, cfg, method="dashkv", track=True, allow_mismatch=True) as handle:
-            handle.fast = fast
-            outs[fast] = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-            fractions[fast] = handle.stats.fraction
-    assert torch.equal(outs[True], outs[False])
-    assert fractions[True] == pytest.approx(fractions[False])
-    assert 0 < fractions[True] < 0.2
+    cfg = DashKVConfig(**{**SPARSE.to_dict(), "head_budget": "pooled"})
+    fused, frac_fused = _generate(model, ids, True, mask, config=cfg)
+    ref, frac_ref = _generate(model, ids, False, mask, config=cfg)
+    assert torch.equal(fused, ref)
+    assert frac_fused == pytest.approx(frac_ref)
+    assert 0 < frac_fused < 0.2

@@ -20,8 +20,11 @@ from dashkv.kernels.cpu import dashkv_decode_cpu, dense_decode_cpu, dense_decode
 # ---------------------------------------------------------------------------------------------
 # slow references
 # ---------------------------------------------------------------------------------------------
-def reference_allowed(scores, start, sink, window, critical):
-    """(B, Hs, N) bool: sinks ∪ window ∪ top-critical candidates (stable sort: lower position wins)."""
+def reference_allowed(scores, start, sink, window, critical, counts=None):
+    """(B, Hs, N) bool: sinks ∪ window ∪ top-critical candidates (stable sort: lower position wins).
+
+    counts (B, Hs), if given, is each head's own candidate count (pooled budgets); `critical` still
+    decides which rows are read densely."""
     bsz, hs, n = scores.shape
     allowed = torch.zeros(bsz, hs, n, dtype=torch.bool)
     for b in range(bsz):
@@ -33,7 +36,8 @@ def reference_allowed(scores, start, sink, window, critical):
         allowed[b, :, n - window:] = True
         lo, hi = s0 + sink, n - window
         for h in range(hs):
-            order = torch.sort(-scores[b, h, lo:hi], stable=True).indices[:critical]
+            k = critical if counts is None else int(counts[b, h])
+            order = torch.sort(-scores[b, h, lo:hi], stable=True).indices[:k]
             allowed[b, h, lo + order] = True
     return allowed
 

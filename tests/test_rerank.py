@@ -138,23 +138,17 @@ def test_policy_path_matches_fused_kernel(grouping, scorer):
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_rerank_generate_fused_equals_reference_and_stays_in_budget(family):
     """Real decoding through transformers with the re-rank stage on (tiny random models, padded batch)."""
-    from dashkv import hf
-    from dashkv.encoders import HashEncoders
-    from dashkv.models import model_shape, tiny_model
+    from test_fused_paths import SPARSE, _generate
+
+    from dashkv.models import tiny_model
 
     model = tiny_model(family)
-    s = model_shape(model)
-    enc = HashEncoders.simhash(s.to_dict(), 64, s.full_attention_layers, seed=0)
     ids = torch.randint(3, 500, (2, 900), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)
     mask[1, :200] = 0
-    cfg = DashKVConfig(min_context=0, budget=1 / 16, sink=4, window=8, k_min=4, dense_layers=(), rerank=4)
-    outs, fractions = {}, {}
-    for fast in (True, False):
-        with hf.enable(model, enc, cfg, method="dashkv", track=True, allow_mismatch=True) as handle:
-            handle.fast = fast
-            outs[fast] = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-            fractions[fast] = handle.stats.fraction
-    assert torch.equal(outs[True], outs[False])
-    assert fractions[True] == pytest.approx(fractions[False])
-    assert 0 < fractions[True] < 0.2
+    cfg = DashKVConfig(**{**SPARSE.to_dict(), "rerank": 4})
+    fused, frac_fused = _generate(model, ids, True, mask, config=cfg)
+    ref, frac_ref = _generate(model, ids, False, mask, config=cfg)
+    assert torch.equal(fused, ref)
+    assert frac_fused == pytest.approx(frac_ref)
+    assert 0 < frac_fused < 0.2

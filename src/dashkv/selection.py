@@ -303,6 +303,7 @@ class DashKVPolicy(SelectionPolicy):
         if encoders.bits != config.bits:
             raise ValueError(f"encoders have {encoders.bits} bits but the config asks for {config.bits}")
         self.encoders = encoders
+        self._pool_temps: dict[tuple[int, int], torch.Tensor] = {}  # see pool_temperatures
 
     def encode_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
         return self.encoders.encode_keys(layer_idx, keys)
@@ -339,10 +340,16 @@ class DashKVPolicy(SelectionPolicy):
     def pool_temperatures(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
         """(Hs,) float64: per selecting head, the factor turning its (grouped) score into an estimated
         logit: the calibrated logit scale / b (the mean over a KV head's group, divided by its size)."""
-        scale = self.encoders.logit_scale(layer_idx).double().cpu()
-        if self.config.grouping == "query_head":
-            return scale / self.config.bits
-        return scale.reshape(num_kv_heads, -1).mean(-1) / (self.config.bits * (scale.numel() // num_kv_heads))
+        key = (layer_idx, num_kv_heads)
+        temps = self._pool_temps.get(key)  # a per-layer constant, asked for at every decode step
+        if temps is None:
+            scale = self.encoders.logit_scale(layer_idx).double().cpu()
+            if self.config.grouping == "query_head":
+                temps = scale / self.config.bits
+            else:
+                temps = scale.reshape(num_kv_heads, -1).mean(-1) / (self.config.bits * (scale.numel() // num_kv_heads))
+            self._pool_temps[key] = temps
+        return temps
 
     def pooled_selection(self, state: LayerState, query: torch.Tensor, scores: torch.Tensor, plan: StepPlan,
                          start: torch.Tensor | None) -> Selection:
@@ -369,7 +376,7 @@ class DashKVPolicy(SelectionPolicy):
             buckets = x.long()
             t = torch.arange(NBINS_ASYM, dtype=torch.float64)
             mids = torch.where(sf[..., None] > 0, (t + 0.5) / sf.double()[..., None] - af.double()[..., None],
-                               torch.zeros(()), )
+                               torch.zeros(()))
         temps = self.pool_temperatures(state.layer_idx, hkv)
         cap = torch.clamp(n - plan.window - st - plan.sink, min=0)
         counts = torch.stack([pooled_counts(buckets[i:i + 1], candidate[i:i + 1], mids[i:i + 1], temps.tolist(),
@@ -392,10 +399,7 @@ class DashKVPolicy(SelectionPolicy):
             scores = self.probability_estimate(state, per_head, keys.shape[1])
         mass_logits = None
         if self.config.adaptive:
-            # relaxed similarity -> logits with the calibrated temperature (asymmetric score / b in [-1, 1])
-            scale = self.encoders.logit_scale(state.layer_idx).to(per_head.device)
-            logits = per_head / self.config.bits * scale[None, :, None]
-            mass_logits = self.grouped(torch.softmax(logits, -1), keys.shape[1]).clamp_min(1e-30).log()
+            mass_logits = self.probability_estimate(state, per_head, keys.shape[1]).clamp_min(1e-30).log()
         if plan.rerank > 0:
             scores = self.rerank_scores(state, query, scores, plan, scaling, start)
         return build_selection(scores, plan, start, mass_logits, self.config)

@@ -235,6 +235,20 @@ def _scan_unit(cu, m, W, hamming, lt, af, sf, qw, Gq, top, buf, bu, hs):
             hs[np.intp(bb[jj])] += 1
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def _exp_shift(lgg, n):
+    """lgg[0:n] -> exp(lgg - max) in place; returns (max, sum of the exponentials): one softmax's parts."""
+    mx = lgg[0]
+    for r in range(n):
+        mx = max(mx, lgg[r])
+    tot = np.float32(0.0)
+    for r in range(n):
+        e = _exp_neg(lgg[r] - mx)
+        lgg[r] = e
+        tot += e
+    return mx, tot
+
+
 @njit(cache=True, fastmath=True)
 def _attend_rows(qs, h0, Gq, d, kf, vf, kbase, vbase, rows, n, r0, lg, pm, pl, pacc, a0):
     """Partial attention of query heads qs[h0 : h0+Gq] over n key/value rows.
@@ -274,15 +288,7 @@ def _attend_rows(qs, h0, Gq, d, kf, vf, kbase, vbase, rows, n, r0, lg, pm, pl, p
                 s += qr[i] * _f32(kr[i])
             lg[g * n + r] = s
     for g in range(Gq):
-        lgg = lg[g * n:(g + 1) * n]
-        mx = lgg[0]
-        for r in range(n):
-            mx = max(mx, lgg[r])
-        tot = np.float32(0.0)
-        for r in range(n):
-            e = _exp_neg(lgg[r] - mx)
-            lgg[r] = e
-            tot += e
+        mx, tot = _exp_shift(lg[g * n:(g + 1) * n], n)
         pm[a0 + g] = mx
         pl[a0 + g] = tot
     for r in range(n):
@@ -400,14 +406,7 @@ def _rerank_rows(qs, h0, Gq, d, k8f, k8s, base, cand, keep):
     tot = np.zeros(m, np.float32)
     for g in range(Gq):
         lgg = lg[g * m:(g + 1) * m]
-        mx = lgg[0]
-        for r in range(m):
-            mx = max(mx, lgg[r])
-        z = np.float32(0.0)
-        for r in range(m):
-            e = _exp_neg(lgg[r] - mx)
-            lgg[r] = e
-            z += e
+        z = _exp_shift(lgg, m)[1]
         inv = np.float32(1.0) / z
         for r in range(m):
             tot[r] -= lgg[r] * inv
@@ -505,7 +504,6 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     Gq = 1 if per_query else G
     P = 8 * W
     bbits = 64 * W
-    budget = sink + window + critical
 
     # ---- per-row plan (tiny, serial) ----
     st = np.empty(B, np.int64)
