@@ -272,6 +272,7 @@ def test_paper_recipe_deterministic_and_round_trips(tiny, tmp_path):
     (dict(query_depth=3, query_hidden=0), "query_depth"),
     (dict(quantization=-1.0), "quantization"),
     (dict(query_from=1.0), "query_from"),
+    (dict(init="pca"), "init"),
 ])
 def test_recipe_options_rejected_before_capture(tiny, kw, match):
     with pytest.raises(CalibrationError, match=match):
@@ -326,3 +327,44 @@ def test_command_heldout_code_report(tiny_dir, tmp_path, capsys):
     assert (out / "report_code.json").is_file() and (out / "recall_code.png").is_file()
     assert not (out / "report.json").exists()
     assert "standard-library code" in capsys.readouterr().out
+
+
+def test_query_pca_start_spans_the_top_query_directions():
+    """query_pca: orthonormal directions (at the Gaussian start's scale) spanning the queries' top
+    principal subspace, so with fewer bits than dimensions no query energy is lost (random hyperplanes
+    lose about half); with more bits than dimensions the rest are random."""
+    from dashkv.calibrate import _start_projection
+
+    def queries(d, seed=0):  # (S, Hq, P, d): 3 query heads per KV head, living in a 4-dim subspace
+        g = torch.Generator().manual_seed(seed)
+        basis = torch.linalg.qr(torch.randn(d, d, generator=g)).Q
+        spread = torch.tensor([8.0, 6.0, 4.0, 2.0] + [0.0] * (d - 4))
+        return (torch.randn(3, 6, 40, d, generator=g) * spread) @ basis.T
+
+    def start(q, init, seed=1):
+        return _start_projection(q, 2, q.shape[-1], 64, init, torch.Generator().manual_seed(seed))
+
+    q16 = queries(16)
+    r = start(q16, "query_pca") / 16 ** 0.5
+    assert r.shape == (2, 16, 64)
+    for h in range(2):
+        torch.testing.assert_close(r[h, :, :16].T @ r[h, :, :16], torch.eye(16), atol=1e-4, rtol=0)
+    assert torch.equal(start(q16, "query_pca"), start(q16, "query_pca"))
+    assert not torch.equal(start(q16, "query_pca"), start(q16, "query_pca", seed=2))
+
+    q128 = queries(128)
+    flat = q128.reshape(-1, 128)
+    for init, lo, hi in (("query_pca", 0.999, 1.001), ("simhash", 0.3, 0.7)):
+        r = start(q128, init)[0]
+        basis = torch.linalg.qr(r).Q  # orthonormal basis of the 64 directions' span
+        kept = (flat @ basis).pow(2).sum() / flat.pow(2).sum()
+        assert lo < float(kept) < hi, (init, float(kept))
+
+
+def test_query_pca_init_trains_deterministically(tiny):
+    a, b = _cal(tiny, init="query_pca", steps=10), _cal(tiny, init="query_pca", steps=10)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    assert a.meta["init"] == "query_pca"
+    c = _cal(tiny, steps=10)
+    assert c.meta["init"] == "simhash" and not torch.equal(a.layers["2"].key.weights[0], c.layers["2"].key.weights[0])
