@@ -213,3 +213,15 @@ def test_short_contexts_decode_densely_by_default():
     assert cfg.min_context == 1536
     assert cfg.plan(1536).dense and not cfg.plan(1537).dense
     assert not DashKVConfig(budget="1/16", min_context=0).plan(1000).dense
+
+
+def test_plan_is_remembered_per_length_and_forgotten_when_a_field_changes():
+    c = DashKVConfig(budget=1 / 16, min_context=0)
+    p = c.plan(8000)
+    assert c.plan(8000) is p and c.plan(8000, 0.25) is not p
+    assert c.plan(4000).n == 4000 and c.plan(8000) == p
+    c.budget = 1 / 8
+    assert c.plan(8000).critical > p.critical
+    c.min_context = 10_000
+    assert c.plan(8000).dense
+    assert c == DashKVConfig(budget=1 / 8, min_context=10_000) and "_plan_memo" not in repr(c)

@@ -105,3 +105,37 @@ def test_codes_wait_for_min_context_then_cover_every_key():
             handle.fast = fast
             outs.append(model.generate(ids, max_new_tokens=80, do_sample=False, pad_token_id=0))
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_append_writes_what_the_general_append_writes(dtype, monkeypatch):
+    """The decode step's one-call append (K/V rows + codes, `append_coded_cpu`) leaves the cache exactly as
+    the general path (slice copies + `encode_linear_cpu`) does, and is what decoding actually runs."""
+    from dashkv import cache as cache_mod
+    from dashkv.kernels import cpu
+
+    model = tiny_model("llama", dtype=dtype)
+    ids = torch.randint(3, 500, (2, 300), generator=torch.Generator().manual_seed(4))
+    calls = []
+    real = cpu.append_coded_cpu
+    monkeypatch.setattr(cpu, "append_coded_cpu", lambda *a, **k: (calls.append(a[1]), real(*a, **k)))
+
+    def run(fast_append):
+        if not fast_append:
+            monkeypatch.setattr(cache_mod.DashKVLayer, "_append_fast", lambda self, k, v: False)
+        with hf.enable(model, _simhash(model), SPARSE) as handle, torch.no_grad():
+            out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                 return_dict_in_generate=True)
+            layers = [layer for layer in out.past_key_values.layers if getattr(layer, "managed", False)]
+            return out.sequences, [(l.keys.clone(), l.values.clone(), l.state.codes.clone()) for l in layers], \
+                handle.encoders
+
+    seq_fast, fast, enc = run(True)
+    assert len(calls) == 5 * len(fast)  # every decode token of every managed layer took the one-call append
+    seq_ref, ref, _ = run(False)
+    assert torch.equal(seq_fast, seq_ref)
+    for i, ((kf, vf, cf), (kr, vr, cr)) in enumerate(zip(fast, ref)):
+        assert torch.equal(kf, kr) and torch.equal(vf, vr) and torch.equal(cf, cr), i
+    layer_ids = model_shape(model).full_attention_layers
+    for li, (k, _, c) in zip(layer_ids, fast):  # and the codes are the encoders' codes of the cached keys
+        assert torch.equal(c, enc.encode_keys(li, k))

@@ -24,9 +24,10 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from .attention import QuantizedRows
 from .decode import StepStats
 from .errors import UnsupportedCacheError
-from .selection import LayerState, SelectionPolicy
+from .selection import DashKVPolicy, LayerState, SelectionPolicy
 
 _MIN_CAPACITY = 256
+_ENCODER_KEYS = DashKVPolicy.encode_keys  # policies whose codes are exactly their encoders' (fast append)
 LAYER_KWARG = "dashkv_layer"  # key under which a DashKVLayer rides in the attention kwargs
 
 
@@ -123,6 +124,7 @@ class DashKVLayer(DynamicLayer):
         self.coded = 0  # positions [0, coded) have key codes (encoding waits while steps are dense)
         self.lowprec: tuple[QuantizedRows, QuantizedRows] | None = None
         self._buffers: dict[str, torch.Tensor] = {}
+        self._views = None  # kernels.cpu.BufferViews of the current K/V/code buffers (CPU only)
 
     # ---- storage ---------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -166,6 +168,45 @@ class DashKVLayer(DynamicLayer):
         self.state.keys8 = QuantizedRows(view["k8"], view["k8s"]) if "k8" in view else None
         if "v8" in view:
             self.lowprec = (self.state.keys8, QuantizedRows(view["v8"], view["v8s"]))
+        self.state.buffer_views = self._buffer_views()
+
+    def _buffer_views(self):
+        """The fused kernels' numpy views of the K/V/code buffers, remade only when a buffer is replaced."""
+        k, v, c = self._buffers.get("k"), self._buffers.get("v"), self._buffers.get("codes")
+        if c is None or k.device.type != "cpu":
+            return None
+        if self._views is None or not self._views.matches(k, v, c):
+            try:
+                from .kernels.cpu import BufferViews
+            except ImportError:  # no numba: the torch paths need no views
+                return None
+            self._views = BufferViews(k, v, c)
+        return self._views
+
+    def _append_fast(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+        """A decode step's few tokens, appended with their codes in one compiled call (`append_coded_cpu`)
+        when the layer keeps exactly K, V and codes with room to spare; False = take the general path."""
+        views, policy = self.state.buffer_views, self.ctx.policy
+        t = key_states.shape[2]
+        if (views is None or t > 8 or self.coded != self.length or len(self._buffers) != 3
+                or self.length + t > self._capacity() or key_states.dtype != self._buffers["k"].dtype
+                or value_states.dtype != key_states.dtype or key_states.device.type != "cpu"
+                or key_states.shape[:2] != self._buffers["k"].shape[:2]
+                or value_states.shape != key_states.shape):
+            return False
+        encoders = getattr(policy, "encoders", None)
+        if encoders is None or type(policy).encode_keys is not _ENCODER_KEYS:
+            return False
+        fast = encoders._fast_linear(self.layer_idx, "key", key_states)
+        if fast is None:
+            return False
+        from .kernels.cpu import append_coded_cpu
+
+        append_coded_cpu(views, self.length, key_states, value_states, *fast)
+        self.length += t
+        self.coded = self.length
+        self._publish()
+        return True
 
     def _parts(self, key_states: torch.Tensor, value_states: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = {"k": key_states, "v": value_states}
@@ -204,12 +245,13 @@ class DashKVLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        parts = self._parts(key_states, value_states)
-        self._append(parts)
-        if "codes" in parts:
-            self.coded = self.length
-        else:
-            self._encode_backlog()
+        if not (self.managed and self._append_fast(key_states, value_states)):
+            parts = self._parts(key_states, value_states)
+            self._append(parts)
+            if "codes" in parts:
+                self.coded = self.length
+            else:
+                self._encode_backlog()
         attn_kwargs = kwargs.get("kwargs")  # transformers: cache.update(k, v, layer_idx, kwargs=kwargs)
         if self.managed and isinstance(attn_kwargs, dict):
             attn_kwargs[LAYER_KWARG] = self
@@ -235,7 +277,7 @@ class DashKVLayer(DynamicLayer):
         return self.length
 
     def reset(self) -> None:
-        self._buffers, self.length, self.coded = {}, 0, 0
+        self._buffers, self.length, self.coded, self._views = {}, 0, 0, None
         self.state = LayerState(layer_idx=self.layer_idx)
         self.keys = self.values = None
         self.lowprec = None

@@ -132,6 +132,10 @@ class DashKVConfig:
         if any(i < 0 for i in self.dense_layers):
             raise bad("dense_layers", "layer indices must be >= 0")
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.__dict__.pop("_plan_memo", None)  # a changed field invalidates the remembered plan
+        object.__setattr__(self, name, value)
+
     # ---- budget arithmetic -------------------------------------------------------------------
     def budget_tokens(self, n: int) -> int:
         """Total tokens read per step at context length n (never more than n).
@@ -149,7 +153,17 @@ class DashKVConfig:
 
         rerank_cost: what re-scoring one key from its int8 copy costs, in full K+V rows read (0.125 for
         float32 K/V of head dim 64: (64 + 4) / (2 * 64 * 4) rounded; `rerank_read_cost` computes it).
+        Every managed layer of a decode step asks for the same n: the last answer is kept (one entry,
+        replaced whole, so concurrent callers at other lengths only miss it; setting any field drops it).
         """
+        memo = self.__dict__.get("_plan_memo")
+        if memo is not None and memo[0] == n and memo[1] == rerank_cost:
+            return memo[2]
+        plan = self._plan(n, rerank_cost)
+        self.__dict__["_plan_memo"] = (n, rerank_cost, plan)  # not a field: eq, repr, asdict ignore it
+        return plan
+
+    def _plan(self, n: int, rerank_cost: float) -> "StepPlan":
         total = self.budget_tokens(n)
         if total >= n or n <= self.min_context:
             return StepPlan(n=n, dense=True, sink=0, window=0, critical=0, lowprec=0)

@@ -84,6 +84,8 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
         elif config.head_budget == "pooled":  # the layer's exact tokens shared between its heads
             rerank = dict(pool_temps=policy.pool_temperatures(state.layer_idx, hkv).numpy(),
                           k_min=min(config.k_min, plan.critical), pool_cap=POOL_CAP)
+        if state.buffer_views is not None and keys.device.type == "cpu":
+            rerank["views"] = state.buffer_views  # the cache's numpy views: no per-call stride walk
         out, idx_count = kernel(
             q, policy.query_projection(state.layer_idx, q), keys, values, state.codes,
             **{"sink": plan.sink, "window": plan.window, "critical": plan.critical, **rerank}, scaling=scaling,

@@ -62,6 +62,7 @@ class LayerState:
     layer_idx: int
     codes: torch.Tensor | None = None  # (B, Hkv, N, W) packed key codes, kept by the cache
     keys8: Any = None  # QuantizedRows (B, Hkv, N, d) int8 keys for the re-rank stage, kept by the cache
+    buffer_views: Any = None  # the cache's kernels.cpu.BufferViews of its K/V/code buffers (CPU), or None
     stats: dict[str, Any] = field(default_factory=dict)
 
 

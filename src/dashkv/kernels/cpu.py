@@ -883,6 +883,68 @@ def encode_linear_cpu(x: torch.Tensor, weight: np.ndarray, bias: np.ndarray) -> 
     return torch.from_numpy(words.view(np.int64))
 
 
+@njit(cache=True)
+def _append_coded(kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0, csb, csh, W, pos, knew, vnew, w, bias, proj,
+                  words):
+    """Write the T new tokens' K/V rows at positions pos.. of the cache buffers and their key codes, in one
+    call: the same `_linear_heads` + `_pack_signs` as `encode_linear_cpu`, so the codes are identical."""
+    B, H, T, d = knew.shape
+    _linear_heads(knew, w, bias, proj)
+    _pack_signs(proj, words)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                kr = kf[kb0 + b * ksb + h * ksh + pos + t]
+                vr = vf[vb0 + b * vsb + h * vsh + pos + t]
+                for i in range(d):
+                    kr[i] = knew[b, h, t, i]
+                    vr[i] = vnew[b, h, t, i]
+                c0 = cb0 + b * csb + h * csh + (pos + t) * W
+                for wd in range(W):
+                    cf[c0 + wd] = words[b, h, t, wd]
+
+
+class BufferViews:
+    """Zero-copy numpy views of one cache layer's K, V and code buffers, made once per buffer allocation.
+
+    A decode step at 8K otherwise re-derives them from the tensors' strides in Python for every call
+    (~5 us each, x 3 buffers, x 2 calls, x 28 layers); the cache layer keeps this object while its buffers
+    stay, and both the fused append and the kernel take it. `ptrs` are the buffers' data pointers: a view
+    of the same buffers ([:, :, :N]) has the same ones, which is what the kernel checks before using it.
+    """
+
+    __slots__ = ("k", "v", "codes", "ptrs", "W")
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, codes: torch.Tensor):
+        for t in (keys, values, codes):
+            if not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError("BufferViews takes whole contiguous CPU buffers")
+        self.k = _rows(keys)
+        self.v = _rows(values)
+        cft, csb, csh, cb0 = _flat(codes)
+        self.codes = (cft.view(np.uint64), csb, csh, cb0)
+        self.W = codes.shape[-1]
+        self.ptrs = (keys.data_ptr(), values.data_ptr(), codes.data_ptr())
+
+    def matches(self, keys: torch.Tensor, values: torch.Tensor, codes: torch.Tensor) -> bool:
+        return (keys.data_ptr(), values.data_ptr(), codes.data_ptr()) == self.ptrs
+
+
+def append_coded_cpu(views: BufferViews, pos: int, keys: torch.Tensor, values: torch.Tensor,
+                     weight: np.ndarray, bias: np.ndarray) -> None:
+    """Append T decode tokens' keys/values (B, H, T, d) at `pos` and write their codes, in one compiled call
+    (the cache's fast path; `DashKVLayer._append`+`encode_linear_cpu` is the reference it is tested on)."""
+    B, H, T, _ = keys.shape
+    nb = weight.shape[2]
+    proj = np.empty((B, H, T, nb), np.float32)
+    words = np.empty((B, H, T, nb // 64), np.uint64)
+    kf, ksb, ksh, kb0 = views.k
+    vf, vsb, vsh, vb0 = views.v
+    cf, csb, csh, cb0 = views.codes
+    _append_coded(kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0, csb, csh, views.W, int(pos),
+                  _np(keys.detach()), _np(values.detach()), weight, bias, proj, words)
+
+
 def _serial(dispatcher, name: str):
     """The same kernel compiled without `parallel=True` (prange runs as range) under its own name, so
     numba's on-disk cache keeps both. One body, two schedules: the tests run both against the reference."""
@@ -1032,14 +1094,16 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
                       grouping: str = "kv_head", scorer: str = "asymmetric",
                       start: torch.Tensor | None = None, return_indices: bool = False,
                       return_counts: bool = False, parallel: bool = False, keys8=None, keep: int = 0,
-                      pool_temps=None, k_min: int = 0, pool_cap: int = 4, _mode: int = 0):
+                      pool_temps=None, k_min: int = 0, pool_cap: int = 4, views: "BufferViews | None" = None,
+                      _mode: int = 0):
     """One DASH-KV decode step of one layer on the CPU (fused numba kernel).
 
     query (B, Hq, d) any float dtype; q_proj (B, Hq, b) float32 (the query encoder's real-valued
     projection); keys, values (B, Hkv, N, d) float32, bfloat16 or float16 (accumulation is float32)
     and codes (B, Hkv, N, b/64) int64 -- each may be a view
     [:, :, :N] of a larger preallocated buffer (each head's (N, d) block must be contiguous; other
-    layouts are copied). start (B,) int64: left padding per batch row (None = 0).
+    layouts are copied). start (B,) int64: left padding per batch row (None = 0). `views`: the cache
+    layer's `BufferViews` of the buffers keys/values/codes are [:, :, :N] views of (used when they match).
 
     Returns out (B, Hq, d) float32, then (if asked) indices (B, Hs, L) int64 -- the positions read per
     selecting head (Hs = Hkv for grouping="kv_head", Hq for "query_head"), ascending, padded with -1 --
@@ -1090,9 +1154,15 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
         extra = ([torch.empty(B, hs, 0, dtype=torch.int64)] if return_indices else []) + (
             [torch.zeros(B, hs, dtype=torch.int64)] if return_counts else [])
         return (out, *extra) if extra else out
-    kf, ksb, ksh, kb0 = _rows(keys)
-    vf, vsb, vsh, vb0 = _rows(values)
-    cft, csb, csh, cb0 = _flat(codes)
+    if views is not None and views.matches(keys, values, codes):
+        kf, ksb, ksh, kb0 = views.k
+        vf, vsb, vsh, vb0 = views.v
+        cfu, csb, csh, cb0 = views.codes
+    else:
+        kf, ksb, ksh, kb0 = _rows(keys)
+        vf, vsb, vsh, vb0 = _rows(values)
+        cft, csb, csh, cb0 = _flat(codes)
+        cfu = cft.view(np.uint64)
     q = _query_f32(query)
     qp = _query_f32(q_proj)
     st = _start_array(start, B)
@@ -1106,7 +1176,7 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
         k8s = k8s.reshape(-1)
     else:
         k8f, k8s, k8sb, k8sh, k8b0 = _NO_K8, _NO_K8S, 0, 0, 0
-    args = (q, qp, float(scaling), kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cft.view(np.uint64), cb0, csb, csh, N, W, st,
+    args = (q, qp, float(scaling), kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cfu, cb0, csb, csh, N, W, st,
             int(sink), int(window), int(critical), Hkv, per_query, scorer == "hamming", nthreads, _mode,
             k8f, k8s, k8b0, k8sb, k8sh, int(keep), pool_temps, int(k_min), int(pool_cap))
     with _PARALLEL_LOCK if parallel else _NO_LOCK:
