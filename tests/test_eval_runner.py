@@ -164,7 +164,7 @@ def test_run_resumes_and_writes_summaries(tiny_lm, tmp_path):
     assert len(lines) == len(rows)
     row = json.loads(lines[0])
     for f in ("task", "length", "index", "method", "budget", "prediction", "answers", "score", "read_fraction",
-              "decode_s", "prefill_s", "model", "seed"):
+              "decode_s", "prefill_s", "model", "seed", "encoders_sha256"):
         assert f in row
     for name in ("summary.csv", "summary.md", "accuracy_vs_budget.png", "accuracy_vs_length.png"):
         assert (plan.out / name).stat().st_size > 0
@@ -305,3 +305,26 @@ def test_simhash_rows_score_by_hamming_on_every_path(tiny_lm, tmp_path):
     assert plan.config(1 / 16, "simhash").scorer == "hamming"
     assert plan.config(1 / 16, "simhash_asym").scorer == "asymmetric"
     assert plan.config(1 / 16, "dashkv").scorer == DashKVConfig(min_context=0).scorer
+
+
+def test_resume_refuses_rows_of_other_encoder_weights(tmp_path):
+    from dashkv.eval.runner import _check_same_encoders
+
+    path = tmp_path / "results.jsonl"
+    a, b = "a" * 64, "b" * 64
+    rows = [{"method": "dashkv", "encoders_sha256": a}, {"method": "dense", "encoders_sha256": None},
+            {"method": "dashkv"}]  # the last: a row from before digests were recorded (not checkable)
+    _check_same_encoders(rows, a, path)
+    _check_same_encoders(rows, None, path)  # no learned method in this run
+    with pytest.raises(ValueError, match="other encoder weights.*new --out"):
+        _check_same_encoders(rows, b, path)
+
+
+def test_loaded_encoders_carry_their_weights_digest(tmp_path):
+    from dashkv.encoders import HashEncoders
+
+    enc = _simhash_for_dashkv(tiny_model("llama"))
+    enc.save_pretrained(tmp_path / "e")
+    back = HashEncoders.from_pretrained(tmp_path / "e")
+    saved = json.loads((tmp_path / "e" / "encoders.json").read_text())["sha256"]
+    assert back.weights_sha256 == saved and len(saved) == 64

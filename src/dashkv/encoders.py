@@ -399,6 +399,7 @@ class HashEncoders(nn.Module):
             enc.load_state_dict({k: v.float() for k, v in tensors.items()})
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise EncoderFileError(f"{cfg_path} has invalid fields ({e})") from None
+        enc.weights_sha256 = digest  # which weights these are (evaluation rows record it)
         return enc
 
 

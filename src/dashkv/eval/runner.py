@@ -717,6 +717,19 @@ def _encoders_for(plan: EvalPlan, model: Any) -> dict[str, Any]:
     return out
 
 
+def _check_same_encoders(rows: list[dict[str, Any]], digest: str | None, path: Path) -> None:
+    """Refuse to resume a sweep whose learned-method rows were decoded with other encoder weights: one
+    table must not mix two encoder sets under one method name. Rows from before the digest was recorded
+    (no `encoders_sha256` field) cannot be checked; they are left as they are."""
+    if digest is None:
+        return
+    other = {r["encoders_sha256"] for r in rows if r.get("method") in LEARNED_METHODS and r.get("encoders_sha256")}
+    other.discard(digest)
+    if other:
+        raise ValueError(f"{path} has rows decoded with other encoder weights (sha256 {sorted(other)[0][:12]}..., "
+                         f"now {digest[:12]}...): write this run to a new --out directory")
+
+
 def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any] | None = None,
              summary: bool = True) -> list[dict[str, Any]]:
     """Run every missing row of `plan` (appending to OUT/results.jsonl) and write the summaries."""
@@ -725,6 +738,8 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
     rows = load_results(results_path)
     done = {row_key(r) for r in rows}
     encoders = _encoders_for(plan, model) if encoders is None else encoders
+    digest = next((getattr(encoders[m], "weights_sha256", None) for m in LEARNED_METHODS if m in encoders), None)
+    _check_same_encoders(rows, digest, results_path)
     stop = stop_ids(tokenizer, model)
     cells = plan.cells()
     invocation = {
@@ -829,6 +844,7 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
                     "prefill_s": round(pre.seconds, 3), "decode_s": round(res.seconds, 3),
                     "prefill_cpu_s": round(pre.cpu_seconds, 3), "cpu_s": round(time.process_time() - cpu0, 3),
                     "bits": plan.bits, "haystack": plan.haystack, "encoders": plan.encoders,
+                    "encoders_sha256": digest if method in LEARNED_METHODS else None,
                     "prefill_dtype": plan.prefill_dtype, **meta,
                 }
                 if reference is not None:
