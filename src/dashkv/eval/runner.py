@@ -718,16 +718,16 @@ def _encoders_for(plan: EvalPlan, model: Any) -> dict[str, Any]:
 
 
 def _check_same_encoders(rows: list[dict[str, Any]], digest: str | None, path: Path) -> None:
-    """Refuse to resume a sweep whose learned-method rows were decoded with other encoder weights: one
-    table must not mix two encoder sets under one method name. Rows from before the digest was recorded
-    (no `encoders_sha256` field) cannot be checked; they are left as they are."""
+    """Refuse to resume a sweep whose learned-method rows were decoded with other (or unrecorded) encoder
+    weights: one table must not mix two encoder sets under one method name."""
     if digest is None:
         return
-    other = {r["encoders_sha256"] for r in rows if r.get("method") in LEARNED_METHODS and r.get("encoders_sha256")}
+    other = {r.get("encoders_sha256") or "unrecorded" for r in rows if r.get("method") in LEARNED_METHODS}
     other.discard(digest)
     if other:
-        raise ValueError(f"{path} has rows decoded with other encoder weights (sha256 {sorted(other)[0][:12]}..., "
-                         f"now {digest[:12]}...): write this run to a new --out directory")
+        seen = sorted(other)[0]
+        raise ValueError(f"{path} has rows decoded with other encoder weights (sha256 {seen[:12]}..., now "
+                         f"{digest[:12]}...): write this run to a new --out directory")
 
 
 def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any] | None = None,
