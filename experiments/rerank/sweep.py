@@ -1,5 +1,6 @@
 """Variants of DASH-KV's selection in `dashkv eval` (issue 10): the method `dashkv_rerank` is run with the
-configuration fields given here (e.g. rerank=8,head_budget=pooled; rerank=0 is plain DASH-KV).
+configuration fields given here (e.g. rerank=8,head_budget=pooled or temporal=0.1; rerank=0 is plain
+DASH-KV).
 
     python experiments/rerank/sweep.py FIELD=VALUE[,FIELD=VALUE] OUT_DIR [dashkv eval args]
 
@@ -12,7 +13,16 @@ from dashkv.config import DashKVConfig
 from dashkv.cli import main
 
 fields = dict(kv.split("=") for kv in sys.argv[1].split(","))
-fields = {k: (int(v) if v.isdigit() else v) for k, v in fields.items()}
+def _value(v: str):
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    return v
+
+
+fields = {k: _value(v) for k, v in fields.items()}
 
 
 class Variant(selection.DashKVPolicy):

@@ -24,7 +24,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from .attention import QuantizedRows
 from .decode import StepStats
 from .errors import UnsupportedCacheError
-from .selection import DashKVPolicy, LayerState, SelectionPolicy
+from .selection import DashKVPolicy, LayerState, SelectionPolicy, TemporalCarry
 
 _MIN_CAPACITY = 256
 _ENCODER_KEYS = DashKVPolicy.encode_keys  # policies whose codes are exactly their encoders' (fast append)
@@ -78,6 +78,7 @@ class DecodeContext:
         self.fast = fast
         self.stats = stats
         self.calibrated_length = calibrated_length
+        self.carry = TemporalCarry()  # one step's layer-to-layer momentum (DashKVConfig.temporal)
         self._mask: Any = None  # the last decode mask seen, and what it says (one host sync per step)
         self._mask_n = -1
         self._mask_info: tuple[torch.Tensor | None, bool] = (None, True)
@@ -119,7 +120,7 @@ class DashKVLayer(DynamicLayer):
         self.layer_idx = layer_idx
         self.managed = managed
         self.ctx = ctx
-        self.state = LayerState(layer_idx=layer_idx)
+        self.state = LayerState(layer_idx=layer_idx, carry=ctx.carry)
         self.length = 0
         self.coded = 0  # positions [0, coded) have key codes (encoding waits while steps are dense)
         self.lowprec: tuple[QuantizedRows, QuantizedRows] | None = None
@@ -278,7 +279,7 @@ class DashKVLayer(DynamicLayer):
 
     def reset(self) -> None:
         self._buffers, self.length, self.coded, self._views = {}, 0, 0, None
-        self.state = LayerState(layer_idx=self.layer_idx)
+        self.state = LayerState(layer_idx=self.layer_idx, carry=self.ctx.carry)
         self.keys = self.values = None
         self.lowprec = None
         self.is_initialized = False

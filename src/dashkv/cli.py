@@ -50,6 +50,9 @@ def _add_dashkv_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-budget", choices=("fixed", "pooled"), default=None,
                    help="fixed: equal exact tier per head; pooled: a layer's heads share it by estimated "
                         "attention probability, same mean (default: the configuration's)")
+    p.add_argument("--temporal", type=float, default=None, metavar="MU",
+                   help="cross-layer momentum: rank by z(score) + MU * z(log attention of the previous "
+                        "DASH-KV layer in the step); torch reference path (default: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -70,6 +70,10 @@ class DashKVConfig:
     spatial_vote:    λ of the cross-head vote (distance calibration Δ_spatial): each query head's score
                      gains λ·σ_h·(mean over the layer's query heads of the standardised score), so keys
                      many heads rank highly move up (0 = off; torch reference path only).
+    temporal:        μ of the cross-layer momentum (distance calibration Δ_temporal): a layer's selection
+                     ranks by z(score) + μ·z(log a), a the previous DASH-KV layer's attention in the same
+                     step (mean over its query heads, known on the tokens it read; the floor elsewhere).
+                     Keys the layer below attended to move up (0 = off; torch reference path only).
     """
 
     bits: int = 64
@@ -86,6 +90,7 @@ class DashKVConfig:
     dense_layers: tuple[int, ...] = (0, 1)
     min_context: int = 1536
     spatial_vote: float = 0.0
+    temporal: float = 0.0
     rerank: int = 0
     head_budget: HeadBudget = "fixed"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -129,6 +134,8 @@ class DashKVConfig:
             raise bad("head_budget", "must be 'fixed' or 'pooled'")
         if not (isinstance(self.spatial_vote, (int, float)) and math.isfinite(self.spatial_vote)):
             raise bad("spatial_vote", "must be a finite number (0 disables the cross-head vote)")
+        if not (isinstance(self.temporal, (int, float)) and math.isfinite(self.temporal) and self.temporal >= 0):
+            raise bad("temporal", "must be a finite number >= 0 (0 disables the cross-layer momentum)")
         if any(i < 0 for i in self.dense_layers):
             raise bad("dense_layers", "layer indices must be >= 0")
 
@@ -191,7 +198,7 @@ class DashKVConfig:
     def from_args(cls, args: Any, **extra: Any) -> "DashKVConfig":
         """The configuration of a command line (`dashkv demo/generate/bench decode`): the options
         `_add_dashkv_args` defines, each falling back to the field's default when a command lacks it."""
-        names = ("bits", "budget", "sink", "window", "min_context", "rerank", "head_budget")
+        names = ("bits", "budget", "sink", "window", "min_context", "rerank", "head_budget", "temporal")
         return cls(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None}, **extra)
 
     @classmethod

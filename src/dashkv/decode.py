@@ -95,11 +95,15 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
         return out[:, :, None, :].to(query.dtype)
 
     selection = policy.select(state, q, keys, plan, scaling, start)
-    want_probs = isinstance(policy, H2OPolicy)
+    carry = state.carry if config.temporal else None  # this layer's attention, for the next layer's ranking
+    want_probs = isinstance(policy, H2OPolicy) or carry is not None
     result = sparse_decode_attention(query, keys, values, selection, scaling, lowprec, return_probs=want_probs)
     if want_probs:
         result, probs = result
-        policy.observe(state, selection, probs)
+        if carry is not None:
+            carry.put(n, selection, probs, query.shape[1])
+        if isinstance(policy, H2OPolicy):
+            policy.observe(state, selection, probs)
     if stats is not None:
         stats.record(state.layer_idx, n, selection.attended(), keep=True, extra=plan.rerank * plan.rerank_cost)
     return result
@@ -114,7 +118,7 @@ def _fast_kernel(policy: SelectionPolicy, config: DashKVConfig, keys: torch.Tens
     """
     if not policy.uses_codes:
         return None  # baselines (oracle, Quest, H2O, ...) have no fused kernel by design
-    if config.adaptive or config.lowprec_fraction > 0 or config.spatial_vote:
+    if config.adaptive or config.lowprec_fraction > 0 or config.spatial_vote or config.temporal:
         return None
     if config.head_budget == "pooled" and config.rerank:
         return None  # pooled budgets after the re-rank stage: reference path only

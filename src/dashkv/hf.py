@@ -246,6 +246,8 @@ def _warn_fallbacks(model: Any, shape: Any, policy: SelectionPolicy | None, mana
         reasons.append(f"lowprec_fraction={cfg.lowprec_fraction}")
     if cfg.spatial_vote:
         reasons.append(f"spatial_vote={cfg.spatial_vote}")
+    if cfg.temporal:
+        reasons.append(f"temporal={cfg.temporal}")
     if cfg.head_budget == "pooled" and cfg.rerank:
         reasons.append("head_budget='pooled' with rerank (pooled after the re-rank stage)")
     elif cfg.head_budget == "pooled" and device.type != "cpu":

@@ -63,6 +63,7 @@ class LayerState:
     codes: torch.Tensor | None = None  # (B, Hkv, N, W) packed key codes, kept by the cache
     keys8: Any = None  # QuantizedRows (B, Hkv, N, d) int8 keys for the re-rank stage, kept by the cache
     buffer_views: Any = None  # the cache's kernels.cpu.BufferViews of its K/V/code buffers (CPU), or None
+    carry: Any = None  # the cache's TemporalCarry, shared by its layers (cross-layer momentum), or None
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -227,6 +228,43 @@ def pooled_counts(buckets: torch.Tensor, candidate: torch.Tensor, mids: torch.Te
                 ptr[best][0] = (t, h - take)
         out[b] = torch.tensor(counts)
     return out
+
+
+class TemporalCarry:
+    """What one decode step's DASH-KV layer leaves for the next one (distance calibration Δ_temporal): the
+    log of its attention, mean over its query heads, on the tokens it read (the floor elsewhere).
+
+    One per cache (hence per call); the layers of a step run in order and share the context length n,
+    so an entry is used only by a layer at the same n and batch size, i.e. the next layer of the same step.
+    """
+
+    def __init__(self) -> None:
+        self.entry: tuple[int, torch.Tensor] | None = None
+
+    def get(self, n: int, batch: int) -> torch.Tensor | None:
+        e = self.entry
+        return e[1] if e is not None and e[0] == n and e[1].shape[0] == batch else None
+
+    def put(self, n: int, selection: "Selection", probs: torch.Tensor, num_q_heads: int) -> None:
+        """probs (B, Hs, K): attention per slot summed over the query heads sharing it (sparse attention)."""
+        b = probs.shape[0]
+        used = selection.exact if selection.lowprec is None else (selection.exact | selection.lowprec)
+        mass = torch.zeros(b, n, dtype=torch.float32, device=probs.device)
+        idx = selection.indices.reshape(b, -1)
+        mass.scatter_add_(1, idx, (probs.float() * used).reshape(b, -1))
+        seen = torch.zeros(b, n, dtype=torch.bool, device=probs.device).scatter_(1, idx, used.reshape(b, -1))
+        logp = torch.log(mass / num_q_heads + 1e-9)
+        floor = logp.masked_fill(~seen, float("inf")).amin(-1, keepdim=True)
+        self.entry = (n, torch.where(seen, logp, floor))
+
+
+def _standardised(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp_min(1e-6)
+
+
+def temporal_momentum(scores: torch.Tensor, carried: torch.Tensor, mu: float) -> torch.Tensor:
+    """z(scores) + μ·z(carried): scores (B, Hs, N), carried (B, N) the previous layer's log-attention."""
+    return _standardised(scores.float()) + mu * _standardised(carried)[:, None, :]
 
 
 def spatial_vote(scores: torch.Tensor, lam: float) -> torch.Tensor:
@@ -394,6 +432,10 @@ class DashKVPolicy(SelectionPolicy):
     def select(self, state, query, keys, plan, scaling, start):
         per_head = self.per_head_scores(state, query)
         scores = self.grouped(per_head, keys.shape[1])
+        if self.config.temporal and state.carry is not None:
+            carried = state.carry.get(keys.shape[2], keys.shape[0])
+            if carried is not None:
+                scores = temporal_momentum(scores, carried, self.config.temporal)
         if self.config.head_budget == "pooled" and plan.rerank == 0 and not self.config.adaptive:
             return self.pooled_selection(state, query, scores, plan, start)
         if self.config.head_budget == "pooled":  # after re-rank: by the re-scored probabilities
