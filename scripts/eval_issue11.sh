@@ -18,6 +18,9 @@
 # baseline of the earlier niah sweep) GEMMA (path of the .gguf) PYTHON; one torch thread (DASHKV_EVAL_THREADS).
 # Prefill: bf16 for the answer tasks (answers unchanged, 2.1-2.3x faster: docs/evaluation.md), fp32 for
 # fidelity (its reference distributions should not move; decode dominates its cost anyway).
+# Default-model sweeps are named by the encoder set they decode with (SET): the rows of the previous
+# shipped set (4K windows) are under results/eval/smollm2-{ruler-4k,ruler-8k,longbench-4k}; from issue 10's
+# mixed-length calibration on, SET=cal2k8k. A sweep refuses to resume with other encoder weights.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -29,6 +32,7 @@ SG=${SAMPLES_GEMMA:-10}
 F4=${FID_DOCS_4K:-4}
 F8=${FID_DOCS_8K:-2}
 STRONGEST=${STRONGEST:-snapkv}
+SET=${SET:-cal2k8k}
 GEMMA=${GEMMA:-/work/models/gemma-3-270m-q4_k_m.gguf}
 GEMMA_ENCODERS=${GEMMA_ENCODERS:-experiments/results/gemma-3-270m-b64-encoders}
 RULER=niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3,niah_multivalue,niah_multiquery,vt,cwe,fwe
@@ -42,23 +46,23 @@ run() { echo "== $(date -u +%FT%TZ) $*" >&2; /usr/bin/env time -f "   [%e s wall
 
 if want ruler4k; then
   run "${EVAL[@]}" --model smollm2-135m --methods $ALL --budgets 1/16 --also "$WIDE" --tasks $RULER \
-      --lengths 4096 --samples "$S4" --prefill-dtype bf16 --out results/eval/smollm2-ruler-4k
+      --lengths 4096 --samples "$S4" --prefill-dtype bf16 --out results/eval/smollm2-ruler-4k-$SET
 fi
 if want ruler8k; then
   run "${EVAL[@]}" --model smollm2-135m --methods $ALL --budgets 1/16 --also "$WIDE" --tasks $RULER \
-      --lengths 8192 --samples "$S8" --prefill-dtype bf16 --out results/eval/smollm2-ruler-8k
+      --lengths 8192 --samples "$S8" --prefill-dtype bf16 --out results/eval/smollm2-ruler-8k-$SET
 fi
 if want longbench; then
   run "${EVAL[@]}" --model smollm2-135m --methods $ALL --budgets 1/16 --also "$WIDE" --tasks $LONGBENCH \
-      --lengths 4096 --samples "$S4" --prefill-dtype bf16 --out results/eval/smollm2-longbench-4k
+      --lengths 4096 --samples "$S4" --prefill-dtype bf16 --out results/eval/smollm2-longbench-4k-$SET
   run "${EVAL[@]}" --model smollm2-135m --methods $ALL --budgets 1/16 --also "$WIDE" --tasks $LONGBENCH \
-      --lengths 8192 --samples "$S8" --prefill-dtype bf16 --out results/eval/smollm2-longbench-8k
+      --lengths 8192 --samples "$S8" --prefill-dtype bf16 --out results/eval/smollm2-longbench-8k-$SET
 fi
 if want fidelity; then
   run "${EVAL[@]}" --model smollm2-135m --methods $ALL --budgets 1/16,1/32 --tasks fidelity_prose,fidelity_code \
-      --lengths 4096 --samples "$F4" --positions 128 --prefill-dtype fp32 --out results/eval/smollm2-fidelity-4k
+      --lengths 4096 --samples "$F4" --positions 128 --prefill-dtype fp32 --out results/eval/smollm2-fidelity-4k-$SET
   run "${EVAL[@]}" --model smollm2-135m --methods $ALL --budgets 1/16,1/32 --tasks fidelity_prose,fidelity_code \
-      --lengths 8192 --samples "$F8" --positions 128 --prefill-dtype fp32 --out results/eval/smollm2-fidelity-8k
+      --lengths 8192 --samples "$F8" --positions 128 --prefill-dtype fp32 --out results/eval/smollm2-fidelity-8k-$SET
 fi
 if want gemma; then
   if [[ ! -f "$GEMMA" ]]; then

@@ -133,7 +133,7 @@ def test_old_encoders_without_fingerprint_load_with_one_warning(caplog):
 
 def test_shipped_encoders_record_fingerprint_and_calibrated_length():
     enc = HashEncoders.for_default_model()
-    assert enc.fingerprint and len(enc.fingerprint) == 64 and enc.calibrated_length == 4096
+    assert enc.fingerprint and len(enc.fingerprint) == 64 and enc.calibrated_length == 8192
 
 
 def test_decoding_past_the_calibrated_length_warns_once(caplog):

@@ -9,13 +9,17 @@ fixed k = n * budget (no sinks/window: rankings only). Scores per KV head of lay
                  floor elsewhere: what a decode step could carry from one layer to the next
 z() standardises over the tokens of the row.
 
-  PYTHONPATH=src python experiments/temporal/probe.py [--kind essays|code] --out F.json
+  PYTHONPATH=src python experiments/temporal/probe.py [--kind essays|code] [--seq-len N] [--encoders DIR] --out F.json
+
+Rows here: {essays,code}-4096.json and essays-8192.json with the previous shipped (4K) set; calmix-*.json
+with the set shipped from issue 10's mixed-length calibration.
 """
 import argparse, json, sys, time
 import torch
 
 from dashkv.calibrate import essays_dir, heldout_code_files, load_texts, make_sequences
 from dashkv.capture import capture_qkv
+from dashkv.encoders import HashEncoders
 from dashkv.hf import default_encoders
 from dashkv.models import load_model, model_shape
 
@@ -24,12 +28,13 @@ p.add_argument("--kind", default="essays")
 p.add_argument("--seq-len", type=int, default=4096)
 p.add_argument("--sequences", type=int, default=2)
 p.add_argument("--positions", type=int, default=16)
+p.add_argument("--encoders", default=None, help="encoder directory (default: the shipped ones)")
 p.add_argument("--out", required=True)
 a = p.parse_args()
 torch.set_num_threads(1)
 model, tok = load_model("smollm2-135m")
 shape = model_shape(model)
-enc = default_encoders(shape, 64)
+enc = HashEncoders.from_pretrained(a.encoders) if a.encoders else default_encoders(shape, 64)
 layers = sorted(enc.layer_ids)
 cap_layers = sorted(set(layers) | {layers[0] - 1})
 src = [essays_dir()] if a.kind == "essays" else list(heldout_code_files())
@@ -37,7 +42,7 @@ seqs = make_sequences(tok, load_texts(src), a.seq_len, a.sequences)
 pos = torch.linspace(a.seq_len // 2, a.seq_len - 1, a.positions).round().long().unique()
 t0 = time.perf_counter()
 caps = capture_qkv(model, seqs, cap_layers, positions=pos, desc="capture")
-MUS = (0.1, 0.25, 0.5, 1.0)
+MUS = (0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 def z(x):
