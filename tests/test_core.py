@@ -23,7 +23,7 @@ SHAPE = dict(model_type="llama", num_layers=2, num_q_heads=6, num_kv_heads=2, he
 @pytest.mark.parametrize("field,value", [
     ("bits", 32), ("bits", 100), ("budget", 0.0), ("budget", 1.5), ("budget", 0), ("budget", -3),
     ("sink", -1), ("window", -1), ("k_min", -2), ("mass_target", 0.0), ("lowprec_fraction", 1.0),
-    ("scorer", "cosine"), ("grouping", "layer"), ("k_max", 0),
+    ("scorer", "cosine"), ("grouping", "layer"), ("k_max", 0), ("temporal", -0.5), ("temporal", float("nan")),
 ])
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
