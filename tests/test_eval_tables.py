@@ -43,3 +43,18 @@ def test_tables_average_families_and_name_dashkv_losses(tmp_path):
                                              for r in rows))
     assert main([str(tmp_path)]) == 0
     assert main([str(tmp_path / "nope")]) == 2
+
+
+def test_two_encoder_sets_of_one_model_are_two_methods_never_averaged():
+    a, b = "a" * 64, "b" * 64
+    rows = []
+    for i in range(2):
+        rows += [_row("niah_single_1", "dense", "full", i, 1.0, _sweep="old"),
+                 _row("niah_single_1", "dashkv", "1/16", i, 0.0, encoders_sha256=a, _sweep="old"),
+                 _row("niah_single_1", "dashkv", "1/16", i, 1.0, encoders_sha256=b, _sweep="new")]
+    md = make_tables(rows)
+    assert "| DASH-KV (encoders aaaaaaaa) | 1/16 | 0.0 [" in md and "| DASH-KV (encoders bbbbbbbb) | 1/16 | 100.0 [" in md
+    assert "DASH-KV (encoders aaaaaaaa) loses on niah at 1/16: below dense by 100.0 points" in md
+    one = make_tables([r for r in rows if r.get("encoders_sha256") != b])
+    assert "| DASH-KV | 1/16 | 0.0 [" in one and "(encoders" not in one  # one set: plain name
+    assert rows[1]["method"] == "dashkv"  # the caller's rows are not renamed

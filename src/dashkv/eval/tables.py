@@ -72,9 +72,37 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     return rows
 
 
+LEARNED = ("dashkv", "dashkv_rerank")  # methods decoding with calibrated encoders
+
+
+def _base(method: str) -> str:
+    return method.split("@", 1)[0]
+
+
+def _name(method: str) -> str:
+    """Table label; a method tagged with its encoder set (`_tag_encoder_sets`) names the set."""
+    base, _, tag = method.partition("@")
+    name = METHOD_NAMES.get(base, base)
+    return f"{name} (encoders {tag})" if tag else name
+
+
+def _tag_encoder_sets(rows: list[dict[str, Any]]) -> None:
+    """Where one model's learned-method rows were decoded with more than one encoder set (the rows'
+    `encoders_sha256`), each set becomes its own method, `dashkv@<digest[:8]>`: a table never averages
+    two sets, and a later sweep's row never replaces another set's row of the same sample."""
+    sets: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        if r["method"] in LEARNED:
+            sets[r["model"]].add(r.get("encoders_sha256") or "unrecorded")
+    for r in rows:
+        if r["method"] in LEARNED and len(sets[r["model"]]) > 1:
+            r["method"] = f"{r['method']}@{(r.get('encoders_sha256') or 'unrecorded')[:8]}"
+
+
 def _methods(rows: Sequence[dict[str, Any]]) -> list[str]:
     present = {r["method"] for r in rows}
-    return [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    return sorted(present, key=lambda m: (order.get(_base(m), len(order)), m))
 
 
 def _budgets(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -135,7 +163,7 @@ def _accuracy_tables(rows: list[dict[str, Any]], out: list[str]) -> None:
                     mu = sum(means) / len(means)
                     lo, hi = wilson(mu, n_all)
                     avg = f"{100 * mu:.1f} [{100 * lo:.0f}, {100 * hi:.0f}] ({n_all})"
-                out.append(f"| {METHOD_NAMES.get(m, m)} | {'full' if b == FULL else b} | " + " | ".join(cols)
+                out.append(f"| {_name(m)} | {'full' if b == FULL else b} | " + " | ".join(cols)
                            + f" | {avg} |")
         out.append("")
         _dashkv_verdict(rs, out, key=lambda r: family(r["task"]))
@@ -148,9 +176,9 @@ def _dashkv_verdict(rs: list[dict[str, Any]], out: list[str], key) -> None:
         if r["method"] == "dense":
             dense[key(r)].append(float(r["score"]))
     lines = []
-    for b in [b for b in _budgets(rs) if b != FULL]:
-        for g in sorted({key(r) for r in rs}):
-            d = [float(r["score"]) for r in rs if r["method"] == "dashkv" and r["budget"] == b and key(r) == g]
+    for b, g, ours in [(b, g, o) for b in _budgets(rs) if b != FULL for g in sorted({key(r) for r in rs})
+                       for o in _methods(rs) if _base(o) == "dashkv"]:
+            d = [float(r["score"]) for r in rs if r["method"] == ours and r["budget"] == b and key(r) == g]
             if not d:
                 continue
             mine = sum(d) / len(d)
@@ -160,14 +188,14 @@ def _dashkv_verdict(rs: list[dict[str, Any]], out: list[str], key) -> None:
                 if mine < ref:
                     notes.append(f"below dense by {100 * (ref - mine):.1f} points")
             best = None
-            for m in {r["method"] for r in rs} - {"dense", "dashkv", "oracle"}:
+            for m in {r["method"] for r in rs if _base(r["method"]) not in ("dense", "dashkv", "oracle")}:
                 sc = [float(r["score"]) for r in rs if r["method"] == m and r["budget"] == b and key(r) == g]
                 if sc and (best is None or sum(sc) / len(sc) > best[1]):
                     best = (m, sum(sc) / len(sc))
             if best is not None and best[1] > mine:
-                notes.append(f"below {METHOD_NAMES.get(best[0], best[0])} by {100 * (best[1] - mine):.1f} points")
+                notes.append(f"below {_name(best[0])} by {100 * (best[1] - mine):.1f} points")
             if notes:
-                lines.append(f"- DASH-KV loses on {g} at {b}: " + "; ".join(notes) + f" (n = {len(d)}).")
+                lines.append(f"- {_name(ours)} loses on {g} at {b}: " + "; ".join(notes) + f" (n = {len(d)}).")
     if lines:
         out += lines + [""]
 
@@ -188,7 +216,7 @@ def _longbench_tables(rows: list[dict[str, Any]], out: list[str]) -> None:
             for b in _budgets(rs):
                 cell_rows = [r for r in rs if r["method"] == m and r["budget"] == b]
                 if cell_rows:
-                    out.append(f"| {METHOD_NAMES.get(m, m)} | {'full' if b == FULL else b} | " + " | ".join(
+                    out.append(f"| {_name(m)} | {'full' if b == FULL else b} | " + " | ".join(
                         _cell([float(r["score"]) for r in cell_rows if r["task"] == t]) for t in tasks) + " |")
         out.append("")
         _dashkv_verdict(rs, out, key=lambda r: r["task"])
@@ -224,7 +252,7 @@ def _fidelity_tables(rows: list[dict[str, Any]], out: list[str]) -> None:
                              f"{sum(float(r['kl_sum']) for r in cr) / p:.4f}")
                 docs |= {int(r["index"]) for r in cr}
                 pos = max(pos, p)
-            out.append(f"| {task.split('_', 1)[1]} | {length} | {METHOD_NAMES.get(m, m)} | " + " | ".join(cells)
+            out.append(f"| {task.split('_', 1)[1]} | {length} | {_name(m)} | " + " | ".join(cells)
                        + f" | {len(docs)} | {pos} |")
     out.append("")
 
@@ -244,6 +272,8 @@ def _cost(rows: list[dict[str, Any]], out: list[str]) -> None:
 
 def make_tables(rows: list[dict[str, Any]], sources: Sequence[str] = ()) -> str:
     """Markdown for all tables of `rows`, per model."""
+    rows = [dict(r) for r in rows]
+    _tag_encoder_sets(rows)
     rows = _dedupe(rows)
     out = ["# dashkv evaluation tables", "",
            f"Made by `python -m dashkv.eval.tables {' '.join(sources) or 'results/eval'}` from the committed rows "
