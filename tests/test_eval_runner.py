@@ -313,12 +313,15 @@ def test_resume_refuses_rows_of_other_encoder_weights(tmp_path):
     path = tmp_path / "results.jsonl"
     a, b = "a" * 64, "b" * 64
     rows = [{"method": "dashkv", "encoders_sha256": a}, {"method": "dense", "encoders_sha256": None}]
-    _check_same_encoders(rows, a, path)
-    _check_same_encoders(rows, None, path)  # no learned method in this run
-    with pytest.raises(ValueError, match="other encoder weights.*new --out"):
-        _check_same_encoders(rows, b, path)
+    _check_same_encoders(rows, {"dashkv": a}, path)
+    _check_same_encoders(rows, {}, path)  # no learned method in this run
+    _check_same_encoders(rows, {"dashkv_rerank": b}, path)  # another method, no rows of it yet
+    with pytest.raises(ValueError, match="dashkv rows decoded with other encoder weights.*new --out"):
+        _check_same_encoders(rows, {"dashkv": b}, path)
+    with pytest.raises(ValueError, match="unrecorded"):  # encoders built in memory carry no digest
+        _check_same_encoders(rows, {"dashkv": None}, path)
     with pytest.raises(ValueError, match="unrecorded"):  # a row from before digests were recorded
-        _check_same_encoders(rows + [{"method": "dashkv"}], a, path)
+        _check_same_encoders(rows + [{"method": "dashkv"}], {"dashkv": a}, path)
 
 
 def test_loaded_encoders_carry_their_weights_digest(tmp_path):

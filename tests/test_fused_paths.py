@@ -139,3 +139,27 @@ def test_fused_append_writes_what_the_general_append_writes(dtype, monkeypatch):
     layer_ids = model_shape(model).full_attention_layers
     for li, (k, _, c) in zip(layer_ids, fast):  # and the codes are the encoders' codes of the cached keys
         assert torch.equal(c, enc.encode_keys(li, k))
+
+
+def test_fused_append_on_a_deep_copied_cache_writes_the_copy():
+    """Prefix reuse (`copy.deepcopy(prompt_cache)`, as transformers documents) must not append into the
+    original's buffers or into orphaned copies of the kernel views."""
+    import copy
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 500, (1, 300), generator=torch.Generator().manual_seed(7))
+    with hf.enable(model, _simhash(model), SPARSE), torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        original = out.past_key_values
+        model(input_ids=nxt, cache=original, use_cache=True)  # one step: views now exist
+        twin = copy.deepcopy(original)
+        step = torch.tensor([[11]])
+        a = model(input_ids=step, cache=original, use_cache=True).logits
+        b = model(input_ids=step, cache=twin, use_cache=True).logits
+    assert torch.equal(a, b)
+    for la, lb in zip(original.layers, twin.layers):
+        if getattr(la, "managed", False):
+            assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
+            assert torch.equal(la.state.codes, lb.state.codes)
+            assert la.keys.data_ptr() != lb.keys.data_ptr()

@@ -187,7 +187,7 @@ class DashKVLayer(DynamicLayer):
     def _append_fast(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
         """A decode step's few tokens, appended with their codes in one compiled call (`append_coded_cpu`)
         when the layer keeps exactly K, V and codes with room to spare; False = take the general path."""
-        views, policy = self.state.buffer_views, self.ctx.policy
+        views, policy = self._buffer_views(), self.ctx.policy  # re-checked: a deep-copied cache has stale ones
         t = key_states.shape[2]
         if (views is None or t > 8 or self.coded != self.length or len(self._buffers) != 3
                 or self.length + t > self._capacity() or key_states.dtype != self._buffers["k"].dtype

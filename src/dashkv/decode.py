@@ -101,7 +101,7 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
     if want_probs:
         result, probs = result
         if carry is not None:
-            carry.put(n, selection, probs, query.shape[1])
+            carry.put(state.layer_idx, n, selection, probs, query.shape[1])
         if isinstance(policy, H2OPolicy):
             policy.observe(state, selection, probs)
     if stats is not None:

@@ -235,27 +235,32 @@ class TemporalCarry:
     log of its attention, mean over its query heads, on the tokens it read (the floor elsewhere).
 
     One per cache (hence per call); the layers of a step run in order and share the context length n,
-    so an entry is used only by a layer at the same n and batch size, i.e. the next layer of the same step.
+    so an entry is used only by a *higher* layer at the same n and batch size, i.e. a later layer of the
+    same step (a step that starts again at the same n, after a crop or reset, starts at a lower layer).
+    Multi-token chunks (assisted generation's verification, `hf._decode_rows`) rank without it.
     """
 
     def __init__(self) -> None:
-        self.entry: tuple[int, torch.Tensor] | None = None
+        self.entry: tuple[int, int, torch.Tensor] | None = None  # (layer, n, log-attention (B, n))
 
-    def get(self, n: int, batch: int) -> torch.Tensor | None:
+    def get(self, layer_idx: int, n: int, batch: int) -> torch.Tensor | None:
         e = self.entry
-        return e[1] if e is not None and e[0] == n and e[1].shape[0] == batch else None
+        ok = e is not None and e[0] < layer_idx and e[1] == n and e[2].shape[0] == batch
+        return e[2] if ok else None
 
-    def put(self, n: int, selection: "Selection", probs: torch.Tensor, num_q_heads: int) -> None:
+    def put(self, layer_idx: int, n: int, selection: "Selection", probs: torch.Tensor, num_q_heads: int) -> None:
         """probs (B, Hs, K): attention per slot summed over the query heads sharing it (sparse attention)."""
         b = probs.shape[0]
-        used = selection.exact if selection.lowprec is None else (selection.exact | selection.lowprec)
-        mass = torch.zeros(b, n, dtype=torch.float32, device=probs.device)
+        used = (selection.exact if selection.lowprec is None else (selection.exact | selection.lowprec)).reshape(b, -1)
         idx = selection.indices.reshape(b, -1)
-        mass.scatter_add_(1, idx, (probs.float() * used).reshape(b, -1))
-        seen = torch.zeros(b, n, dtype=torch.bool, device=probs.device).scatter_(1, idx, used.reshape(b, -1))
+        mass = torch.zeros(b, n, dtype=torch.float32, device=probs.device)
+        mass.scatter_add_(1, idx, probs.float().reshape(b, -1) * used)
+        reads = torch.zeros(b, n, dtype=torch.float32, device=probs.device)
+        reads.scatter_add_(1, idx, used.float())  # a sum, so an unused slot never un-marks a read token
+        seen = reads > 0
         logp = torch.log(mass / num_q_heads + 1e-9)
         floor = logp.masked_fill(~seen, float("inf")).amin(-1, keepdim=True)
-        self.entry = (n, torch.where(seen, logp, floor))
+        self.entry = (layer_idx, n, torch.where(seen, logp, floor))
 
 
 def _standardised(x: torch.Tensor) -> torch.Tensor:
@@ -263,8 +268,11 @@ def _standardised(x: torch.Tensor) -> torch.Tensor:
 
 
 def temporal_momentum(scores: torch.Tensor, carried: torch.Tensor, mu: float) -> torch.Tensor:
-    """z(scores) + μ·z(carried): scores (B, Hs, N), carried (B, N) the previous layer's log-attention."""
-    return _standardised(scores.float()) + mu * _standardised(carried)[:, None, :]
+    """scores + μ·σ·z(carried), σ each selecting head's score spread: it ranks as z(scores) + μ·z(carried)
+    and keeps the scores' own scale, which pooled budgets and the re-rank stage's tie-break rely on.
+    scores (B, Hs, N), carried (B, N) the previous layer's log-attention."""
+    s = scores.float()
+    return s + mu * s.std(-1, keepdim=True).clamp_min(1e-6) * _standardised(carried)[:, None, :]
 
 
 def spatial_vote(scores: torch.Tensor, lam: float) -> torch.Tensor:
@@ -433,7 +441,7 @@ class DashKVPolicy(SelectionPolicy):
         per_head = self.per_head_scores(state, query)
         scores = self.grouped(per_head, keys.shape[1])
         if self.config.temporal and state.carry is not None:
-            carried = state.carry.get(keys.shape[2], keys.shape[0])
+            carried = state.carry.get(state.layer_idx, keys.shape[2], keys.shape[0])
             if carried is not None:
                 scores = temporal_momentum(scores, carried, self.config.temporal)
         if self.config.head_budget == "pooled" and plan.rerank == 0 and not self.config.adaptive:

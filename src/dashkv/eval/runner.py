@@ -717,17 +717,17 @@ def _encoders_for(plan: EvalPlan, model: Any) -> dict[str, Any]:
     return out
 
 
-def _check_same_encoders(rows: list[dict[str, Any]], digest: str | None, path: Path) -> None:
-    """Refuse to resume a sweep whose learned-method rows were decoded with other (or unrecorded) encoder
-    weights: one table must not mix two encoder sets under one method name."""
-    if digest is None:
-        return
-    other = {r.get("encoders_sha256") or "unrecorded" for r in rows if r.get("method") in LEARNED_METHODS}
-    other.discard(digest)
-    if other:
-        seen = sorted(other)[0]
-        raise ValueError(f"{path} has rows decoded with other encoder weights (sha256 {seen[:12]}..., now "
-                         f"{digest[:12]}...): write this run to a new --out directory")
+def _check_same_encoders(rows: list[dict[str, Any]], digests: dict[str, str | None], path: Path) -> None:
+    """Refuse to resume a sweep whose rows of a learned method were decoded with other encoder weights than
+    this run's for that method (`digests`: method -> weights sha256, None for encoders built in memory,
+    compared as "unrecorded"): one table must not mix two encoder sets under one method name."""
+    for method, digest in digests.items():
+        now = digest or "unrecorded"
+        other = {r.get("encoders_sha256") or "unrecorded" for r in rows if r.get("method") == method} - {now}
+        if other:
+            raise ValueError(f"{path} has {method} rows decoded with other encoder weights (sha256 "
+                             f"{sorted(other)[0][:12]}..., now {now[:12]}...): write this run to a new --out "
+                             "directory")
 
 
 def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any] | None = None,
@@ -738,8 +738,8 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
     rows = load_results(results_path)
     done = {row_key(r) for r in rows}
     encoders = _encoders_for(plan, model) if encoders is None else encoders
-    digest = next((getattr(encoders[m], "weights_sha256", None) for m in LEARNED_METHODS if m in encoders), None)
-    _check_same_encoders(rows, digest, results_path)
+    digests = {m: getattr(encoders[m], "weights_sha256", None) for m in LEARNED_METHODS if m in encoders}
+    _check_same_encoders(rows, digests, results_path)
     stop = stop_ids(tokenizer, model)
     cells = plan.cells()
     invocation = {
@@ -844,7 +844,7 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
                     "prefill_s": round(pre.seconds, 3), "decode_s": round(res.seconds, 3),
                     "prefill_cpu_s": round(pre.cpu_seconds, 3), "cpu_s": round(time.process_time() - cpu0, 3),
                     "bits": plan.bits, "haystack": plan.haystack, "encoders": plan.encoders,
-                    "encoders_sha256": digest if method in LEARNED_METHODS else None,
+                    "encoders_sha256": digests.get(method),
                     "prefill_dtype": plan.prefill_dtype, **meta,
                 }
                 if reference is not None:
