@@ -43,10 +43,13 @@ class Selection:
     def heads(self) -> int:
         return self.indices.shape[1]
 
+    def used(self) -> torch.Tensor:
+        """(B, Hs, K) bool: the slots read, from either tier."""
+        return self.exact if self.lowprec is None else (self.exact | self.lowprec)
+
     def attended(self) -> torch.Tensor:
         """Tokens read per (batch, selecting head): (B, Hs) int64."""
-        used = self.exact if self.lowprec is None else (self.exact | self.lowprec)
-        return used.sum(-1)
+        return self.used().sum(-1)
 
 
 @dataclass
@@ -251,7 +254,7 @@ class TemporalCarry:
     def put(self, layer_idx: int, n: int, selection: "Selection", probs: torch.Tensor, num_q_heads: int) -> None:
         """probs (B, Hs, K): attention per slot summed over the query heads sharing it (sparse attention)."""
         b = probs.shape[0]
-        used = (selection.exact if selection.lowprec is None else (selection.exact | selection.lowprec)).reshape(b, -1)
+        used = selection.used().reshape(b, -1)
         idx = selection.indices.reshape(b, -1)
         mass = torch.zeros(b, n, dtype=torch.float32, device=probs.device)
         mass.scatter_add_(1, idx, probs.float().reshape(b, -1) * used)
@@ -280,9 +283,8 @@ def spatial_vote(scores: torch.Tensor, lam: float) -> torch.Tensor:
     the mean over the layer's query heads of each head's standardised score (a cross-head vote: a key
     that many heads rank highly gains; lam < 0 discounts it). Measured in docs/calibration.md."""
     s = scores.float()
-    mu, sd = s.mean(-1, keepdim=True), s.std(-1, keepdim=True).clamp_min(1e-6)
-    vote = ((s - mu) / sd).mean(1, keepdim=True)
-    return s + lam * sd * vote
+    vote = _standardised(s).mean(1, keepdim=True)
+    return s + lam * s.std(-1, keepdim=True).clamp_min(1e-6) * vote
 
 
 def group_queries(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
