@@ -15,7 +15,8 @@
 #   python -m dashkv.eval.tables results/eval > results/eval/TABLES.md     # the tables, from the rows
 #
 # Environment: SAMPLES_4K SAMPLES_8K SAMPLES_GEMMA FID_DOCS_4K FID_DOCS_8K STRONGEST (default snapkv, the best
-# baseline of the earlier niah sweep) GEMMA (path of the .gguf) PYTHON; one torch thread (DASHKV_EVAL_THREADS).
+# baseline of the earlier niah sweep) RULER_TASKS (a subset of the RULER tasks) PART (suffix of the RULER 8K
+# sweep directory: two processes with disjoint RULER_TASKS split the 8K block over two cores) GEMMA (path of the .gguf) PYTHON; one torch thread (DASHKV_EVAL_THREADS).
 # Prefill: bf16 for the answer tasks (answers unchanged, 2.1-2.3x faster: docs/evaluation.md), fp32 for
 # fidelity (its reference distributions should not move; decode dominates its cost anyway).
 # Default-model sweeps are named by the encoder set they decode with (SET): the rows of the previous
@@ -35,7 +36,8 @@ STRONGEST=${STRONGEST:-snapkv}
 SET=${SET:-cal2k8k}
 GEMMA=${GEMMA:-/work/models/gemma-3-270m-q4_k_m.gguf}
 GEMMA_ENCODERS=${GEMMA_ENCODERS:-experiments/results/gemma-3-270m-b64-encoders}
-RULER=niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3,niah_multivalue,niah_multiquery,vt,cwe,fwe
+RULER=${RULER_TASKS:-niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3,niah_multivalue,niah_multiquery,vt,cwe,fwe}
+PART=${PART:+-$PART}  # a second sweep directory, so two processes (two cores) can split the tasks
 LONGBENCH=lb_code,lb_passage_retrieval,lb_passage_count
 ALL=dense,dashkv,oracle,simhash,snapkv,quest,h2o,streaming
 WIDE="dense,dashkv,oracle,$STRONGEST@1/8,1/32"
@@ -50,7 +52,7 @@ if want ruler4k; then
 fi
 if want ruler8k; then
   run "${EVAL[@]}" --model smollm2-135m --methods $ALL --budgets 1/16 --also "$WIDE" --tasks $RULER \
-      --lengths 8192 --samples "$S8" --prefill-dtype bf16 --out results/eval/smollm2-ruler-8k-$SET
+      --lengths 8192 --samples "$S8" --prefill-dtype bf16 --out results/eval/smollm2-ruler-8k-$SET$PART
 fi
 if want longbench; then
   run "${EVAL[@]}" --model smollm2-135m --methods $ALL --budgets 1/16 --also "$WIDE" --tasks $LONGBENCH \
