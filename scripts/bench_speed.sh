@@ -21,6 +21,8 @@ run decode8k_bf16 "$PY" -m dashkv.cli bench decode --context 8000 --batch 1,8 --
 for n in 1024 2048 4096; do
   run "decode$n" "$PY" -m dashkv.cli bench decode --context $n --batch 1 --dtype float32 --steps 24 --warmup 4 \
       --json "$OUT/decode-$n-fp32.json"
+  run "decode${n}_bf16" "$PY" -m dashkv.cli bench decode --context $n --batch 1 --dtype bfloat16 --steps 24 --warmup 4 \
+      --json "$OUT/decode-$n-bf16.json"
 done
 # one layer's attention kernel
 run kernel "$PY" -m dashkv.cli bench kernel --n 4096,16384,65536 --bits 64 --shapes smollm2 --repeats 20 \

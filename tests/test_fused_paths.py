@@ -107,6 +107,21 @@ def test_codes_wait_for_min_context_then_cover_every_key():
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("dtype,dense", [(torch.bfloat16, True), (torch.float32, False)])
+def test_default_min_context_follows_the_kv_dtype(dtype, dense):
+    """With the default config a 2K context decodes densely from a bf16 cache (its measured crossover is
+    5120) and selects from an fp32 one (1536): no key is encoded on the dense side."""
+    model = tiny_model("llama", dtype=dtype)
+    cfg = DashKVConfig(budget=1 / 16, sink=4, window=8, k_min=4, dense_layers=())
+    ids = torch.randint(3, 500, (1, 2048), generator=torch.Generator().manual_seed(5))
+    with hf.enable(model, _simhash(model), cfg, track=True) as handle, torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        out = model(input_ids=out.logits[:, -1:].argmax(-1), cache=out.cache, use_cache=True)
+        layer = out.cache.layers[handle.managed_layers[0]]
+        assert (layer.state.codes is None) == dense
+        assert (handle.stats.fraction == 1.0) == dense
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_append_writes_what_the_general_append_writes(dtype, monkeypatch):
     """The decode step's one-call append (K/V rows + codes, `append_coded_cpu`) leaves the cache exactly as

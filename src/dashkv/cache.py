@@ -160,6 +160,11 @@ class DashKVLayer(DynamicLayer):
         self.length = e
         self._publish()
 
+    def _element_bytes(self) -> int:
+        """The stored K/V element size (it picks the default `min_context`); float32 before any key."""
+        k = self._buffers.get("k")
+        return k.element_size() if k is not None else 4
+
     def _publish(self) -> None:
         n = self.length
         view = {name: buf[:, :, :n] for name, buf in self._buffers.items()}
@@ -213,7 +218,7 @@ class DashKVLayer(DynamicLayer):
         parts = {"k": key_states, "v": value_states}
         policy = self.ctx.policy if self.managed else None
         if policy is not None and policy.uses_codes and self.coded == self.length and \
-                self.length + key_states.shape[2] > policy.config.min_context:
+                self.length + key_states.shape[2] > policy.config.dense_context(key_states.element_size()):
             parts["codes"] = policy.encode_keys(self.layer_idx, key_states)
         if policy is not None and (policy.config.lowprec_fraction > 0 or policy.config.rerank > 0):
             k8 = QuantizedRows.quantize(key_states)  # the low-precision tier's keys, and the re-rank stage's
@@ -227,7 +232,7 @@ class DashKVLayer(DynamicLayer):
         """Encode the keys of the dense steps below `min_context` once the context passes it: short
         contexts decode densely and pay no encoding; the first sparse step encodes what it needs."""
         policy = self.ctx.policy if self.managed else None
-        if policy is not None and self.length > policy.config.min_context:
+        if policy is not None and self.length > policy.config.dense_context(self._element_bytes()):
             self.ensure_codes()
 
     def ensure_codes(self) -> None:

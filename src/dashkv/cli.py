@@ -41,9 +41,9 @@ def _add_dashkv_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=64, help="key code length, a multiple of 64 (default: %(default)s)")
     p.add_argument("--sink", type=int, default=4, help="first tokens always attended (default: %(default)s)")
     p.add_argument("--window", type=int, default=64, help="recent tokens always attended (default: %(default)s)")
-    p.add_argument("--min-context", type=int, default=1536,
+    p.add_argument("--min-context", type=int, default=None,
                    help="contexts up to this many tokens decode densely, where selection cannot pay off "
-                        "(default: %(default)s, measured)")
+                        "(default: measured per K/V dtype, float32 1536, bfloat16/float16 5120)")
     p.add_argument("--rerank", type=int, default=None,
                    help="re-rank stage: re-score this many times the exact tier's candidates from int8 keys "
                         "(charged to the budget at their bytes; 0 = off; default: the configuration's)")

@@ -41,6 +41,10 @@ def parse_budget(value: str | float | int) -> float | int:
         ) from None
 
 
+# Measured crossovers (docs/RESULTS.md §1, `scripts/bench_speed.sh`): the context from which DASH-KV's
+# selecting step beats dense decoding on its own cache, by K/V element size (float32: 4, bf16/fp16: 2).
+MIN_CONTEXT_DEFAULTS: dict[int, int] = {4: 1536, 2: 5120}
+
 @dataclass
 class DashKVConfig:
     """Configuration of DASH-KV decoding.
@@ -57,8 +61,9 @@ class DashKVConfig:
     grouping:        one candidate set per "kv_head" (G query heads summed) or per "query_head".
     dense_layers:    layers kept dense (diffuse early layers).
     min_context:     contexts up to this many tokens are decoded densely: below it selection costs more
-                     than it saves (measured default, docs/RESULTS.md §1: 0.95x StaticCache at 1K, 1.05x
-                     at 2K on the default model).
+                     than it saves. None (default): measured per K/V dtype, float32 1536 and bfloat16/
+                     float16 5120 (docs/RESULTS.md §1: where selection overtakes dense decoding on the
+                     model's own cache, default model, batch 1).
     rerank:          re-rank stage: the code scan keeps `rerank` x the exact tier's size of candidates, which
                      are re-scored from an int8 copy of the keys (q·k, softmax per query head, summed over
                      the group) and the best of them form the exact tier (0 = off). Each re-scored key is
@@ -88,7 +93,7 @@ class DashKVConfig:
     scorer: Scorer = "asymmetric"
     grouping: Grouping = "kv_head"
     dense_layers: tuple[int, ...] = (0, 1)
-    min_context: int = 1536
+    min_context: int | None = None
     spatial_vote: float = 0.0
     temporal: float = 0.0
     rerank: int = 0
@@ -116,8 +121,11 @@ class DashKVConfig:
             raise bad("budget", "a fraction must be in (0, 1] (or give a token count >= 1)")
         for name in ("sink", "window", "k_min", "min_context"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise bad(name, "must be an integer >= 0")
+            if name == "min_context" and value is None:
+                continue  # the measured default for the K/V dtype (`dense_context`)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise bad(name, "must be an integer >= 0" + (" (or None: the measured default per K/V dtype)"
+                                                             if name == "min_context" else ""))
         if self.k_max is not None and (not isinstance(self.k_max, int) or self.k_max < max(1, self.k_min)):
             raise bad("k_max", f"must be None or an integer >= k_min ({self.k_min}) and >= 1")
         if not (0.0 < self.mass_target <= 1.0):
@@ -155,24 +163,33 @@ class DashKVConfig:
         floor = self.sink + self.window + self.k_min
         return min(n, max(1, floor, math.ceil(self.budget * n)))
 
-    def plan(self, n: int, rerank_cost: float = 0.125) -> "StepPlan":
+    def dense_context(self, element_bytes: int = 4) -> int:
+        """Contexts up to this many tokens decode densely: `min_context`, or where it is None the default
+        measured for K/V of this element size (`MIN_CONTEXT_DEFAULTS`: float32 1536, bfloat16/float16
+        5120). Half-precision dense decoding is cheaper, so selection pays later (docs/DECISIONS.md)."""
+        if self.min_context is not None:
+            return self.min_context
+        return MIN_CONTEXT_DEFAULTS.get(int(element_bytes), MIN_CONTEXT_DEFAULTS[4])
+
+    def plan(self, n: int, rerank_cost: float = 0.125, element_bytes: int = 4) -> "StepPlan":
         """Split the budget at context n into sinks, window, exact candidates and low-precision tier.
 
         rerank_cost: what re-scoring one key from its int8 copy costs, in full K+V rows read (0.125 for
         float32 K/V of head dim 64: (64 + 4) / (2 * 64 * 4) rounded; `rerank_read_cost` computes it).
         Every managed layer of a decode step asks for the same n: the last answer is kept (one entry,
         replaced whole, so concurrent callers at other lengths only miss it; setting any field drops it).
+        element_bytes: the K/V element size, which picks the default `min_context` (`dense_context`).
         """
         memo = self.__dict__.get("_plan_memo")
-        if memo is not None and memo[0] == n and memo[1] == rerank_cost:
-            return memo[2]
-        plan = self._plan(n, rerank_cost)
-        self.__dict__["_plan_memo"] = (n, rerank_cost, plan)  # not a field: eq, repr, asdict ignore it
+        if memo is not None and memo[0] == n and memo[1] == rerank_cost and memo[2] == element_bytes:
+            return memo[3]
+        plan = self._plan(n, rerank_cost, element_bytes)
+        self.__dict__["_plan_memo"] = (n, rerank_cost, element_bytes, plan)  # not a field: eq, repr, asdict ignore it
         return plan
 
-    def _plan(self, n: int, rerank_cost: float) -> "StepPlan":
+    def _plan(self, n: int, rerank_cost: float, element_bytes: int) -> "StepPlan":
         total = self.budget_tokens(n)
-        if total >= n or n <= self.min_context:
+        if total >= n or n <= self.dense_context(element_bytes):
             return StepPlan(n=n, dense=True, sink=0, window=0, critical=0, lowprec=0)
         sink = min(self.sink, total)
         window = min(self.window, total - sink)

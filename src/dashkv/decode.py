@@ -59,7 +59,8 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
     """
     b, hkv, n, _ = keys.shape
     config = policy.config if policy is not None else None
-    plan = config.plan(n, rerank_read_cost(keys.shape[-1], keys.element_size())) if config is not None else None
+    plan = (config.plan(n, rerank_read_cost(keys.shape[-1], keys.element_size()), keys.element_size())
+            if config is not None else None)
     valid = None if start is None else valid_positions(n, start, b, device=keys.device)
     if policy is None or plan.dense:
         if stats is not None:

@@ -450,7 +450,8 @@ def dashkv_attention_forward(module: Any, query: torch.Tensor, key: torch.Tensor
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     n, q_len = key.shape[2], query.shape[2]
 
-    chunk = 1 < q_len <= MAX_SPARSE_CHUNK and policy is not None and not policy.config.plan(n - q_len + 1).dense
+    chunk = 1 < q_len <= MAX_SPARSE_CHUNK and policy is not None and not policy.config.plan(
+        n - q_len + 1, element_bytes=key.element_size()).dense
     if q_len > 1 and not chunk:  # prefill: exact dense attention (and the policy's prefill statistics)
         if policy is not None:
             start, _ = start_from_mask(attention_mask, n)
