@@ -14,8 +14,8 @@
 #   nohup scripts/eval_issue11.sh > /tmp/eval-issue11.log 2>&1 &
 #   python -m dashkv.eval.tables results/eval > results/eval/TABLES.md     # the tables, from the rows
 #
-# Environment: SAMPLES_4K SAMPLES_8K SAMPLES_GEMMA FID_DOCS_4K FID_DOCS_8K STRONGEST (default snapkv, the best
-# baseline of the earlier niah sweep) RULER_TASKS (a subset of the RULER tasks) PART (suffix of the RULER 8K
+# Environment: SAMPLES_4K SAMPLES_8K SAMPLES_GEMMA FID_DOCS_4K FID_DOCS_8K STRONGEST (default snapkv,quest: SnapKV
+# was the best baseline of the first niah sweep, Quest is the best of the complete 4K matrix and on Gemma) RULER_TASKS (a subset of the RULER tasks) PART (suffix of the RULER 8K
 # sweep directory: two processes with disjoint RULER_TASKS split the 8K block over two cores) GEMMA (path of the .gguf) PYTHON; one torch thread (DASHKV_EVAL_THREADS).
 # Prefill: bf16 for the answer tasks (answers unchanged, 2.1-2.3x faster: docs/evaluation.md), fp32 for
 # fidelity (its reference distributions should not move; decode dominates its cost anyway).
@@ -32,7 +32,7 @@ S8=${SAMPLES_8K:-10}
 SG=${SAMPLES_GEMMA:-10}
 F4=${FID_DOCS_4K:-4}
 F8=${FID_DOCS_8K:-2}
-STRONGEST=${STRONGEST:-snapkv}
+STRONGEST=${STRONGEST:-snapkv,quest}
 SET=${SET:-cal2k8k}
 GEMMA=${GEMMA:-/work/models/gemma-3-270m-q4_k_m.gguf}
 GEMMA_ENCODERS=${GEMMA_ENCODERS:-experiments/results/gemma-3-270m-b64-encoders}
