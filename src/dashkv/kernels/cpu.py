@@ -146,7 +146,7 @@ def _exp_neg(x):
 # Indexing note: numba supports negative indices, so `a[i]` with an i it cannot prove >= 0 costs a
 # compare-and-select per access and blocks vectorisation. Hot loops below therefore index slices
 # with loop counters that start at 0 (provably non-negative), never `a[base + j]`.
-_PREFETCH = 12  # rows ahead whose K and V are prefetched in the gathered attention
+_PREFETCH = 24  # rows ahead whose K and V are prefetched in the gathered attention
 _BLOCK = 256  # positions per scan block (scores of a block stay in L1)
 
 
