@@ -542,10 +542,11 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     nbins = (bbits * Gq + 1) if hamming else NBINS_ASYM
     top = nbins - 1
     # scan units: (b, kvh, chunk); about 8 per thread, chunks of >= _SCAN_MIN_CHUNK positions
-    nch = _splits(8 * nthreads, B * Hkv, max(1, maxcand // _SCAN_MIN_CHUNK))
+    units = 8 * nthreads if nthreads > 1 else 1  # serial: one unit per head (no table rebuilt per chunk)
+    nch = _splits(units, B * Hkv, max(1, maxcand // _SCAN_MIN_CHUNK))
     U = B * Hkv * nch
     # attention units: (selecting head, part of its rows)
-    npart = _splits(8 * nthreads, BS, max(1, Lmax // _ATTN_MIN_ROWS))
+    npart = _splits(8 * nthreads, BS, max(1, Lmax // _ATTN_MIN_ROWS))  # serial too: fewer parts measured slower
     AU = BS * npart
     rpp = -(-Lmax // npart)
     LUTU = NS * P * 256 if (anyscan and not hamming) else 0  # byte tables per scan unit
