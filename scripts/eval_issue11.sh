@@ -3,7 +3,7 @@
 #
 #   RULER-style (niah x 8, vt, cwe, fwe), default model: 4K x SAMPLES_4K (20), 8K x SAMPLES_8K (10);
 #     every method at 1/16; dense, DASH-KV, oracle and the strongest baseline also at 1/8 and 1/32
-#   LongBench-style (lb_code, lb_passage_retrieval, lb_passage_count): same lengths, samples and methods
+#   LongBench-style (lb_code, lb_passage_retrieval, lb_passage_count, lb_fewshot): same lengths, samples, methods
 #   teacher-forced fidelity (prose, code) at 4K (FID_DOCS_4K docs) and 8K (FID_DOCS_8K docs) x 128
 #     positions: every method at 1/16 and 1/32
 #   Gemma-3-270M at 4K x SAMPLES_GEMMA (10), RULER-style: every method, DASH-KV with the committed encoders
@@ -38,7 +38,7 @@ GEMMA=${GEMMA:-/work/models/gemma-3-270m-q4_k_m.gguf}
 GEMMA_ENCODERS=${GEMMA_ENCODERS:-experiments/results/gemma-3-270m-b64-encoders}
 RULER=${RULER_TASKS:-niah_single_1,niah_single_2,niah_single_3,niah_multikey_1,niah_multikey_2,niah_multikey_3,niah_multivalue,niah_multiquery,vt,cwe,fwe}
 PART=${PART:+-$PART}  # a second sweep directory, so two processes (two cores) can split the tasks
-LONGBENCH=lb_code,lb_passage_retrieval,lb_passage_count
+LONGBENCH=lb_code,lb_passage_retrieval,lb_passage_count,lb_fewshot
 ALL=dense,dashkv,oracle,simhash,snapkv,quest,h2o,streaming
 WIDE="dense,dashkv,oracle,$STRONGEST@1/8,1/32"
 EVAL=("$PY" -m dashkv.cli eval --seed 0 --bits 64 --haystack default)

@@ -123,10 +123,62 @@ def test_runner_scores_longbench_tasks_on_a_tiny_model(tok, tmp_path):
                     tasks=sorted(LONGBENCH_TASKS), lengths=[1200], samples=1, haystack=None, out=tmp_path / "o",
                     max_new_tokens=6, progress=False)
     rows = run_eval(model, tok, plan)
-    assert len(rows) == 3 * 2
+    assert len(rows) == len(LONGBENCH_TASKS) * 2
     for r in rows:
         assert r["prompt_tokens"] + 6 <= 1200 and 0.0 <= r["score"] <= 1.0
         assert r["score"] == score_sample(r["task"], r["prediction"], r["answers"])
     code = make_longbench_sample("lb_code", tok, 1000)
     ids = build_prompt_ids(tok, code, chat=True)
     assert tok.decode(ids) == code.prompt  # raw completion prompt: no chat template for code
+
+
+# ---- lb_fewshot (TREC-style few-shot classification) ---------------------------------------------------
+def test_classification_score_hand_cases():
+    from dashkv.eval.scoring import classification_score
+
+    labels = ("math", "cmath", "logging")
+    assert classification_score(" logging\n", "logging", labels) == 1.0
+    assert classification_score("math or logging", "logging", labels) == 0.5  # two labels named
+    assert classification_score("cmath", "cmath", labels) == 1.0  # "math" is only part of the true name
+    assert classification_score("math", "cmath", labels) == 0.0
+    assert classification_score("\nlogging\nmath", "logging", labels) == 1.0  # the first line only
+    assert classification_score("the os module", "logging", labels) == 0.0
+    with pytest.raises(ValueError, match="not one of the labels"):
+        classification_score("x", "os", labels)
+    assert score_sample("lb_fewshot", " heapq", ["heapq"]) == 1.0  # the task's own label set
+
+
+def test_fewshot_labels_are_unambiguous_and_distinct():
+    from dashkv.eval.longbench import FEWSHOT_MODULES, fewshot_examples
+
+    ex = fewshot_examples()
+    descriptions = [d for d, _ in ex]
+    assert len(descriptions) == len(set(descriptions))  # one module per description
+    assert {m for _, m in ex} == set(FEWSHOT_MODULES)
+    for a in FEWSHOT_MODULES:  # no label inside another's name: substring scoring stays exact
+        assert not any(a != b and a in b for b in FEWSHOT_MODULES), a
+
+
+@pytest.mark.parametrize("length", [2048, 4096, 8112])
+def test_fewshot_sample_answer_is_checkable_and_fits(tok, length):
+    from dashkv.eval.haystack import count_tokens
+    from dashkv.eval.longbench import fewshot_examples
+
+    s = make_longbench_sample("lb_fewshot", tok, length, index=3)
+    label = dict(fewshot_examples())[s.metadata["query"]]
+    assert s.answers == [label]
+    shots = re.findall(r"Description: (.*)\nModule: (.*)\n", s.context)
+    assert len(shots) == s.metadata["shots"] >= 8
+    assert s.metadata["query"] not in [d for d, _ in shots]  # the asked example is not among the shots
+    assert all(dict(fewshot_examples())[d] == m for d, m in shots)  # every shot is labelled truly
+    assert sum(m == label for _, m in shots) == s.metadata["label_shots"] >= 1
+    assert s.question == f"Description: {s.metadata['query']}\nModule:"
+    assert s.metadata["no_chat"] and 0.9 * length <= count_tokens(tok, s.prompt) <= length
+    assert make_longbench_sample("lb_fewshot", tok, length, index=3).prompt == s.prompt  # deterministic
+
+
+def test_fewshot_refuses_lengths_its_pool_cannot_fill(tok):
+    with pytest.raises(ValueError, match="too long for task 'lb_fewshot'"):
+        make_longbench_sample("lb_fewshot", tok, 16000)
+    with pytest.raises(ValueError, match="too small for task 'lb_fewshot'"):
+        make_longbench_sample("lb_fewshot", tok, 150)

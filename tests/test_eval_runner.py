@@ -232,6 +232,7 @@ def _args(model_dir, **kw):
     (dict(haystack="files:SHORT"), "is too short"),
     (dict(tasks="niah_multikey_2", lengths="120"), "task 'niah_multikey_2' at length 120"),
     (dict(tasks="lb_passage_count", lengths="300"), "too small for task 'lb_passage_count'"),
+    (dict(tasks="lb_fewshot", lengths="150"), "too small for task 'lb_fewshot'"),
     (dict(tasks="fidelity_code", lengths="100", positions=128), "too short for the fidelity tasks"),
     (dict(tasks="fidelity_prose", haystack="noise"), "needs a prose haystack"),
     (dict(also="dense,dashkv"), "expected METHODS@BUDGETS"),

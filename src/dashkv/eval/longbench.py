@@ -1,6 +1,6 @@
 """LongBench-style tasks built offline from local text, scored with LongBench's own metrics.
 
-LongBench's data is not reachable here, so three of its task types are rebuilt from local material
+LongBench's data is not reachable here, so four of its task types are rebuilt from local material
 with LongBench's prompt templates and metrics (`scoring.LONGBENCH_METRICS`):
 
 * ``lb_code`` (LCC / RepoBench-P): a long Python standard-library file cut at a line; the model writes
@@ -10,6 +10,9 @@ with LongBench's prompt templates and metrics (`scoring.LONGBENCH_METRICS`):
   sentence quoted verbatim from one of them; which paragraph? (`retrieval_score`).
 * ``lb_passage_count`` (PassageCount): numbered paragraphs, some repeated verbatim; how many distinct
   paragraphs? (`count_score`).
+* ``lb_fewshot`` (TREC-style few-shot classification): many "Description: <first docstring line> /
+  Module: <stdlib module>" examples, then one more description; which module? (`classification_score`
+  over the fixed label set `FEWSHOT_MODULES`). Raw prompt, no chat template, as LongBench's trec.
 
 How each differs from the original is listed in docs/evaluation.md. Every sample records where its
 answer is (file and line; paragraph number and offsets) so tests can check it.
@@ -17,6 +20,9 @@ answer is (file and line; paragraph number and offsets) so tests can check it.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -25,10 +31,18 @@ from .fidelity import stdlib_sources
 from .haystack import TextHaystack, TokenizerLike, count_tokens, get_haystack
 from .tasks import Sample
 
-__all__ = ["LONGBENCH_TASKS", "LongBenchSpec", "make_longbench_sample", "MAX_NEW_TOKENS_LB"]
+__all__ = ["LONGBENCH_TASKS", "LongBenchSpec", "make_longbench_sample", "MAX_NEW_TOKENS_LB", "FEWSHOT_MODULES",
+           "fewshot_examples"]
 
-#: LongBench's generation caps: lcc 64, passage_retrieval_en 32, passage_count 32.
-MAX_NEW_TOKENS_LB = {"lb_code": 64, "lb_passage_retrieval": 32, "lb_passage_count": 32}
+#: LongBench's generation caps: lcc 64, passage_retrieval_en 32, passage_count 32, trec 64.
+MAX_NEW_TOKENS_LB = {"lb_code": 64, "lb_passage_retrieval": 32, "lb_passage_count": 32, "lb_fewshot": 64}
+
+#: lb_fewshot's labels: standard-library modules with >= 8 usable docstrings, no name a substring of
+#: another's or a common word (the classification score matches label names as substrings)
+FEWSHOT_MODULES = ("base64", "binascii", "calendar", "codecs", "dataclasses", "difflib", "email.utils",
+                   "functools", "hashlib", "heapq", "inspect", "locale", "logging", "math", "posixpath",
+                   "shutil", "statistics", "tarfile", "traceback", "typing", "unicodedata")
+FEWSHOT_PER_MODULE = 64  # examples kept per module (the first, by function name), so no label dominates
 
 _RETRIEVAL_HEAD = ("Here are {n} paragraphs from essays, along with a sentence quoted from one of them. "
                    "Please determine which paragraph the sentence is from.\n\n")
@@ -39,6 +53,10 @@ _COUNT_HEAD = ("There are some paragraphs below sourced from essays. Some of the
                "removing duplicates. In other words, how many non-repeating paragraphs are there in total?\n\n")
 _COUNT_Q = ("Please enter the final count of unique paragraphs after removing duplicates. The output format "
             "should only contain the number, such as 1, 2, 3, and so on.\n\n")
+_FEWSHOT_HEAD = ("Please determine which Python standard-library module the function described below belongs "
+                 "to. Here are some examples.\n\n")
+_FEWSHOT_EXAMPLE = "Description: {d}\nModule: {m}\n\n"
+_FEWSHOT_Q = "Description: {d}\nModule:"
 _CODE_HEAD = "Please complete the code given below. \n"
 _CODE_Q = "Next line of code:\n"
 
@@ -206,6 +224,71 @@ def _code(tokenizer, length, seed, index, depth, haystack) -> Sample:
     raise ValueError(f"no standard-library file is long enough for task 'lb_code' at {length} tokens")
 
 
+@functools.lru_cache(maxsize=1)
+def fewshot_examples() -> tuple[tuple[str, str], ...]:
+    """(description, module) pairs: the first docstring line of each public function of the modules in
+    `FEWSHOT_MODULES` (this Python's standard library), 20-160 characters, not naming its module, and
+    found in exactly one module (so every label is unambiguous); at most `FEWSHOT_PER_MODULE` each."""
+    found: dict[str, list[str]] = {}
+    for name in FEWSHOT_MODULES:
+        mod = importlib.import_module(name)
+        lines = []
+        for attr in sorted(dir(mod)):
+            obj = getattr(mod, attr, None)
+            if attr.startswith("_") or not callable(obj) or inspect.isclass(obj):
+                continue
+            if getattr(obj, "__module__", None) not in (name, None) and not inspect.isbuiltin(obj):
+                continue  # re-exported from elsewhere
+            doc = inspect.getdoc(obj)
+            line = doc.strip().split("\n")[0].strip() if doc else ""
+            if 20 <= len(line) <= 160 and name.split(".")[-1] not in line.lower():
+                lines.append(line)
+        found[name] = lines
+    seen: dict[str, int] = {}
+    for lines in found.values():
+        for line in set(lines):
+            seen[line] = seen.get(line, 0) + 1
+    out = []
+    for name in FEWSHOT_MODULES:
+        kept = [ln for ln in dict.fromkeys(found[name]) if seen[ln] == 1][:FEWSHOT_PER_MODULE]
+        out += [(ln, name) for ln in kept]
+    return tuple(out)
+
+
+def _fewshot(tokenizer, length, seed, index, depth, haystack) -> Sample:
+    rng = random.Random(f"dashkv:lb_fewshot:{seed}:{index}")
+    pool = list(fewshot_examples())
+    query, label = pool.pop(rng.randrange(len(pool)))
+    rng.shuffle(pool)
+    question = _FEWSHOT_Q.format(d=query)
+    budget = length - count_tokens(tokenizer, _FEWSHOT_HEAD + "\n" + question) - 4
+    shots, used = [], 0
+    for d, m in pool:
+        t = count_tokens(tokenizer, _FEWSHOT_EXAMPLE.format(d=d, m=m))
+        if used + t > budget:
+            break
+        shots.append((d, m))
+        used += t
+    if not any(m == label for _, m in shots):  # the asked label must be among the examples' labels
+        first = next((i for i, (_, m) in enumerate(pool) if m == label), None)
+        if first is None or not shots:
+            raise ValueError(f"length {length} is too small for task 'lb_fewshot'")
+        shots[-1] = pool[first]
+    if len(shots) == len(pool) and used < 0.9 * budget:
+        raise ValueError(f"length {length} is too long for task 'lb_fewshot': its {len(pool) + 1} examples fill "
+                         f"only about {used} tokens")
+    if len(shots) < 8:
+        raise ValueError(f"length {length} is too small for task 'lb_fewshot': it fits {len(shots)} examples, "
+                         "at least 8 are needed")
+    context = _FEWSHOT_HEAD + "".join(_FEWSHOT_EXAMPLE.format(d=d, m=m) for d, m in shots)
+    while count_tokens(tokenizer, context + "\n" + question) > length and len(shots) > 8:
+        shots.pop(0 if shots[0][1] != label or sum(m == label for _, m in shots) > 1 else 1)
+        context = _FEWSHOT_HEAD + "".join(_FEWSHOT_EXAMPLE.format(d=d, m=m) for d, m in shots)
+    meta = {"answer_prefix": "", "no_chat": True, "needles": [], "index": index, "shots": len(shots),
+            "query": query, "label_shots": sum(m == label for _, m in shots)}
+    return Sample("lb_fewshot", length, None, context.rstrip("\n") + "\n", question, [label], meta, seed)
+
+
 LONGBENCH_TASKS: dict[str, LongBenchSpec] = {
     s.name: s for s in [
         LongBenchSpec("lb_code", _code, False, None, "LCC-style next line of a long stdlib Python file (edit sim.)"),
@@ -213,6 +296,8 @@ LONGBENCH_TASKS: dict[str, LongBenchSpec] = {
                       "PassageRetrieval-style: which numbered essay paragraph holds the quoted sentence"),
         LongBenchSpec("lb_passage_count", _passage_count, False, "essays",
                       "PassageCount-style: distinct paragraphs among repeated ones"),
+        LongBenchSpec("lb_fewshot", _fewshot, False, None,
+                      "TREC-style few-shot classification: which stdlib module a described function is from"),
     ]
 }
 

@@ -68,7 +68,9 @@ NEWLINE_STOP = frozenset({"niah_single_1", "niah_single_2", "niah_single_3", "ni
                           "niah_multikey_2", "niah_multikey_3", "passkey",
                           # LongBench-style answers are one number on the first line (LongBench itself does not
                           # stop there; its scorer reads every number, so later lines could only lower the score)
-                          "lb_passage_retrieval", "lb_passage_count"})
+                          "lb_passage_retrieval", "lb_passage_count",
+                          # the few-shot label is read from the first line only (LongBench's trec post-processing)
+                          "lb_fewshot"})
 
 
 # ---- plan and validation ---------------------------------------------------------------------------
@@ -219,14 +221,16 @@ def _check_inputs_with_tokenizer(tokenizer: Any, tasks: list[str], lengths: list
     for task in tasks:
         if task in FIDELITY_TASKS or task == PERPLEXITY_TASK:
             continue
-        try:
-            if task in LONGBENCH_TASKS:
-                make_longbench_sample(task, tokenizer, shortest - 64, index=0, haystack=haystack,
-                                      depth=0.5 if LONGBENCH_TASKS[task].has_depth else None)
-            else:
-                make_sample(task, tokenizer, shortest - 64, index=0, haystack=haystack)
-        except ValueError as exc:
-            raise ValueError(f"task {task!r} at length {shortest}: {exc}") from None
+        # LongBench-style pools are finite (lb_fewshot's examples fill ~8K tokens): check the longest too
+        for length in sorted({shortest, longest}) if task in LONGBENCH_TASKS else [shortest]:
+            try:
+                if task in LONGBENCH_TASKS:
+                    make_longbench_sample(task, tokenizer, length - 64, index=0, haystack=haystack,
+                                          depth=0.5 if LONGBENCH_TASKS[task].has_depth else None)
+                else:
+                    make_sample(task, tokenizer, length - 64, index=0, haystack=haystack)
+            except ValueError as exc:
+                raise ValueError(f"task {task!r} at length {length}: {exc}") from None
 
 
 def _model_config(name: str) -> Any:

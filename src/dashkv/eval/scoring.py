@@ -29,6 +29,7 @@ __all__ = [
     "code_sim_score",
     "retrieval_score",
     "count_score",
+    "classification_score",
     "LONGBENCH_METRICS",
 ]
 
@@ -138,9 +139,24 @@ def count_score(prediction: str, answer: str) -> float:
     return sum(1 for n in numbers if n == str(answer)) / len(numbers) if numbers else 0.0
 
 
+def classification_score(prediction: str, answer: str, classes: Sequence[str] | None = None) -> float:
+    """LongBench's TREC-style score on the first generated line: the labels named in it (as substrings),
+    less those that are only part of the true label's name; 1 / their number if the true label is among
+    them, else 0 (naming two labels scores 0.5). `classes`: the label set (default: lb_fewshot's)."""
+    if classes is None:
+        from .longbench import FEWSHOT_MODULES as classes
+    if answer not in classes:
+        raise ValueError(f"classification answer {answer!r} is not one of the labels")
+    line = prediction.lstrip("\n").split("\n")[0]
+    named = [c for c in classes if c in line]
+    named = [c for c in named if c == answer or c not in answer]
+    return 1.0 / len(named) if answer in named else 0.0
+
+
 #: LongBench-style task -> its scorer (prediction, first reference) -> [0, 1]
 LONGBENCH_METRICS = {
     "lb_code": code_sim_score,
     "lb_passage_retrieval": retrieval_score,
     "lb_passage_count": count_score,
+    "lb_fewshot": classification_score,
 }
