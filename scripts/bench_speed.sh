@@ -23,6 +23,9 @@ for n in 1024 2048 4096; do
       --json "$OUT/decode-$n-fp32.json"
   run "decode${n}_bf16" "$PY" -m dashkv.cli bench decode --context $n --batch 1 --dtype bfloat16 --steps 24 --warmup 4 \
       --json "$OUT/decode-$n-bf16.json"
+  # the same with selection from the fp32 crossover on: what the bf16 default (5120) was measured against
+  run "decode${n}_bf16_select" "$PY" -m dashkv.cli bench decode --context $n --batch 1 --dtype bfloat16 --steps 24 \
+      --warmup 4 --min-context 1536 --json "$OUT/decode-$n-bf16-min1536.json"
 done
 # one layer's attention kernel
 run kernel "$PY" -m dashkv.cli bench kernel --n 4096,16384,65536 --bits 64 --shapes smollm2 --repeats 20 \

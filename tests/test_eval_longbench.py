@@ -157,6 +157,16 @@ def test_fewshot_labels_are_unambiguous_and_distinct():
     assert {m for _, m in ex} == set(FEWSHOT_MODULES)
     for a in FEWSHOT_MODULES:  # no label inside another's name: substring scoring stays exact
         assert not any(a != b and a in b for b in FEWSHOT_MODULES), a
+    counts = {m: sum(1 for _, x in ex if x == m) for m in FEWSHOT_MODULES}
+    assert min(counts.values()) >= 8, counts  # every label has examples enough to be learned in context
+    import math
+    import statistics
+
+    labels = dict(ex)
+    assert labels.get(math.log.__doc__.split("\n")[0].strip()) in (None, "math")  # re-exports keep their home
+    assert statistics.log is math.log and "statistics" not in {labels.get(d) for d in labels if d.startswith("log(")}
+    keys = [d.rstrip(". ").lower() for d in labels]
+    assert len(keys) == len(set(keys))  # near-duplicates (a trailing period) counted once
 
 
 @pytest.mark.parametrize("length", [2048, 4096, 8112])

@@ -40,9 +40,9 @@ MAX_NEW_TOKENS_LB = {"lb_code": 64, "lb_passage_retrieval": 32, "lb_passage_coun
 #: lb_fewshot's labels: standard-library modules with >= 8 usable docstrings, no name a substring of
 #: another's or a common word (the classification score matches label names as substrings)
 FEWSHOT_MODULES = ("base64", "binascii", "calendar", "codecs", "dataclasses", "difflib", "email.utils",
-                   "functools", "hashlib", "heapq", "inspect", "locale", "logging", "math", "posixpath",
+                   "hashlib", "heapq", "inspect", "locale", "logging", "math", "posixpath",
                    "shutil", "statistics", "tarfile", "traceback", "typing", "unicodedata")
-FEWSHOT_PER_MODULE = 64  # examples kept per module (the first, by function name), so no label dominates
+FEWSHOT_PER_MODULE = 64  # examples kept per module (the first, by function name): caps the largest labels
 
 _RETRIEVAL_HEAD = ("Here are {n} paragraphs from essays, along with a sentence quoted from one of them. "
                    "Please determine which paragraph the sentence is from.\n\n")
@@ -237,22 +237,40 @@ def fewshot_examples() -> tuple[tuple[str, str], ...]:
             obj = getattr(mod, attr, None)
             if attr.startswith("_") or not callable(obj) or inspect.isclass(obj):
                 continue
-            if getattr(obj, "__module__", None) not in (name, None) and not inspect.isbuiltin(obj):
-                continue  # re-exported from elsewhere
+            if not _defined_in(obj, name):
+                continue  # re-exported from elsewhere: its label would be wrong
             doc = inspect.getdoc(obj)
             line = doc.strip().split("\n")[0].strip() if doc else ""
             if 20 <= len(line) <= 160 and name.split(".")[-1] not in line.lower():
                 lines.append(line)
         found[name] = lines
+    def key(line: str) -> str:  # near-duplicates (a trailing period, case) count as one description
+        return line.rstrip(". ").lower()
+
     seen: dict[str, int] = {}
     for lines in found.values():
-        for line in set(lines):
-            seen[line] = seen.get(line, 0) + 1
+        for k in {key(ln) for ln in lines}:
+            seen[k] = seen.get(k, 0) + 1
     out = []
     for name in FEWSHOT_MODULES:
-        kept = [ln for ln in dict.fromkeys(found[name]) if seen[ln] == 1][:FEWSHOT_PER_MODULE]
-        out += [(ln, name) for ln in kept]
+        kept, keys = [], set()
+        for ln in found[name]:
+            if seen[key(ln)] == 1 and key(ln) not in keys:  # in one module only, and once there
+                kept.append(ln)
+                keys.add(key(ln))
+        out += [(ln, name) for ln in kept[:FEWSHOT_PER_MODULE]]
     return tuple(out)
+
+
+def _defined_in(obj, name: str) -> bool:
+    """True if the function belongs to module `name` (or its C accelerator `_name`): not one re-exported
+    from another module (statistics.log is math.log) and not a bound method of some object."""
+    home = (name, "_" + name.split(".")[-1])
+    mod = getattr(obj, "__module__", None)
+    if mod is not None:
+        return mod in home
+    owner = getattr(obj, "__self__", None)  # C builtins without __module__: their owner decides
+    return owner is None or (inspect.ismodule(owner) and owner.__name__ in home)
 
 
 def _fewshot(tokenizer, length, seed, index, depth, haystack) -> Sample:
@@ -273,7 +291,7 @@ def _fewshot(tokenizer, length, seed, index, depth, haystack) -> Sample:
         first = next((i for i, (_, m) in enumerate(pool) if m == label), None)
         if first is None or not shots:
             raise ValueError(f"length {length} is too small for task 'lb_fewshot'")
-        shots[-1] = pool[first]
+        shots[rng.randrange(len(shots))] = pool[first]  # at a seeded place, not always next to the question
     if len(shots) == len(pool) and used < 0.9 * budget:
         raise ValueError(f"length {length} is too long for task 'lb_fewshot': its {len(pool) + 1} examples fill "
                          f"only about {used} tokens")
@@ -284,6 +302,9 @@ def _fewshot(tokenizer, length, seed, index, depth, haystack) -> Sample:
     while count_tokens(tokenizer, context + "\n" + question) > length and len(shots) > 8:
         shots.pop(0 if shots[0][1] != label or sum(m == label for _, m in shots) > 1 else 1)
         context = _FEWSHOT_HEAD + "".join(_FEWSHOT_EXAMPLE.format(d=d, m=m) for d, m in shots)
+    if count_tokens(tokenizer, context.rstrip("\n") + "\n" + "\n" + question) > length:
+        raise ValueError(f"length {length} is too small for task 'lb_fewshot': 8 examples and the question "
+                         "do not fit")
     meta = {"answer_prefix": "", "no_chat": True, "needles": [], "index": index, "shots": len(shots),
             "query": query, "label_shots": sum(m == label for _, m in shots)}
     return Sample("lb_fewshot", length, None, context.rstrip("\n") + "\n", question, [label], meta, seed)

@@ -195,7 +195,7 @@ _PROSE_WINDOW_TASKS = ("fidelity_prose", PERPLEXITY_TASK, "lb_passage_retrieval"
 
 
 def _check_inputs_with_tokenizer(tokenizer: Any, tasks: list[str], lengths: list[int], haystack: str | None,
-                                 positions: int, cont: int) -> None:
+                                 positions: int, cont: int, chat: bool = True, max_new: int | None = None) -> None:
     """Cheap checks that need the tokenizer (no weights): the haystack holds enough text, and sample 0
     of every task builds at the shortest length (a length too small for a task fails here, clearly)."""
     from .haystack import TextHaystack, get_haystack
@@ -224,8 +224,9 @@ def _check_inputs_with_tokenizer(tokenizer: Any, tasks: list[str], lengths: list
         # LongBench-style pools are finite (lb_fewshot's examples fill ~8K tokens): check the longest too
         for length in sorted({shortest, longest}) if task in LONGBENCH_TASKS else [shortest]:
             try:
-                if task in LONGBENCH_TASKS:
-                    make_longbench_sample(task, tokenizer, length - 64, index=0, haystack=haystack,
+                if task in LONGBENCH_TASKS:  # at the length the run builds it (template, prefix, answer off)
+                    inner = length - _overhead(tokenizer, task, chat, max_new or MAX_NEW_TOKENS.get(task, 32))
+                    make_longbench_sample(task, tokenizer, inner, index=0, haystack=haystack,
                                           depth=0.5 if LONGBENCH_TASKS[task].has_depth else None)
                 else:
                     make_sample(task, tokenizer, length - 64, index=0, haystack=haystack)
@@ -354,7 +355,9 @@ def validate_plan(args: Any) -> EvalPlan:
         HashEncoders.from_pretrained(encoders).check_compatible(shape, bits=bits)
     tokenizer = _tokenizer_only(model)
     if tokenizer is not None:
-        _check_inputs_with_tokenizer(tokenizer, tasks, lengths, haystack, positions, cont)
+        _check_inputs_with_tokenizer(tokenizer, tasks, lengths, haystack, positions, cont,
+                                     chat=not getattr(args, "no_chat", False),
+                                     max_new=None if mnt is None else int(mnt))
     return EvalPlan(model=model, encoders=encoders, methods=methods, budgets=budgets, tasks=tasks, lengths=lengths,
                     samples=samples, haystack=haystack, out=Path(out), seed=int(getattr(args, "seed", 0) or 0),
                     bits=bits, max_new_tokens=None if mnt is None else int(mnt), continuation=cont,

@@ -210,7 +210,7 @@ def _longbench_tables(rows: list[dict[str, Any]], out: list[str]) -> None:
         tasks = [t for t in LONGBENCH_TASKS if any(r["task"] == t for r in rs)]
         out += [f"### LongBench-style scores, context {length}", "",
                 "Cell: LongBench's metric x 100 (lb_code: edit similarity; retrieval / count: share of right "
-                "numbers) [95% interval, approximate for partial scores] (samples).", "",
+                "numbers; fewshot: classification score) [95% interval, approximate for partial scores] (samples).", "",
                 "| method | budget | " + " | ".join(tasks) + " |", "|---|---|" + "---:|" * len(tasks)]
         for m in _methods(rs):
             for b in _budgets(rs):
