@@ -244,6 +244,7 @@ def fewshot_examples() -> tuple[tuple[str, str], ...]:
             if 20 <= len(line) <= 160 and name.split(".")[-1] not in line.lower():
                 lines.append(line)
         found[name] = lines
+
     def key(line: str) -> str:  # near-duplicates (a trailing period, case) count as one description
         return line.rstrip(". ").lower()
 
@@ -298,16 +299,18 @@ def _fewshot(tokenizer, length, seed, index, depth, haystack) -> Sample:
     if len(shots) < 8:
         raise ValueError(f"length {length} is too small for task 'lb_fewshot': it fits {len(shots)} examples, "
                          "at least 8 are needed")
-    context = _FEWSHOT_HEAD + "".join(_FEWSHOT_EXAMPLE.format(d=d, m=m) for d, m in shots)
-    while count_tokens(tokenizer, context + "\n" + question) > length and len(shots) > 8:
+    def render(shots: list[tuple[str, str]]) -> str:
+        return _FEWSHOT_HEAD + "".join(_FEWSHOT_EXAMPLE.format(d=d, m=m) for d, m in shots)
+
+    while count_tokens(tokenizer, render(shots) + "\n" + question) > length and len(shots) > 8:
         shots.pop(0 if shots[0][1] != label or sum(m == label for _, m in shots) > 1 else 1)
-        context = _FEWSHOT_HEAD + "".join(_FEWSHOT_EXAMPLE.format(d=d, m=m) for d, m in shots)
-    if count_tokens(tokenizer, context.rstrip("\n") + "\n" + "\n" + question) > length:
-        raise ValueError(f"length {length} is too small for task 'lb_fewshot': 8 examples and the question "
-                         "do not fit")
     meta = {"answer_prefix": "", "no_chat": True, "needles": [], "index": index, "shots": len(shots),
             "query": query, "label_shots": sum(m == label for _, m in shots)}
-    return Sample("lb_fewshot", length, None, context.rstrip("\n") + "\n", question, [label], meta, seed)
+    sample = Sample("lb_fewshot", length, None, render(shots).rstrip("\n") + "\n", question, [label], meta, seed)
+    if count_tokens(tokenizer, sample.prompt) > length:
+        raise ValueError(f"length {length} is too small for task 'lb_fewshot': 8 examples and the question "
+                         "do not fit")
+    return sample
 
 
 LONGBENCH_TASKS: dict[str, LongBenchSpec] = {
