@@ -38,7 +38,8 @@ from fractions import Fraction
 import torch
 
 SHAPES = {"smollm2": (9, 3, 64), "d128": (32, 8, 128)}  # (query heads, KV heads, head dim)
-METHODS = ("dashkv", "dashkv_select", "dashkv_hamming", "dashkv_serial", "sdpa", "dense_torch", "dense_numba")
+METHODS = ("dashkv", "dashkv_select", "dashkv_hamming", "dashkv_serial", "dashkv_q8", "dashkv_q4", "sdpa",
+           "dense_torch", "dense_numba")  # dashkv_q8/_q4: the bit-plane scan (`DashKVConfig.query_bits`)
 
 
 def _inputs(hq: int, hkv: int, d: int, n: int, bits: int, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -111,6 +112,10 @@ def bench_kernel(ns=(4096, 16384, 65536, 262144), bits=(64, 128), budget=1 / 16,
                     "dashkv_hamming": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes,
                                                                 scorer="hamming", parallel=True, **kw),
                     "dashkv_serial": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, **kw),
+                    "dashkv_q8": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, query_bits=8,
+                                                           parallel=True, **kw),
+                    "dashkv_q4": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, query_bits=4,
+                                                           parallel=True, **kw),
                     "sdpa": lambda: F.scaled_dot_product_attention(q4.to(kv_dtype), keys, values, scale=scaling,
                                                                    enable_gqa=True),
                     "dense_torch": lambda: dense_decode_torch(query, keys, values, scaling),
@@ -137,6 +142,8 @@ def bench_kernel(ns=(4096, 16384, 65536, 262144), bits=(64, 128), budget=1 / 16,
                     "best_dense": best_name, "best_dense_ms": round(med[best_name], 4),
                     "sdpa_over_dashkv": round(med["sdpa"] / med["dashkv"], 2),
                     "best_dense_over_dashkv": round(med[best_name] / med["dashkv"], 2),
+                    "best_dense_over_dashkv_q8": round(med[best_name] / med["dashkv_q8"], 2),
+                    "best_dense_over_dashkv_q4": round(med[best_name] / med["dashkv_q4"], 2),
                     "dense_bytes": dense_bytes, "dashkv_bytes": dash_bytes,
                     "dashkv_gbps": round(dash_bytes / med["dashkv"] / 1e6, 2),
                     "sdpa_gbps": round(dense_bytes / med["sdpa"] / 1e6, 2),
@@ -158,9 +165,10 @@ _COLS = [
     ("shape", "shape", "{}"), ("dtype", "K/V", "{}"), ("n", "N", "{}"), ("bits", "b", "{}"), ("tokens_read", "read", "{}"),
     ("dashkv_ms", "dashkv ms", "{:.3f}"), ("dashkv_select_ms", "scan+sel", "{:.3f}"),
     ("dashkv_attention_ms", "attn", "{:.3f}"), ("dashkv_hamming_ms", "hamming", "{:.3f}"),
-    ("dashkv_serial_ms", "1 thread", "{:.3f}"),
+    ("dashkv_serial_ms", "1 thread", "{:.3f}"), ("dashkv_q8_ms", "q8 ms", "{:.3f}"), ("dashkv_q4_ms", "q4 ms", "{:.3f}"),
     ("sdpa_ms", "sdpa ms", "{:.3f}"), ("dense_torch_ms", "mm+sm", "{:.3f}"), ("dense_numba_ms", "numba", "{:.3f}"),
     ("sdpa_over_dashkv", "sdpa/dkv", "{:.1f}x"), ("best_dense_over_dashkv", "best/dkv", "{:.1f}x"),
+    ("best_dense_over_dashkv_q4", "best/q4", "{:.1f}x"),
     ("dashkv_gbps", "dkv GB/s", "{:.1f}"), ("sdpa_gbps", "sdpa GB/s", "{:.1f}"), ("best_dense_gbps", "best GB/s", "{:.1f}"),
 ]
 

@@ -53,6 +53,13 @@ def _add_dashkv_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temporal", type=float, default=None, metavar="MU",
                    help="cross-layer momentum: rank by z(score) + MU * z(log attention of the previous "
                         "DASH-KV layer in the step); torch reference path (default: off)")
+    _add_query_bits(p)
+
+
+def _add_query_bits(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--query-bits", type=int, choices=(4, 8), default=None,
+                   help="scan with the query projection rounded to 4 or 8 bits per value (AND + popcount over "
+                        "bit planes, faster) instead of float32 byte tables (default: the configuration's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher-forced positions per fidelity document (default 128)")
     p.add_argument("--continuation", type=int, default=None, help="scored tokens per perplexity window (64)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: DASHKV_EVAL_THREADS or 1)")
+    _add_query_bits(p)
 
     p = sub.add_parser("bench", help="benchmarks: kernel (one layer), decode (end to end), serve (HTTP server)")
     bsub = p.add_subparsers(dest="bench", metavar="WHAT")

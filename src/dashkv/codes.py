@@ -108,3 +108,25 @@ def asymmetric_scores(q_proj: torch.Tensor, k_words: torch.Tensor) -> torch.Tens
     batch = torch.broadcast_shapes(tables.shape[:-2], by.shape[:-2])
     t = tables.expand(*batch, p, 256).unsqueeze(-3).expand(*batch, n, p, 256)
     return t.gather(-1, by.expand(*batch, n, p).unsqueeze(-1)).squeeze(-1).sum(-1)
+
+
+def quantise_query(proj: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer levels of a query projection for the bit-plane scan: (..., b) float -> (..., b) int64.
+
+    Symmetric, one scale per vector: v -> floor(v / delta + 0.5) with delta = max|v| / (2^(bits-1) - 1),
+    in float64 (levels in [-(2^(bits-1)-1), 2^(bits-1)-1]; an all-zero vector gives zeros). The fused
+    CPU kernel computes the same levels from the same float32 projection, bit for bit.
+    """
+    levels = (1 << (bits - 1)) - 1
+    v = proj.double()
+    delta = v.abs().amax(-1, keepdim=True) / levels
+    x = torch.where(delta > 0, v / torch.where(delta > 0, delta, torch.ones_like(delta)), torch.zeros_like(v))
+    return torch.floor(x + 0.5).clamp(-levels, levels).long()
+
+
+def quantised_scores(levels: torch.Tensor, k_words: torch.Tensor) -> torch.Tensor:
+    """Asymmetric score of integer query levels: sum_j levels_j * sign_j, (..., b) against (..., N, W)
+    -> (..., N) int64. Exact (float64 sums of integers far below 2^53); the reference of the bit-plane
+    scan, which computes sum_j levels_j * bit_j = (score + sum_j levels_j) / 2 and ranks by it."""
+    signs = to_signs(k_words, torch.float64)  # (..., N, b)
+    return (signs * levels.double().unsqueeze(-2)).sum(-1).round().long()

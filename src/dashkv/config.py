@@ -44,6 +44,9 @@ def parse_budget(value: str | float | int) -> float | int:
 # Measured crossovers (docs/RESULTS.md §1, `scripts/bench_speed.sh`): the context from which DASH-KV's
 # selecting step beats dense decoding on its own cache, by K/V element size (float32: 4, bf16/fp16: 2).
 MIN_CONTEXT_DEFAULTS: dict[int, int] = {4: 1536, 2: 5120}
+#: Query precisions the bit-plane scan takes (`DashKVConfig.query_bits`): 4 or 8 bits per projection value.
+QUERY_BITS: tuple[int, ...] = (4, 8)
+
 
 @dataclass
 class DashKVConfig:
@@ -79,6 +82,11 @@ class DashKVConfig:
                      ranks by z(score) + μ·z(log a), a the previous DASH-KV layer's attention in the same
                      step (mean over its query heads, known on the tokens it read; the floor elsewhere).
                      Keys the layer below attended to move up (0 = off; torch reference path only).
+    query_bits:      precision of the query projection in the code scan. None: float32 (byte look-up
+                     tables, the scorer the encoders were calibrated with); 4 or 8: each selecting head's
+                     projection rounded to symmetric integer levels (+-7 or +-127, one scale per head) and
+                     scored by AND + popcount over its bit planes, which vectorises (docs/DECISIONS.md).
+                     Asymmetric scorer with a fixed-size exact tier only (optionally re-ranked).
     """
 
     bits: int = 64
@@ -98,6 +106,7 @@ class DashKVConfig:
     temporal: float = 0.0
     rerank: int = 0
     head_budget: HeadBudget = "fixed"
+    query_bits: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -144,6 +153,16 @@ class DashKVConfig:
             raise bad("spatial_vote", "must be a finite number (0 disables the cross-head vote)")
         if not (isinstance(self.temporal, (int, float)) and math.isfinite(self.temporal) and self.temporal >= 0):
             raise bad("temporal", "must be a finite number >= 0 (0 disables the cross-layer momentum)")
+        if self.query_bits is not None:
+            if self.query_bits not in QUERY_BITS or isinstance(self.query_bits, bool):
+                raise bad("query_bits", f"must be None (float32 query) or one of {QUERY_BITS}")
+            if self.scorer != "asymmetric":
+                raise bad("query_bits", "quantises the asymmetric scorer's query; the hamming scorer has none")
+            clash = [n for n, on in (("adaptive", self.adaptive), ("head_budget='pooled'", self.head_budget == "pooled"),
+                                     ("spatial_vote", self.spatial_vote), ("temporal", self.temporal),
+                                     ("lowprec_fraction", self.lowprec_fraction)) if on]
+            if clash:
+                raise bad("query_bits", f"combines only with a fixed-size exact tier (and rerank), not with {clash[0]}")
         if any(i < 0 for i in self.dense_layers):
             raise bad("dense_layers", "layer indices must be >= 0")
 
@@ -215,7 +234,8 @@ class DashKVConfig:
     def from_args(cls, args: Any, **extra: Any) -> "DashKVConfig":
         """The configuration of a command line (`dashkv demo/generate/bench decode`): the options
         `_add_dashkv_args` defines, each falling back to the field's default when a command lacks it."""
-        names = ("bits", "budget", "sink", "window", "min_context", "rerank", "head_budget", "temporal")
+        names = ("bits", "budget", "sink", "window", "min_context", "rerank", "head_budget", "temporal",
+                 "query_bits")
         return cls(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None}, **extra)
 
     @classmethod

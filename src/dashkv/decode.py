@@ -85,6 +85,8 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
         elif config.head_budget == "pooled":  # the layer's exact tokens shared between its heads
             rerank = dict(pool_temps=policy.pool_temperatures(state.layer_idx, hkv).numpy(),
                           k_min=min(config.k_min, plan.critical), pool_cap=POOL_CAP)
+        if config.query_bits:  # the bit-plane scan (CPU kernel only: `_fast_kernel`)
+            rerank["query_bits"] = config.query_bits
         if state.buffer_views is not None and keys.device.type == "cpu":
             rerank["views"] = state.buffer_views  # the cache's numpy views: no per-call stride walk
         out, idx_count = kernel(
@@ -123,8 +125,8 @@ def _fast_kernel(policy: SelectionPolicy, config: DashKVConfig, keys: torch.Tens
         return None
     if config.head_budget == "pooled" and config.rerank:
         return None  # pooled budgets after the re-rank stage: reference path only
-    if (config.rerank or config.head_budget == "pooled") and keys.device.type != "cpu":
-        return None  # the re-rank stage and pooled budgets are in the CPU kernel only
+    if (config.rerank or config.head_budget == "pooled" or config.query_bits) and keys.device.type != "cpu":
+        return None  # the re-rank stage, pooled budgets and the bit-plane scan are in the CPU kernel only
     if keys.device.type == "cpu":
         if keys.dtype not in CPU_KV_DTYPES:
             return None

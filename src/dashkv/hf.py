@@ -254,6 +254,8 @@ def _warn_fallbacks(model: Any, shape: Any, policy: SelectionPolicy | None, mana
         reasons.append("head_budget='pooled' (in the CPU kernel only)")
     if cfg.rerank and device.type != "cpu":
         reasons.append(f"rerank={cfg.rerank} (the re-rank stage is in the CPU kernel only)")
+    if cfg.query_bits and device.type != "cpu":
+        reasons.append(f"query_bits={cfg.query_bits} (the bit-plane scan is in the CPU kernel only)")
     if device.type == "cpu" and dtype not in CPU_KV_DTYPES:
         reasons.append(f"the CPU kernels take float32, bfloat16 or float16 K/V, the model is {dtype}")
     if device.type == "cpu" and not reasons:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .codes import asymmetric_scores, hamming_similarity, pack_bits
+from .codes import asymmetric_scores, hamming_similarity, pack_bits, quantise_query, quantised_scores
 from .config import DashKVConfig, StepPlan
 from .encoders import HashEncoders
 
@@ -377,7 +377,30 @@ class DashKVPolicy(SelectionPolicy):
         return s
 
     def score(self, state, query, keys, scaling):
+        if self.config.query_bits:
+            return self.quantised_scan_scores(state, query)
         return self.grouped(self.per_head_scores(state, query), keys.shape[1])
+
+    def quantised_scan_scores(self, state: LayerState, query: torch.Tensor) -> torch.Tensor:
+        """(B, Hs, N) float64 scores of the bit-plane scan (`config.query_bits`), the reference of the
+        fused kernel's: each selecting head's projection (its query heads summed in order, float32, as the
+        kernel sums them) rounded to integer levels, scored exactly against the codes; ties are broken
+        towards the lower position (score - pos / (N + 1)), so top-k picks exactly the kernel's set."""
+        codes = state.codes  # (B, Hkv, N, W)
+        b, hq, _ = query.shape
+        hkv, n = codes.shape[1], codes.shape[2]
+        proj = self.query_projection(state.layer_idx, query).float()
+        if self.config.grouping == "query_head":
+            grouped = proj.reshape(b, hkv, hq // hkv, -1)
+        else:
+            parts = proj.reshape(b, hkv, hq // hkv, -1)
+            grouped = parts[:, :, 0]
+            for g in range(1, parts.shape[2]):  # sequential float32 sum, the kernel's order
+                grouped = grouped + parts[:, :, g]
+            grouped = grouped[:, :, None]
+        levels = quantise_query(grouped, self.config.query_bits)  # (B, Hkv, S/Hkv, b)
+        s = quantised_scores(levels, codes[:, :, None]).reshape(b, -1, n).double()
+        return s - torch.arange(n, dtype=torch.float64, device=s.device) / (n + 1)
 
     def probability_estimate(self, state: LayerState, per_head: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
         """(B, Hs, N) attention probability estimated from the codes: softmax of each query head's score
@@ -440,6 +463,11 @@ class DashKVPolicy(SelectionPolicy):
         return Selection(indices=first.indices, exact=exact)
 
     def select(self, state, query, keys, plan, scaling, start):
+        if self.config.query_bits:  # the config admits only the fixed exact tier (+ re-rank) here
+            scores = self.quantised_scan_scores(state, query)
+            if plan.rerank > 0:
+                scores = self.rerank_scores(state, query, scores, plan, scaling, start)
+            return build_selection(scores, plan, start, None, self.config)
         per_head = self.per_head_scores(state, query)
         scores = self.grouped(per_head, keys.shape[1])
         if self.config.temporal and state.carry is not None:
@@ -494,7 +522,10 @@ class SimHashPolicy(DashKVPolicy):
     forced_scorer = "hamming"
 
     def __init__(self, config: DashKVConfig, encoders: HashEncoders):
-        cfg = DashKVConfig(**{**config.to_dict(), "scorer": self.forced_scorer, "adaptive": False})
+        forced = {"scorer": self.forced_scorer, "adaptive": False}
+        if self.forced_scorer == "hamming":
+            forced["query_bits"] = None  # integer query levels belong to the asymmetric scorer
+        cfg = DashKVConfig(**{**config.to_dict(), **forced})
         super().__init__(cfg, encoders)
 
 

@@ -342,6 +342,10 @@ def validate_plan(args: Any) -> EvalPlan:
     if any(t in FIDELITY_TASKS for t in tasks) and min(lengths) <= positions + 1:
         raise ValueError(f"length {min(lengths)} is too short for the fidelity tasks ({positions} scored positions)")
     all_methods = list(dict.fromkeys(methods + [m for ms, _ in also for m in ms]))
+    qbits = getattr(args, "query_bits", None)
+    if qbits and "dashkv_rerank" not in all_methods and not any(m in ("dashkv", "simhash_asym") for m in all_methods):
+        raise ValueError("--query-bits changes the asymmetric code scan only: add dashkv, dashkv_rerank or "
+                         "simhash_asym to --methods")
     if any(m in LEARNED_METHODS for m in all_methods) and encoders is None:
         from ..hf import _DEFAULT_ENCODERS
 
@@ -362,7 +366,8 @@ def validate_plan(args: Any) -> EvalPlan:
                     samples=samples, haystack=haystack, out=Path(out), seed=int(getattr(args, "seed", 0) or 0),
                     bits=bits, max_new_tokens=None if mnt is None else int(mnt), continuation=cont,
                     chat=not getattr(args, "no_chat", False), progress=not getattr(args, "quiet", False),
-                    also=also, prefill_dtype=prefill_dtype, positions=positions)
+                    also=also, prefill_dtype=prefill_dtype, positions=positions,
+                    config_overrides=({"query_bits": int(qbits)} if qbits else {}))
 
 
 # ---- prompts ---------------------------------------------------------------------------------------

@@ -197,18 +197,141 @@ def _build_lut(qp, b, h0, nh, P, lt):
 
 
 @njit(cache=True)
-def _scan_unit(cu, m, W, hamming, lt, af, sf, qw, Gq, top, buf, bu, hs):
+def _build_planes(qp, b, h0, nh, W, L, pw):
+    """Bit planes of the selecting head's integer query levels -> pw[0:W*L]; returns (offset, shift).
+
+    v = sum of the projections of query heads h0 .. h0+nh-1 (float32, in order), levels
+    floor(v / delta + 0.5) with delta = max|v| / (2^(L-1) - 1) in float64 (`dashkv.codes.quantise_query`
+    is the reference), stored offset by 2^(L-1) so they are non-negative: plane k of word w holds bit k
+    of every level of that word's 64 positions. offset = -(sum of the negative levels) makes every
+    score + offset >= 0; shift: the fewest right shifts that fit score + offset into NBINS_ASYM buckets.
+    """
+    lev = (1 << (L - 1)) - 1
+    bb = 64 * W
+    v = np.empty(bb, np.float32)
+    amax = 0.0
+    for j in range(bb):
+        x = np.float32(0.0)
+        for g in range(nh):
+            x += qp[b, h0 + g, j]
+        v[j] = x
+        amax = max(amax, abs(np.float64(x)))
+    for i in range(W * L):
+        pw[i] = np.uint64(0)
+    delta = amax / lev
+    neg = 0
+    tot = 0
+    for j in range(bb):
+        qv = 0
+        if delta > 0.0:
+            qv = np.int64(np.floor(np.float64(v[j]) / delta + 0.5))
+            qv = min(max(qv, -lev), lev)
+        tot += abs(qv)
+        if qv < 0:
+            neg -= qv
+        u = np.uint64(qv + lev + 1)
+        w = j // 64
+        bit = np.uint64(1) << np.uint64(j % 64)
+        for k in range(L):
+            if (u >> np.uint64(k)) & np.uint64(1):
+                pw[w * L + k] |= bit
+    shift = 0
+    while (tot >> shift) >= NBINS_ASYM:
+        shift += 1
+    return neg, shift
+
+
+@njit(cache=True)
+def _plane_scores4(cb, mb, W, pw, off, ib):
+    """ib[jj] = off + sum_j level_j * bit_j of code jj (4-bit levels): 5 AND + popcounts per word."""
+    for w in range(W):
+        p0 = pw[4 * w]
+        p1 = pw[4 * w + 1]
+        p2 = pw[4 * w + 2]
+        p3 = pw[4 * w + 3]
+        o = off if w == 0 else np.int32(0)
+        if W == 1:
+            for jj in range(mb):
+                c = cb[jj]
+                s = (_popcount64(c & p0) + (_popcount64(c & p1) << np.uint64(1))
+                     + (_popcount64(c & p2) << np.uint64(2)) + (_popcount64(c & p3) << np.uint64(3)))
+                ib[jj] = np.int32(s) - (np.int32(_popcount64(c)) << 3) + o
+        else:
+            for jj in range(mb):
+                c = cb[jj * W + w]
+                s = (_popcount64(c & p0) + (_popcount64(c & p1) << np.uint64(1))
+                     + (_popcount64(c & p2) << np.uint64(2)) + (_popcount64(c & p3) << np.uint64(3)))
+                x = np.int32(s) - (np.int32(_popcount64(c)) << 3) + o
+                ib[jj] = x if w == 0 else ib[jj] + x
+
+
+@njit(cache=True)
+def _plane_scores8(cb, mb, W, pw, off, ib):
+    """As `_plane_scores4`, 8-bit levels: 9 AND + popcounts per word."""
+    for w in range(W):
+        p0 = pw[8 * w]
+        p1 = pw[8 * w + 1]
+        p2 = pw[8 * w + 2]
+        p3 = pw[8 * w + 3]
+        p4 = pw[8 * w + 4]
+        p5 = pw[8 * w + 5]
+        p6 = pw[8 * w + 6]
+        p7 = pw[8 * w + 7]
+        o = off if w == 0 else np.int32(0)
+        if W == 1:  # contiguous codes: this loop vectorises (vpopcntq where the CPU has it)
+            for jj in range(mb):
+                c = cb[jj]
+                s = (_popcount64(c & p0) + (_popcount64(c & p1) << np.uint64(1))
+                     + (_popcount64(c & p2) << np.uint64(2)) + (_popcount64(c & p3) << np.uint64(3))
+                     + (_popcount64(c & p4) << np.uint64(4)) + (_popcount64(c & p5) << np.uint64(5))
+                     + (_popcount64(c & p6) << np.uint64(6)) + (_popcount64(c & p7) << np.uint64(7)))
+                ib[jj] = np.int32(s) - (np.int32(_popcount64(c)) << 7) + o
+        else:
+            for jj in range(mb):
+                c = cb[jj * W + w]
+                s = (_popcount64(c & p0) + (_popcount64(c & p1) << np.uint64(1))
+                     + (_popcount64(c & p2) << np.uint64(2)) + (_popcount64(c & p3) << np.uint64(3))
+                     + (_popcount64(c & p4) << np.uint64(4)) + (_popcount64(c & p5) << np.uint64(5))
+                     + (_popcount64(c & p6) << np.uint64(6)) + (_popcount64(c & p7) << np.uint64(7)))
+                x = np.int32(s) - (np.int32(_popcount64(c)) << 7) + o
+                ib[jj] = x if w == 0 else ib[jj] + x
+
+
+@njit(cache=True)
+def _plane_score_one(cu, W, pw, L):
+    """sum_j level_j * bit_j of one code (words cu[0:W]): the exact score `_plane_scores*` bins."""
+    s = 0
+    z = 1 << (L - 1)
+    for w in range(W):
+        c = cu[w]
+        for k in range(L):
+            s += np.int64(_popcount64(c & pw[w * L + k])) << k
+        s -= np.int64(_popcount64(c)) * z
+    return s
+
+
+@njit(cache=True)
+def _scan_unit(cu, m, W, hamming, lt, af, sf, qw, Gq, top, buf, bu, hs, qbits, pw, qoff, qshift, ib):
     """Score the m codes cu[0:m*W], write their buckets bu[0:m] and count them into hs.
 
     Asymmetric: bucket = clamp(int((s + sum|q|) * nbins / (2 sum|q|))), monotone in s.
     Hamming: bucket = Gq*b - sum_g popcount(q_g XOR c) = (score + Gq*b) / 2, exact.
+    Bit planes (qbits 4 or 8): bucket = (sum_j level_j * bit_j + qoff) >> qshift, monotone in the
+    integer score (exact, one bucket per score, when qshift is 0).
     """
     topf = np.float32(top)
     for j0 in range(0, m, _BLOCK):
         mb = min(m, j0 + _BLOCK) - j0
         cb = cu[j0 * W:(j0 + mb) * W]
         bb = bu[j0:j0 + mb]
-        if hamming:
+        if qbits > 0:  # bit-plane scan of the integer query levels: vectorised popcounts, then buckets
+            if qbits == 4:
+                _plane_scores4(cb, mb, W, pw, qoff, ib)
+            else:
+                _plane_scores8(cb, mb, W, pw, qoff, ib)
+            for jj in range(mb):
+                bb[jj] = ib[jj] >> qshift
+        elif hamming:
             for jj in range(mb):
                 pc = np.uint64(0)
                 for g in range(Gq):
@@ -477,7 +600,7 @@ def _splits(target_units, base, cap):
 @njit(parallel=True, cache=True)
 def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0, csb, csh, N, W, start,
                    sink, window, critical, Hkv, per_query, hamming, nthreads, mode,
-                   k8f, k8s, k8b0, k8sb, k8sh, keep, pool_temps, k_min, pool_cap,
+                   k8f, k8s, k8b0, k8sb, k8sh, keep, pool_temps, k_min, pool_cap, qbits,
                    ws16, ws32, wsf, ws64, out):
     """Returns (status, need16, need32, needf, need64, idx_offset, Lmax).
 
@@ -493,6 +616,9 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     kf, vf: (rows, d) views of the K/V storage; row of (b, h, j) = kb0 + b*ksb + h*ksh + j (row strides).
     cf: flat uint64 code words; word w of (b, h, j) = cb0 + b*csb + h*csh + j*W + w.
     status 1: a workspace is too small (nothing computed; grow to the returned sizes and call again).
+    Bit-plane scan (qbits 4 or 8, asymmetric scorer, not pooled): each selecting head's projection is
+    rounded to integer levels and scored by AND + popcount (`_build_planes`); the selection is the exact
+    top-`critical` by that integer score, ties to the lower position (`DashKVPolicy.quantised_scan_scores`).
     ws64[:B*S] receives the number of tokens read per selecting head. mode 0: the whole step; 1: stop
     after the selection (scan + select, for timing); 2: stop after the scan.
     """
@@ -549,14 +675,15 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     npart = _splits(8 * nthreads, BS, max(1, Lmax // _ATTN_MIN_ROWS))  # serial too: fewer parts measured slower
     AU = BS * npart
     rpp = -(-Lmax // npart)
-    LUTU = NS * P * 256 if (anyscan and not hamming) else 0  # byte tables per scan unit
+    LUTU = NS * P * 256 if (anyscan and not hamming and qbits == 0) else 0  # byte tables per scan unit
 
     # ---- workspace layout ----
     n16 = BS * maxcand if anyscan else 1
     o_idx = 0
     o_bnd = o_idx + BS * Lmax
-    o_hist = o_bnd + (BS * maxcand if anyscan else 0)
-    n32 = o_hist + (U * NS * nbins if anyscan else 0)
+    o_hist = o_bnd + (BS * (maxcand + 1) if anyscan else 0)  # +1: the branchless collect's spare slot
+    o_ib = o_hist + (U * NS * nbins if anyscan else 0)
+    n32 = o_ib + (U * _BLOCK if (anyscan and qbits > 0) else 0)
     o_lut = 0
     o_buf = o_lut + U * LUTU
     o_lg = o_buf + U * _BLOCK
@@ -573,7 +700,8 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     bk = ws16[0:n16]
     idx = ws32[o_idx:o_bnd]
     bnd = ws32[o_bnd:o_hist]
-    hist = ws32[o_hist:n32]
+    hist = ws32[o_hist:o_ib]
+    ibuf = ws32[o_ib:n32]
     lut = wsf[o_lut:o_buf]
     sbuf = wsf[o_buf:o_lg]
     lg = wsf[o_lg:o_pm]
@@ -595,6 +723,10 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
         for i in range(d):
             qr[i] = np.float32(q[bh // Hq, bh % Hq, i] * scaling)
 
+    QL = max(qbits, 1)  # bit planes per code word of the integer query levels
+    qpl = np.zeros(BS * W * QL if (anyscan and qbits > 0) else 0, np.uint64)
+    qoffs = np.zeros(BS, np.int32)
+    qshifts = np.zeros(BS, np.int32)
     if anyscan:
         # Hamming: query sign words, one set per query head
         qw = np.zeros(B * Hq * W, np.uint64)
@@ -608,6 +740,14 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                         if qp[bh // Hq, bh % Hq, 64 * w + t] > 0:
                             word |= np.uint64(1) << np.uint64(t)
                     qw[bh * W + w] = word
+        # bit-plane scan: every selecting head's integer query levels, once (tiny, serial)
+        if qbits > 0:
+            for sidx in range(BS):
+                b = sidx // S
+                h0 = ((sidx % S) // NS) * G + sidx % NS
+                o, sh = _build_planes(qp, b, h0, Gq, W, qbits, qpl[sidx * W * QL:(sidx + 1) * W * QL])
+                qoffs[sidx] = o
+                qshifts[sidx] = sh
 
         # ---- phase 1 (parallel): byte tables, scan, bucket histogram per unit ----
         for u in prange(U):
@@ -625,6 +765,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                 cw = (cb0 + b * csb + kvh * csh + lo * W)
                 cu = cf[cw:cw + m * W]
                 buf = sbuf[u * _BLOCK:(u + 1) * _BLOCK]
+                ib = ibuf[u * _BLOCK:(u + 1) * _BLOCK] if qbits > 0 else ibuf[0:0]
                 for ns in range(NS):
                     sidx = (b * Hkv + kvh) * NS + ns
                     bu = bk[sidx * maxcand + (lo - clo[b]):sidx * maxcand + (hi - clo[b])]
@@ -633,7 +774,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                     af = np.float32(0.0)
                     sf = np.float32(0.0)
                     lt = lut[0:0]
-                    if not hamming:
+                    if not hamming and qbits == 0:
                         lt = lut[u * LUTU + ns * P * 256:u * LUTU + (ns + 1) * P * 256]
                         a = _build_lut(qp, b, h0, Gq, P, lt)
                         af = np.float32(a)
@@ -641,7 +782,8 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                         afs[sidx] = af  # every chunk of the head writes the same values
                         sfs[sidx] = sf
                     qwu = qw[(b * Hq + h0) * W:(b * Hq + h0 + Gq) * W]
-                    _scan_unit(cu, m, W, hamming, lt, af, sf, qwu, Gq, top, buf, bu, hs)
+                    _scan_unit(cu, m, W, hamming, lt, af, sf, qwu, Gq, top, buf, bu, hs, qbits,
+                               qpl[sidx * W * QL:(sidx + 1) * W * QL], qoffs[sidx], qshifts[sidx], ib)
         if mode == 2:
             return 0, n16, n32, nf, n64, o_idx, Lmax
 
@@ -712,17 +854,27 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                     t = thr[sidx]
                     bu = bk[sidx * maxcand + (lo - clo[b]):sidx * maxcand + (hi - clo[b])]
                     gi = idx[sidx * Lmax + sink + ogt[u * NS + ns]:(sidx + 1) * Lmax]
-                    ei = bnd[sidx * maxcand + oeq[u * NS + ns]:(sidx + 1) * maxcand]
+                    ei = bnd[sidx * (maxcand + 1) + oeq[u * NS + ns]:(sidx + 1) * (maxcand + 1)]
                     pg = 0
                     pe = 0
-                    for jj in range(hi - lo):
-                        k = np.intp(bu[jj])
-                        if k > t:
+                    if nch == 1:  # branchless: every position is written, kept only if it passes
+                        # (safe: one unit owns the head's rows; the slot after the last kept one is
+                        # the boundary winners' (phase 4) or bnd's spare slot)
+                        for jj in range(hi - lo):
+                            k = np.intp(bu[jj])
                             gi[pg] = lo + jj
-                            pg += 1
-                        elif k == t:
+                            pg += np.intp(k > t)
                             ei[pe] = lo + jj
-                            pe += 1
+                            pe += np.intp(k == t)
+                    else:
+                        for jj in range(hi - lo):
+                            k = np.intp(bu[jj])
+                            if k > t:
+                                gi[pg] = lo + jj
+                                pg += 1
+                            elif k == t:
+                                ei[pe] = lo + jj
+                                pe += 1
 
     # ---- phase 4 (serial): each row set = sinks | above threshold | boundary winners | window ----
     for sidx in range(BS):
@@ -743,11 +895,22 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                 ii[sink + cb + r] = N - window + r
             if ncand[b] > 0:
                 need = cb - ngt[sidx]
-                eb = bnd[sidx * maxcand:sidx * maxcand + neq[sidx]]
+                eb = bnd[sidx * (maxcand + 1):sidx * (maxcand + 1) + neq[sidx]]
                 dst = ii[sink + ngt[sidx]:sink + cb]
-                if hamming or neq[sidx] == need:
+                if hamming or neq[sidx] == need or (qbits > 0 and qshifts[sidx] == 0):
                     for r in range(need):
                         dst[r] = eb[r]  # ties: lower position first
+                elif qbits > 0:  # several integer scores share the bucket: exact scores, stable
+                    m = neq[sidx]
+                    sc = np.empty(m, np.int64)
+                    pw = qpl[sidx * W * QL:(sidx + 1) * W * QL]
+                    cbase = cb0 + b * csb + kvh * csh
+                    for r in range(m):
+                        o = cbase + np.intp(eb[r]) * W
+                        sc[r] = -_plane_score_one(cf[o:o + W], W, pw, qbits)
+                    order = np.argsort(sc, kind="mergesort")
+                    for r in range(need):
+                        dst[r] = eb[order[r]]
                 else:
                     m = neq[sidx]
                     sc = np.empty(m, np.float32)
@@ -1096,7 +1259,7 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
                       start: torch.Tensor | None = None, return_indices: bool = False,
                       return_counts: bool = False, parallel: bool = False, keys8=None, keep: int = 0,
                       pool_temps=None, k_min: int = 0, pool_cap: int = 4, views: "BufferViews | None" = None,
-                      _mode: int = 0):
+                      query_bits: int | None = None, _mode: int = 0):
     """One DASH-KV decode step of one layer on the CPU (fused numba kernel).
 
     query (B, Hq, d) any float dtype; q_proj (B, Hq, b) float32 (the query encoder's real-valued
@@ -1119,6 +1282,9 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     of each row (at least `k_min`, at most `pool_cap` x critical each; `dashkv.selection.pooled_counts`
     is the reference). Not combined with the re-rank stage.
 
+    `query_bits` 4 or 8: the bit-plane scan of the integer query levels (`DashKVConfig.query_bits`;
+    asymmetric scorer, not with pooled budgets); None: float32 byte tables.
+
     `parallel=False` (what decoding uses, at every batch size) runs on the calling thread: no thread pool
     to wake, nothing to fight torch's OpenMP threads for, safe from several Python threads at once, and
     measured faster inside `generate` even at batch 8 (docs/kernels.md). `parallel=True` splits the step
@@ -1139,6 +1305,10 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
         raise ValueError("sink, window, critical and keep must be >= 0")
     if keep > 0 and (keys8 is None or keep > critical):
         raise ValueError("the re-rank stage (keep > 0) needs keys8 and keep <= critical")
+    qbits = int(query_bits or 0)
+    if qbits and (qbits not in (4, 8) or scorer != "asymmetric" or pool_temps is not None):
+        raise ValueError(f"query_bits must be None, 4 or 8, with the asymmetric scorer and no pooled budgets "
+                         f"(got query_bits={query_bits!r}, scorer={scorer!r})")
     hs_count = Hq if grouping == "query_head" else Hkv
     if pool_temps is not None:
         pool_temps = np.ascontiguousarray(np.asarray(pool_temps, dtype=np.float64).reshape(-1))
@@ -1179,7 +1349,7 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
         k8f, k8s, k8sb, k8sh, k8b0 = _NO_K8, _NO_K8S, 0, 0, 0
     args = (q, qp, float(scaling), kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cfu, cb0, csb, csh, N, W, st,
             int(sink), int(window), int(critical), Hkv, per_query, scorer == "hamming", nthreads, _mode,
-            k8f, k8s, k8b0, k8sb, k8sh, int(keep), pool_temps, int(k_min), int(pool_cap))
+            k8f, k8s, k8b0, k8sb, k8sh, int(keep), pool_temps, int(k_min), int(pool_cap), qbits)
     with _PARALLEL_LOCK if parallel else _NO_LOCK:
         res = kernel(*args, ws[0], ws[1], ws[2], ws[3], out.numpy())
         if res[0] != 0:
