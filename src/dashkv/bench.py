@@ -14,6 +14,8 @@ times, round-robin in the same loop (so every method sees the same machine noise
   part is `dashkv - dashkv_select`;
 - `dashkv_hamming`: the same with the popcount scan;
 - `dashkv_serial`: the single-threaded schedule that decoding inside `generate` uses;
+- `dashkv_q8`, `dashkv_q4`: the serial schedule with the bit-plane scan of 8- or 4-bit query levels
+  (`query_bits`);
 - `sdpa`: `torch.nn.functional.scaled_dot_product_attention(q, K, V, enable_gqa=True)` -- torch's own
   GQA path, no K/V copy (repeat_interleave would add a full K/V copy per call);
 - `dense_torch`: plain `matmul + softmax + matmul` on (B, Hkv, G, d) queries (no K/V copy);
@@ -39,7 +41,7 @@ import torch
 
 SHAPES = {"smollm2": (9, 3, 64), "d128": (32, 8, 128)}  # (query heads, KV heads, head dim)
 METHODS = ("dashkv", "dashkv_select", "dashkv_hamming", "dashkv_serial", "dashkv_q8", "dashkv_q4", "sdpa",
-           "dense_torch", "dense_numba")  # dashkv_q8/_q4: the bit-plane scan (`DashKVConfig.query_bits`)
+           "dense_torch", "dense_numba")  # dashkv_q8/_q4: the bit-plane scan (`DashKVConfig.query_bits`), 1 thread
 
 
 def _inputs(hq: int, hkv: int, d: int, n: int, bits: int, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -112,10 +114,9 @@ def bench_kernel(ns=(4096, 16384, 65536, 262144), bits=(64, 128), budget=1 / 16,
                     "dashkv_hamming": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes,
                                                                 scorer="hamming", parallel=True, **kw),
                     "dashkv_serial": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, **kw),
-                    "dashkv_q8": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, query_bits=8,
-                                                           parallel=True, **kw),
-                    "dashkv_q4": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, query_bits=4,
-                                                           parallel=True, **kw),
+                    # the bit-plane scan, on the calling thread (the schedule `generate` uses)
+                    "dashkv_q8": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, query_bits=8, **kw),
+                    "dashkv_q4": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, query_bits=4, **kw),
                     "sdpa": lambda: F.scaled_dot_product_attention(q4.to(kv_dtype), keys, values, scale=scaling,
                                                                    enable_gqa=True),
                     "dense_torch": lambda: dense_decode_torch(query, keys, values, scaling),
@@ -165,7 +166,8 @@ _COLS = [
     ("shape", "shape", "{}"), ("dtype", "K/V", "{}"), ("n", "N", "{}"), ("bits", "b", "{}"), ("tokens_read", "read", "{}"),
     ("dashkv_ms", "dashkv ms", "{:.3f}"), ("dashkv_select_ms", "scan+sel", "{:.3f}"),
     ("dashkv_attention_ms", "attn", "{:.3f}"), ("dashkv_hamming_ms", "hamming", "{:.3f}"),
-    ("dashkv_serial_ms", "1 thread", "{:.3f}"), ("dashkv_q8_ms", "q8 ms", "{:.3f}"), ("dashkv_q4_ms", "q4 ms", "{:.3f}"),
+    ("dashkv_serial_ms", "1 thread", "{:.3f}"), ("dashkv_q8_ms", "1 thr q8", "{:.3f}"),
+    ("dashkv_q4_ms", "1 thr q4", "{:.3f}"),
     ("sdpa_ms", "sdpa ms", "{:.3f}"), ("dense_torch_ms", "mm+sm", "{:.3f}"), ("dense_numba_ms", "numba", "{:.3f}"),
     ("sdpa_over_dashkv", "sdpa/dkv", "{:.1f}x"), ("best_dense_over_dashkv", "best/dkv", "{:.1f}x"),
     ("best_dense_over_dashkv_q4", "best/q4", "{:.1f}x"),
