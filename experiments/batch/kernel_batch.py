@@ -5,7 +5,7 @@ serial kernel `generate` uses; per batch size: the whole step (scan + select + a
 select alone (`_mode=1`), and the floor's attention (torch matmul + softmax over a contiguous 500-token
 cache, what the StaticCache floor row reads). Round-robin medians; ms per call and per sequence.
 
-  PYTHONPATH=src python experiments/batch/kernel_batch.py --out F.json
+  PYTHONPATH=src python experiments/batch/kernel_batch.py [--query-bits 4] --out F.json
 """
 import argparse, json, statistics, time
 import torch
@@ -18,6 +18,7 @@ p = argparse.ArgumentParser()
 p.add_argument("--n", type=int, default=8000)
 p.add_argument("--batches", default="1,8")
 p.add_argument("--repeats", type=int, default=40)
+p.add_argument("--query-bits", type=int, default=None, help="also time the bit-plane scan (4 or 8)")
 p.add_argument("--out", required=True)
 a = p.parse_args()
 torch.set_num_threads(1)
@@ -33,6 +34,9 @@ for B in map(int, a.batches.split(",")):
     fns = {"kernel": lambda: dashkv_decode_cpu(q, qp, k, v, c, **kw),
            "scan_select": lambda: dashkv_decode_cpu(q, qp, k, v, c, _mode=1, **kw),
            "floor_attention": lambda: dense_decode_torch(q, kf, vf, d ** -0.5)}
+    if a.query_bits:
+        fns["kernel_q"] = lambda: dashkv_decode_cpu(q, qp, k, v, c, query_bits=a.query_bits, **kw)
+        fns["scan_select_q"] = lambda: dashkv_decode_cpu(q, qp, k, v, c, _mode=1, query_bits=a.query_bits, **kw)
     for f in fns.values():
         f(), f()
     t = {n: [] for n in fns}
