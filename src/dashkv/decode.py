@@ -82,6 +82,11 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
         rerank = {}
         if plan.rerank:  # the scan picks plan.rerank candidates, the int8 keys keep plan.critical of them
             rerank = dict(critical=plan.rerank, keep=plan.critical, keys8=(state.keys8.q, state.keys8.scale))
+        elif plan.lowprec:  # three tiers: exact, the 8-bit copies, skipped
+            if lowprec is None:
+                raise ValueError("the plan has a low-precision tier but no 8-bit K/V copy was given")
+            rerank = dict(lowprec=plan.lowprec, keys8=(lowprec[0].q, lowprec[0].scale),
+                          values8=(lowprec[1].q, lowprec[1].scale))
         elif config.head_budget == "pooled":  # the layer's exact tokens shared between its heads
             rerank = dict(pool_temps=policy.pool_temperatures(state.layer_idx, hkv).numpy(),
                           k_min=min(config.k_min, plan.critical), pool_cap=POOL_CAP)
@@ -116,13 +121,15 @@ def _fast_kernel(policy: SelectionPolicy, config: DashKVConfig, keys: torch.Tens
     """The fused kernel for this step, or None for the torch reference path (`hf.enable` warns once).
 
     The fused kernels serve DASH-KV/SimHash with a fixed-size exact tier: numba on the CPU (float32,
-    bfloat16 or float16 K/V, on the calling thread), Triton on CUDA. The adaptive set and the 8-bit tier
-    run on the reference path.
+    bfloat16 or float16 K/V, on the calling thread), Triton on CUDA. The 8-bit tier is in the CPU kernel
+    (fixed exact tier); the adaptive set runs on the reference path.
     """
     if not policy.uses_codes:
         return None  # baselines (oracle, Quest, H2O, ...) have no fused kernel by design
-    if config.adaptive or config.lowprec_fraction > 0 or config.spatial_vote or config.temporal:
+    if config.adaptive or config.spatial_vote or config.temporal:
         return None
+    if config.lowprec_fraction > 0 and (config.rerank or config.head_budget == "pooled" or keys.device.type != "cpu"):
+        return None  # the 8-bit tier is in the CPU kernel, with the fixed exact tier only
     if config.head_budget == "pooled" and config.rerank:
         return None  # pooled budgets after the re-rank stage: reference path only
     if (config.rerank or config.head_budget == "pooled" or config.query_bits) and keys.device.type != "cpu":

@@ -242,8 +242,9 @@ def _warn_fallbacks(model: Any, shape: Any, policy: SelectionPolicy | None, mana
     reasons = []
     if cfg.adaptive:
         reasons.append("adaptive=True")
-    if cfg.lowprec_fraction > 0:
-        reasons.append(f"lowprec_fraction={cfg.lowprec_fraction}")
+    if cfg.lowprec_fraction > 0 and (device.type != "cpu" or cfg.rerank or cfg.head_budget == "pooled"):
+        reasons.append(f"lowprec_fraction={cfg.lowprec_fraction} (the 8-bit tier is fused on the CPU, with a fixed "
+                       "exact tier and no re-rank)")
     if cfg.spatial_vote:
         reasons.append(f"spatial_vote={cfg.spatial_vote}")
     if cfg.temporal:

@@ -423,6 +423,54 @@ def _attend_rows(qs, h0, Gq, d, kf, vf, kbase, vbase, rows, n, r0, lg, pm, pl, p
                 acc[i] += p * _f32(vr[i])
 
 
+@njit(cache=True, fastmath=True)
+def _attend_rows8(qs, h0, Gq, d, k8f, k8s, v8f, v8s, base, rows, n, lg, pm, pl, pacc, a0):
+    """As `_attend_rows` over the 8-bit copies (the low-precision tier): rows base + rows[i] of the int8
+    K/V with one scale per row (k8 * scale, v8 * scale: `QuantizedRows.dequantize`)."""
+    kx = np.empty(d, np.float32)
+    for g in range(Gq):
+        pm[a0 + g] = -np.inf
+        pl[a0 + g] = 0.0
+        acc = pacc[a0 + g]
+        for i in range(d):
+            acc[i] = 0.0
+    if n <= 0:
+        return
+    for r in range(min(n, _PREFETCH)):
+        _prefetch(k8f, (base + np.intp(rows[r])) * d)
+        _prefetch(v8f, (base + np.intp(rows[r])) * d)
+    for r in range(n):
+        if r + _PREFETCH < n:
+            _prefetch(k8f, (base + np.intp(rows[r + _PREFETCH])) * d)
+            _prefetch(v8f, (base + np.intp(rows[r + _PREFETCH])) * d)
+        row = base + np.intp(rows[r])
+        kr = k8f[row]
+        sc = k8s[row]
+        for i in range(d):
+            kx[i] = np.float32(kr[i]) * sc
+        for g in range(Gq):
+            qr = qs[h0 + g]
+            s = np.float32(0.0)
+            for i in range(d):
+                s += qr[i] * kx[i]
+            lg[g * n + r] = s
+    for g in range(Gq):
+        mx, tot = _exp_shift(lg[g * n:(g + 1) * n], n)
+        pm[a0 + g] = mx
+        pl[a0 + g] = tot
+    for r in range(n):
+        row = base + np.intp(rows[r])
+        vr = v8f[row]
+        sc = v8s[row]
+        for i in range(d):
+            kx[i] = np.float32(vr[i]) * sc
+        for g in range(Gq):
+            p = lg[g * n + r]
+            acc = pacc[a0 + g]
+            for i in range(d):
+                acc[i] += p * kx[i]
+
+
 @njit(cache=True)
 def _bucket_mid(t, hamming, span, af, sf):
     """The score at the middle of bucket t (asymmetric: inverse of the scan's binning; Hamming: exact)."""
@@ -600,7 +648,7 @@ def _splits(target_units, base, cap):
 @njit(parallel=True, cache=True)
 def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0, csb, csh, N, W, start,
                    sink, window, critical, Hkv, per_query, hamming, nthreads, mode,
-                   k8f, k8s, k8b0, k8sb, k8sh, keep, pool_temps, k_min, pool_cap, qbits,
+                   k8f, k8s, k8b0, k8sb, k8sh, keep, pool_temps, k_min, pool_cap, qbits, low, v8f, v8s,
                    ws16, ws32, wsf, ws64, out):
     """Returns (status, need16, need32, needf, need64, idx_offset, Lmax).
 
@@ -619,6 +667,9 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     Bit-plane scan (qbits 4 or 8, asymmetric scorer, not pooled): each selecting head's projection is
     rounded to integer levels and scored by AND + popcount (`_build_planes`); the selection is the exact
     top-`critical` by that integer score, ties to the lower position (`DashKVPolicy.quantised_scan_scores`).
+    Low-precision tier (low > 0, fixed exact tier, no re-rank or pooling): the scan selects critical + low
+    candidates; the `critical` best (exact score, ties to the lower position) are attended exactly, the
+    rest from the int8 copies k8f/v8f (scales k8s/v8s, k8's row numbering), in the same softmax.
     ws64[:B*S] receives the number of tokens read per selecting head. mode 0: the whole step; 1: stop
     after the selection (scan + select, for timing); 2: stop after the scan.
     """
@@ -653,7 +704,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
         if dense[b]:
             rowlen[b] = valid
         else:
-            crit[b] = min(critical, N - window - clo[b])
+            crit[b] = min(critical + low, N - window - clo[b])
             rowlen[b] = sink + window + crit[b]
             if pooled:  # room for the largest share a head may get
                 rowlen[b] = sink + window + min(pool_cap * crit[b], N - window - clo[b])
@@ -673,7 +724,8 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     U = B * Hkv * nch
     # attention units: (selecting head, part of its rows)
     npart = _splits(8 * nthreads, BS, max(1, Lmax // _ATTN_MIN_ROWS))  # serial too: fewer parts measured slower
-    AU = BS * npart
+    npart2 = 2 * npart if low > 0 else npart  # with the 8-bit tier: as many parts again for its rows
+    AU = BS * npart2
     rpp = -(-Lmax // npart)
     LUTU = NS * P * 256 if (anyscan and not hamming and qbits == 0) else 0  # byte tables per scan unit
 
@@ -693,7 +745,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     o_qs = o_pacc + AU * Gq * d
     nf = o_qs + B * Hq * d
     o_cnt = BS  # after lens
-    n64 = o_cnt + 2 * U * NS + 3 * BS + 16
+    n64 = o_cnt + 2 * U * NS + 4 * BS + 16
     if ws16.size < n16 or ws32.size < n32 or wsf.size < nf or ws64.size < n64:
         return 1, n16, n32, nf, n64, o_idx, Lmax
 
@@ -716,6 +768,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     thr = ws64[o2:o2 + BS]
     ngt = ws64[o2 + BS:o2 + 2 * BS]
     neq = ws64[o2 + 2 * BS:o2 + 3 * BS]
+    lexact = ws64[o2 + 3 * BS:o2 + 4 * BS]  # rows [0, lexact) exact, [lexact, lens) from the 8-bit copies
 
     # scaled queries
     for bh in range(B * Hq):
@@ -727,9 +780,8 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     qpl = np.zeros(BS * W * QL if (anyscan and qbits > 0) else 0, np.uint64)
     qoffs = np.zeros(BS, np.int32)
     qshifts = np.zeros(BS, np.int32)
+    qw = np.zeros(B * Hq * W if anyscan else 0, np.uint64)  # Hamming: query sign words, one set per query head
     if anyscan:
-        # Hamming: query sign words, one set per query head
-        qw = np.zeros(B * Hq * W, np.uint64)
         afs = np.zeros(BS, np.float32)
         sfs = np.zeros(BS, np.float32)
         if hamming:
@@ -883,6 +935,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
         ns = sidx % NS
         ii = idx[sidx * Lmax:(sidx + 1) * Lmax]
         lens[sidx] = rowlen[b]
+        lexact[sidx] = -1  # set below when the 8-bit tier takes rows; else every row is exact
         if dense[b]:
             for r in range(rowlen[b]):
                 ii[r] = st[b] + r
@@ -923,29 +976,66 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                     order = np.argsort(sc, kind="mergesort")  # stable: ties keep position order
                     for r in range(need):
                         dst[r] = eb[order[r]]
+                if low > 0 and cb > critical:  # the best `critical` exact, the rest to the 8-bit tier
+                    sel = ii[sink:sink + cb].copy()
+                    sc2 = np.empty(cb, np.float64)
+                    cbase = cb0 + b * csb + kvh * csh
+                    u0 = (b * Hkv + kvh) * nch
+                    lt = lut[u0 * LUTU + ns * P * 256:u0 * LUTU + (ns + 1) * P * 256]
+                    qwu = qw[(b * Hq + kvh * G + ns) * W:(b * Hq + kvh * G + ns + Gq) * W]
+                    for r in range(cb):
+                        o = cbase + np.intp(sel[r]) * W
+                        if hamming:
+                            pc = 0
+                            for g in range(Gq):
+                                for w in range(W):
+                                    pc += _popcount64(qwu[g * W + w] ^ cf[o + w])
+                            sc2[r] = np.float64(pc)  # fewer differing bits = better
+                        else:
+                            sc2[r] = -np.float64(_asym_exact(cf[o:o + W], W, lt))
+                    order = np.argsort(sc2, kind="mergesort")  # stable: ties keep position order
+                    for r in range(critical):
+                        ii[sink + r] = sel[order[r]]
+                    for r in range(window):
+                        ii[sink + critical + r] = N - window + r
+                    for r in range(cb - critical):
+                        ii[sink + critical + window + r] = sel[order[critical + r]]
+                    lexact[sidx] = sink + critical + window
                 if keep > 0 and cb > keep:
                     _rerank_rows(qs, b * Hq + kvh * G + ns, Gq, d, k8f, k8s, k8b0 + b * k8sb + kvh * k8sh,
                                  ii[sink:sink + cb], keep)
                     for r in range(window):
                         ii[sink + keep + r] = N - window + r
                     lens[sidx] = sink + keep + window
+    for sidx in range(BS):
+        if lexact[sidx] < 0:
+            lexact[sidx] = lens[sidx]
     if mode == 1:
         return 0, n16, n32, nf, n64, o_idx, Lmax
 
-    # ---- phase 5 (parallel): attention parts over the row sets ----
+    # ---- phase 5 (parallel): attention parts over the row sets (then over the 8-bit tier's rows) ----
     for au in prange(AU):
-        sidx = au // npart
-        part = au % npart
+        sidx = au // npart2
+        part = au % npart2
         b = sidx // S
         kvh = (sidx % S) // NS
         ns = sidx % NS
-        r0 = min(lens[sidx], part * rpp)
-        n = min(lens[sidx], r0 + rpp) - r0
-        rows = idx[sidx * Lmax + r0:sidx * Lmax + r0 + n]
-        _attend_rows(qs, b * Hq + kvh * G + ns, Gq, d, kf, vf, kb0 + b * ksb + kvh * ksh, vb0 + b * vsb + kvh * vsh,
-                     rows, n, 0, lg[au * rpp * Gq:(au + 1) * rpp * Gq], pm, pl, pacc, au * Gq)
+        h0 = b * Hq + kvh * G + ns
+        lgu = lg[au * rpp * Gq:(au + 1) * rpp * Gq]
+        if part < npart:
+            r0 = min(lexact[sidx], part * rpp)
+            n = min(lexact[sidx], r0 + rpp) - r0
+            rows = idx[sidx * Lmax + r0:sidx * Lmax + r0 + n]
+            _attend_rows(qs, h0, Gq, d, kf, vf, kb0 + b * ksb + kvh * ksh, vb0 + b * vsb + kvh * vsh,
+                         rows, n, 0, lgu, pm, pl, pacc, au * Gq)
+        else:
+            r0 = min(lens[sidx], lexact[sidx] + (part - npart) * rpp)
+            n = min(lens[sidx], r0 + rpp) - r0
+            rows = idx[sidx * Lmax + r0:sidx * Lmax + r0 + n]
+            _attend_rows8(qs, h0, Gq, d, k8f, k8s, v8f, v8s, k8b0 + b * k8sb + kvh * k8sh, rows, n, lgu,
+                          pm, pl, pacc, au * Gq)
 
-    _merge_parts(B, Hq, Hkv, G, d, per_query, npart, pm, pl, pacc, out)
+    _merge_parts(B, Hq, Hkv, G, d, per_query, npart2, pm, pl, pacc, out)
     return 0, n16, n32, nf, n64, o_idx, Lmax
 
 
@@ -1259,7 +1349,7 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
                       start: torch.Tensor | None = None, return_indices: bool = False,
                       return_counts: bool = False, parallel: bool = False, keys8=None, keep: int = 0,
                       pool_temps=None, k_min: int = 0, pool_cap: int = 4, views: "BufferViews | None" = None,
-                      query_bits: int | None = None, _mode: int = 0):
+                      query_bits: int | None = None, lowprec: int = 0, values8=None, _mode: int = 0):
     """One DASH-KV decode step of one layer on the CPU (fused numba kernel).
 
     query (B, Hq, d) any float dtype; q_proj (B, Hq, b) float32 (the query encoder's real-valued
@@ -1281,6 +1371,11 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     score into an estimated log-probability -- shares B x Hs x `critical` exact tokens between the heads
     of each row (at least `k_min`, at most `pool_cap` x critical each; `dashkv.selection.pooled_counts`
     is the reference). Not combined with the re-rank stage.
+
+    Low-precision tier: with `lowprec` > 0, keys8 and values8 = (int8 values, float32 scales) in keys8's
+    layout, the scan selects critical + lowprec candidates; the `critical` best are attended exactly and
+    the others from the int8 copies (`build_selection` with `plan.lowprec` and `sparse_decode_attention`
+    are the reference). Not combined with the re-rank stage, pooled budgets or `query_bits`.
 
     `query_bits` 4 or 8: the bit-plane scan of the integer query levels (`DashKVConfig.query_bits`;
     asymmetric scorer, not with pooled budgets); None: float32 byte tables.
@@ -1309,6 +1404,10 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     if qbits and (qbits not in (4, 8) or scorer != "asymmetric" or pool_temps is not None):
         raise ValueError(f"query_bits must be None, 4 or 8, with the asymmetric scorer and no pooled budgets "
                          f"(got query_bits={query_bits!r}, scorer={scorer!r})")
+    lowprec = int(lowprec or 0)
+    if lowprec < 0 or (lowprec and (keys8 is None or values8 is None or keep > 0 or pool_temps is not None or qbits)):
+        raise ValueError("the low-precision tier (lowprec > 0) needs keys8 and values8, and combines with neither "
+                         "the re-rank stage, pooled budgets nor query_bits")
     hs_count = Hq if grouping == "query_head" else Hkv
     if pool_temps is not None:
         pool_temps = np.ascontiguousarray(np.asarray(pool_temps, dtype=np.float64).reshape(-1))
@@ -1339,17 +1438,26 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     st = _start_array(start, B)
     ws = _workspace()
     kernel, nthreads = (_dashkv_kernel, numba.get_num_threads()) if parallel else (_dashkv_kernel_serial, 1)
-    if keep > 0:
+    v8f, v8s = _NO_K8, _NO_K8S
+    if keep > 0 or lowprec > 0:
         k8f, k8sb, k8sh, k8b0 = _rows(keys8[0])
         k8s, ssb, ssh, sb0 = _rows(keys8[1])
         if (ssb, ssh, sb0) != (k8sb, k8sh, k8b0) or keys8[0].shape[:3] != keys.shape[:3]:
             raise ValueError("keys8: the int8 keys and their scales must share the cache's layout")
         k8s = k8s.reshape(-1)
+        if lowprec > 0:
+            v8f, vsb8, vsh8, vb08 = _rows(values8[0])
+            v8s, vssb, vssh, vsb0 = _rows(values8[1])
+            if (vsb8, vsh8, vb08) != (k8sb, k8sh, k8b0) or (vssb, vssh, vsb0) != (k8sb, k8sh, k8b0) \
+                    or values8[0].shape[:3] != keys.shape[:3]:
+                raise ValueError("values8: the int8 values and their scales must share keys8's layout")
+            v8s = v8s.reshape(-1)
     else:
         k8f, k8s, k8sb, k8sh, k8b0 = _NO_K8, _NO_K8S, 0, 0, 0
     args = (q, qp, float(scaling), kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cfu, cb0, csb, csh, N, W, st,
             int(sink), int(window), int(critical), Hkv, per_query, scorer == "hamming", nthreads, _mode,
-            k8f, k8s, k8b0, k8sb, k8sh, int(keep), pool_temps, int(k_min), int(pool_cap), qbits)
+            k8f, k8s, k8b0, k8sb, k8sh, int(keep), pool_temps, int(k_min), int(pool_cap), qbits, lowprec,
+            v8f, v8s)
     with _PARALLEL_LOCK if parallel else _NO_LOCK:
         res = kernel(*args, ws[0], ws[1], ws[2], ws[3], out.numpy())
         if res[0] != 0:
