@@ -41,7 +41,8 @@ def test_budget_parsing_and_plan():
     assert plan.total == 512 and not plan.dense
     assert cfg.plan(50).dense  # budget would cover everything
     lp = DashKVConfig(min_context=0, budget=1000, lowprec_fraction=0.5).plan(10_000)
-    assert lp.total == 1000 and lp.lowprec == (1000 - 68) // 2
+    # half the candidate bytes go to the 8-bit tier, whose rows cost 2 x 0.125 of a full row each
+    assert lp.critical == 466 and lp.lowprec == 466 * 4 and lp.reads == 1000 and lp.total == 68 + 466 * 5
 
 
 # ---- codes --------------------------------------------------------------------------------------

@@ -60,6 +60,9 @@ def _add_query_bits(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query-bits", type=int, choices=(4, 8), default=None,
                    help="scan with the query projection rounded to 4 or 8 bits per value (AND + popcount over "
                         "bit planes, faster) instead of float32 byte tables (default: the configuration's)")
+    p.add_argument("--lowprec-fraction", type=float, default=None, metavar="F",
+                   help="share of the candidate budget's bytes spent on an 8-bit tier (int8 K/V rows, charged "
+                        "at their bytes: ~3.8x as many rows in float32); default: the configuration's (0)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -59,7 +59,10 @@ class DashKVConfig:
     adaptive:        size the critical candidate set per head and step from the estimated attention mass.
     mass_target:     with `adaptive`, stop adding candidates once this share of the estimated mass is in.
     k_min, k_max:    bounds of the critical candidate count (k_max None = what the budget leaves).
-    lowprec_fraction: share of the candidate budget served from an 8-bit copy of K/V (0 disables it).
+    lowprec_fraction: share of the candidate budget, in bytes, spent on the 8-bit tier: rows read from int8
+                     copies of K and V, each charged at its bytes ((d + 4) / (d * element bytes) of a full
+                     K+V row: 0.27 for float32, d = 64), so the tier serves ~3.8x as many candidates as the
+                     exact rows it replaces (0 disables it).
     scorer:          "asymmetric" (real-valued query projection against binary keys) or "hamming".
     grouping:        one candidate set per "kv_head" (G query heads summed) or per "query_head".
     dense_layers:    layers kept dense (diffuse early layers).
@@ -213,8 +216,10 @@ class DashKVConfig:
         sink = min(self.sink, total)
         window = min(self.window, total - sink)
         free = total - sink - window
-        lowprec = int(math.floor(free * self.lowprec_fraction))
-        critical = free - lowprec
+        lowprec_cost = 2.0 * rerank_cost  # an int8 K row and an int8 V row, with their scales
+        low_share = int(math.floor(free * self.lowprec_fraction))
+        critical = free - low_share
+        lowprec = int(math.floor(low_share / lowprec_cost)) if low_share else 0
         rerank = 0
         if self.rerank:  # exact + re-scored keys at their cost fill what the low-precision tier leaves
             critical = max(1, int(math.floor(critical / (1.0 + rerank_cost * self.rerank))))
@@ -223,7 +228,8 @@ class DashKVConfig:
         if self.rerank:
             rerank = self.rerank * critical
         return StepPlan(n=n, dense=False, sink=sink, window=window, critical=critical, lowprec=lowprec,
-                        rerank=rerank, rerank_cost=rerank_cost if rerank else 0.0)
+                        rerank=rerank, rerank_cost=rerank_cost if rerank else 0.0,
+                        lowprec_cost=lowprec_cost if lowprec else 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -235,7 +241,7 @@ class DashKVConfig:
         """The configuration of a command line (`dashkv demo/generate/bench decode`): the options
         `_add_dashkv_args` defines, each falling back to the field's default when a command lacks it."""
         names = ("bits", "budget", "sink", "window", "min_context", "rerank", "head_budget", "temporal",
-                 "query_bits")
+                 "query_bits", "lowprec_fraction")
         return cls(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None}, **extra)
 
     @classmethod
@@ -259,15 +265,21 @@ class StepPlan:
     lowprec: int
     rerank: int = 0  # candidates of the code scan re-scored from int8 keys (0: no re-rank stage)
     rerank_cost: float = 0.0  # full K+V rows one re-scored key costs
+    lowprec_cost: float = 0.0  # full K+V rows one row of the 8-bit tier costs
 
     @property
     def total(self) -> int:
+        """Positions attended per selecting head (both tiers)."""
         return self.n if self.dense else self.sink + self.window + self.critical + self.lowprec
 
     @property
     def reads(self) -> float:
-        """Full K+V rows read per selecting head: the attended tokens plus the re-scored int8 keys."""
-        return self.total + self.rerank * self.rerank_cost
+        """Full K+V rows read per selecting head: the exact tokens, the 8-bit tier's rows at their cost and
+        the re-scored int8 keys -- what the budget bounds."""
+        if self.dense:
+            return float(self.n)
+        return (self.sink + self.window + self.critical + self.lowprec * self.lowprec_cost
+                + self.rerank * self.rerank_cost)
 
 
 def rerank_read_cost(head_dim: int, element_bytes: int) -> float:

@@ -34,7 +34,7 @@ class StepStats:
         if isinstance(attended, int):  # a dense step: no tensor work on the hot path
             total, count = attended * rows, rows
         else:
-            total, count = int(attended.sum()), attended.numel()
+            total, count = float(attended.sum()), attended.numel()
         total += extra * count
         self.attended += total
         self.context += n * count
@@ -86,7 +86,7 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
             if lowprec is None:
                 raise ValueError("the plan has a low-precision tier but no 8-bit K/V copy was given")
             rerank = dict(lowprec=plan.lowprec, keys8=(lowprec[0].q, lowprec[0].scale),
-                          values8=(lowprec[1].q, lowprec[1].scale))
+                          values8=(lowprec[1].q, lowprec[1].scale), return_lowprec_counts=True)
         elif config.head_budget == "pooled":  # the layer's exact tokens shared between its heads
             rerank = dict(pool_temps=policy.pool_temperatures(state.layer_idx, hkv).numpy(),
                           k_min=min(config.k_min, plan.critical), pool_cap=POOL_CAP)
@@ -94,12 +94,13 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
             rerank["query_bits"] = config.query_bits
         if state.buffer_views is not None and keys.device.type == "cpu":
             rerank["views"] = state.buffer_views  # the cache's numpy views: no per-call stride walk
-        out, idx_count = kernel(
+        out, idx_count, *low = kernel(
             q, policy.query_projection(state.layer_idx, q), keys, values, state.codes,
             **{"sink": plan.sink, "window": plan.window, "critical": plan.critical, **rerank}, scaling=scaling,
             grouping=config.grouping, scorer=policy.scorer, start=start, return_counts=True)
-        if stats is not None:
-            stats.record(state.layer_idx, n, idx_count, keep=True, extra=plan.rerank * plan.rerank_cost)
+        if stats is not None:  # 8-bit rows count at their bytes
+            read = idx_count - low[0] * (1.0 - plan.lowprec_cost) if low else idx_count
+            stats.record(state.layer_idx, n, read, keep=True, extra=plan.rerank * plan.rerank_cost)
         return out[:, :, None, :].to(query.dtype)
 
     selection = policy.select(state, q, keys, plan, scaling, start)
@@ -112,8 +113,11 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
             carry.put(state.layer_idx, n, selection, probs, query.shape[1])
         if isinstance(policy, H2OPolicy):
             policy.observe(state, selection, probs)
-    if stats is not None:
-        stats.record(state.layer_idx, n, selection.attended(), keep=True, extra=plan.rerank * plan.rerank_cost)
+    if stats is not None:  # 8-bit rows count at their bytes
+        read = selection.attended()
+        if selection.lowprec is not None:
+            read = read - selection.lowprec.sum(-1) * (1.0 - plan.lowprec_cost)
+        stats.record(state.layer_idx, n, read, keep=True, extra=plan.rerank * plan.rerank_cost)
     return result
 
 

@@ -343,6 +343,17 @@ def validate_plan(args: Any) -> EvalPlan:
         raise ValueError(f"length {min(lengths)} is too short for the fidelity tasks ({positions} scored positions)")
     all_methods = list(dict.fromkeys(methods + [m for ms, _ in also for m in ms]))
     qbits = getattr(args, "query_bits", None)
+    lowfrac = getattr(args, "lowprec_fraction", None)
+    overrides: dict[str, Any] = {}
+    if qbits:
+        overrides["query_bits"] = int(qbits)
+    if lowfrac:
+        overrides["lowprec_fraction"] = float(lowfrac)
+    if overrides:
+        try:
+            DashKVConfig(**overrides)
+        except ValueError as e:
+            raise ValueError(f"--query-bits / --lowprec-fraction: {e}") from None
     if qbits and "dashkv_rerank" not in all_methods and not any(m in ("dashkv", "simhash_asym") for m in all_methods):
         raise ValueError("--query-bits changes the asymmetric code scan only: add dashkv, dashkv_rerank or "
                          "simhash_asym to --methods")
@@ -367,7 +378,7 @@ def validate_plan(args: Any) -> EvalPlan:
                     bits=bits, max_new_tokens=None if mnt is None else int(mnt), continuation=cont,
                     chat=not getattr(args, "no_chat", False), progress=not getattr(args, "quiet", False),
                     also=also, prefill_dtype=prefill_dtype, positions=positions,
-                    config_overrides=({"query_bits": int(qbits)} if qbits else {}))
+                    config_overrides=overrides)
 
 
 # ---- prompts ---------------------------------------------------------------------------------------

@@ -744,7 +744,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     o_pacc = o_pl + AU * Gq
     o_qs = o_pacc + AU * Gq * d
     nf = o_qs + B * Hq * d
-    o_cnt = BS  # after lens
+    o_cnt = 2 * BS  # after lens and the 8-bit tier's row counts
     n64 = o_cnt + 2 * U * NS + 4 * BS + 16
     if ws16.size < n16 or ws32.size < n32 or wsf.size < nf or ws64.size < n64:
         return 1, n16, n32, nf, n64, o_idx, Lmax
@@ -762,6 +762,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     pacc = wsf[o_pacc:o_qs].reshape(AU * Gq, d)
     qs = wsf[o_qs:nf].reshape(B * Hq, d)
     lens = ws64[0:BS]
+    lowc = ws64[BS:2 * BS]  # rows of each head read from the 8-bit copies
     ogt = ws64[o_cnt:o_cnt + U * NS]
     oeq = ws64[o_cnt + U * NS:o_cnt + 2 * U * NS]
     o2 = o_cnt + 2 * U * NS
@@ -1010,6 +1011,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     for sidx in range(BS):
         if lexact[sidx] < 0:
             lexact[sidx] = lens[sidx]
+        lowc[sidx] = lens[sidx] - lexact[sidx]
     if mode == 1:
         return 0, n16, n32, nf, n64, o_idx, Lmax
 
@@ -1349,7 +1351,8 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
                       start: torch.Tensor | None = None, return_indices: bool = False,
                       return_counts: bool = False, parallel: bool = False, keys8=None, keep: int = 0,
                       pool_temps=None, k_min: int = 0, pool_cap: int = 4, views: "BufferViews | None" = None,
-                      query_bits: int | None = None, lowprec: int = 0, values8=None, _mode: int = 0):
+                      query_bits: int | None = None, lowprec: int = 0, values8=None,
+                      return_lowprec_counts: bool = False, _mode: int = 0):
     """One DASH-KV decode step of one layer on the CPU (fused numba kernel).
 
     query (B, Hq, d) any float dtype; q_proj (B, Hq, b) float32 (the query encoder's real-valued
@@ -1376,6 +1379,7 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     layout, the scan selects critical + lowprec candidates; the `critical` best are attended exactly and
     the others from the int8 copies (`build_selection` with `plan.lowprec` and `sparse_decode_attention`
     are the reference). Not combined with the re-rank stage, pooled budgets or `query_bits`.
+    `return_lowprec_counts` appends (B, Hs) int64: the rows of each head read from the 8-bit copies.
 
     `query_bits` 4 or 8: the bit-plane scan of the integer query levels (`DashKVConfig.query_bits`;
     asymmetric scorer, not with pooled budgets); None: float32 byte tables.
@@ -1422,7 +1426,8 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
         out.zero_()
         hs = Hq if per_query else Hkv
         extra = ([torch.empty(B, hs, 0, dtype=torch.int64)] if return_indices else []) + (
-            [torch.zeros(B, hs, dtype=torch.int64)] if return_counts else [])
+            [torch.zeros(B, hs, dtype=torch.int64)] if return_counts else []) + (
+            [torch.zeros(B, hs, dtype=torch.int64)] if return_lowprec_counts else [])
         return (out, *extra) if extra else out
     if views is not None and views.matches(keys, values, codes):
         kf, ksb, ksh, kb0 = views.k
@@ -1463,7 +1468,7 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
         if res[0] != 0:
             _grow(ws, res[1:5])
             res = kernel(*args, ws[0], ws[1], ws[2], ws[3], out.numpy())
-    if not (return_indices or return_counts):
+    if not (return_indices or return_counts or return_lowprec_counts):
         return out
     hs = Hq if per_query else Hkv
     lens = torch.from_numpy(ws[3][:B * hs].copy()).reshape(B, hs)
@@ -1477,6 +1482,8 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
         extra.append(raw.masked_fill(slot >= lens[..., None], -1)[..., :max(1, int(lens.max()))])
     if return_counts:
         extra.append(lens)
+    if return_lowprec_counts:
+        extra.append(torch.from_numpy(ws[3][B * hs:2 * B * hs].copy()).reshape(B, hs))
     return (out, *extra)
 
 
