@@ -994,13 +994,29 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                             sc2[r] = np.float64(pc)  # fewer differing bits = better
                         else:
                             sc2[r] = -np.float64(_asym_exact(cf[o:o + W], W, lt))
-                    order = np.argsort(sc2, kind="mergesort")  # stable: ties keep position order
-                    for r in range(critical):
-                        ii[sink + r] = sel[order[r]]
+                    # the critical-th best score in O(cb), then: better ones exact, ties in slot order (=
+                    # position order: ties never straddle the two groups, whose buckets differ), rest 8-bit
+                    thr2 = np.partition(sc2, critical - 1)[critical - 1]
+                    je = 0
+                    jl = 0
+                    lo8 = ii[sink + critical + window:sink + cb + window]
+                    for r in range(cb):
+                        if sc2[r] < thr2:
+                            ii[sink + je] = sel[r]
+                            je += 1
+                    for r in range(cb):
+                        if sc2[r] == thr2:
+                            if je < critical:
+                                ii[sink + je] = sel[r]
+                                je += 1
+                            else:
+                                lo8[jl] = sel[r]
+                                jl += 1
+                        elif sc2[r] > thr2:
+                            lo8[jl] = sel[r]
+                            jl += 1
                     for r in range(window):
                         ii[sink + critical + r] = N - window + r
-                    for r in range(cb - critical):
-                        ii[sink + critical + window + r] = sel[order[critical + r]]
                     lexact[sidx] = sink + critical + window
                 if keep > 0 and cb > keep:
                     _rerank_rows(qs, b * Hq + kvh * G + ns, Gq, d, k8f, k8s, k8b0 + b * k8sb + kvh * k8sh,
