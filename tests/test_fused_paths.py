@@ -178,3 +178,38 @@ def test_fused_append_on_a_deep_copied_cache_writes_the_copy():
             assert torch.equal(la.keys, lb.keys) and torch.equal(la.values, lb.values)
             assert torch.equal(la.state.codes, lb.state.codes)
             assert la.keys.data_ptr() != lb.keys.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("extra", [dict(lowprec_fraction=0.5), dict(rerank=4)])
+def test_fused_append_writes_the_int8_copies_as_quantize_does(dtype, extra, monkeypatch):
+    """With the re-rank stage or the 8-bit tier the cache keeps int8 copies of K (and V): the one-call
+    append writes them value for value as `QuantizedRows.quantize` (the general path) does."""
+    from dashkv import cache as cache_mod
+    from dashkv.kernels import cpu
+
+    model = tiny_model("llama", dtype=dtype)
+    ids = torch.randint(3, 500, (2, 300), generator=torch.Generator().manual_seed(5))
+    cfg = DashKVConfig(**{**SPARSE.to_dict(), **extra})
+    calls = []
+    real = cpu.append_int8_cpu
+    monkeypatch.setattr(cpu, "append_int8_cpu", lambda *a, **k: (calls.append(a[1]), real(*a, **k)))
+
+    def run(fast_append):
+        if not fast_append:
+            monkeypatch.setattr(cache_mod.DashKVLayer, "_append_fast", lambda self, k, v: False)
+        with hf.enable(model, _simhash(model), cfg), torch.no_grad():
+            out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                                 return_dict_in_generate=True)
+            layers = [layer for layer in out.past_key_values.layers if getattr(layer, "managed", False)]
+            return out.sequences, [{n: b[:, :, :l.length].clone() for n, b in l._buffers.items()} for l in layers]
+
+    seq_fast, fast = run(True)
+    copies = 2 if "lowprec_fraction" in extra else 1
+    assert len(calls) == 4 * len(fast) * copies  # every decode token after the first took it
+    seq_ref, ref = run(False)
+    assert torch.equal(seq_fast, seq_ref)
+    for f, r in zip(fast, ref):
+        assert set(f) == set(r) and {"k8", "k8s"} <= set(f)
+        for name in f:
+            assert torch.equal(f[name], r[name]), name

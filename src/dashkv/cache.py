@@ -126,6 +126,7 @@ class DashKVLayer(DynamicLayer):
         self.lowprec: tuple[QuantizedRows, QuantizedRows] | None = None
         self._buffers: dict[str, torch.Tensor] = {}
         self._views = None  # kernels.cpu.BufferViews of the current K/V/code buffers (CPU only)
+        self._int8_views: dict = {}  # name -> ((name, data pointers), numpy row views) of the int8 copies
 
     # ---- storage ---------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -194,7 +195,9 @@ class DashKVLayer(DynamicLayer):
         when the layer keeps exactly K, V and codes with room to spare; False = take the general path."""
         views, policy = self._buffer_views(), self.ctx.policy  # re-checked: a deep-copied cache has stale ones
         t = key_states.shape[2]
-        if (views is None or t > 8 or self.coded != self.length or len(self._buffers) != 3
+        extra = set(self._buffers) - {"k", "v", "codes"}  # the int8 copies (re-rank stage, 8-bit tier)
+        if (views is None or t > 8 or self.coded != self.length or "codes" not in self._buffers
+                or not extra <= {"k8", "k8s", "v8", "v8s"}
                 or self.length + t > self._capacity() or key_states.dtype != self._buffers["k"].dtype
                 or value_states.dtype != key_states.dtype or key_states.device.type != "cpu"
                 or key_states.shape[:2] != self._buffers["k"].shape[:2]
@@ -209,10 +212,28 @@ class DashKVLayer(DynamicLayer):
         from .kernels.cpu import append_coded_cpu
 
         append_coded_cpu(views, self.length, key_states, value_states, *fast)
+        if extra:
+            from .kernels.cpu import append_int8_cpu
+
+            for name, x in (("k8", key_states), ("v8", value_states)):
+                if name in self._buffers:
+                    append_int8_cpu(self._int8_rows(name), self.length, x)
         self.length += t
         self.coded = self.length
         self._publish()
         return True
+
+    def _int8_rows(self, name: str) -> tuple:
+        """Numpy row views of the int8 buffer `name` and its scales, remade only when the buffer is replaced."""
+        from .kernels.cpu import _rows
+
+        q, sc = self._buffers[name], self._buffers[name + "s"]
+        key = (name, q.data_ptr(), sc.data_ptr())
+        memo = self._int8_views.get(name)
+        if memo is None or memo[0] != key:
+            memo = (key, (_rows(q), _rows(sc)))
+            self._int8_views[name] = memo
+        return memo[1]
 
     def _parts(self, key_states: torch.Tensor, value_states: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = {"k": key_states, "v": value_states}

@@ -1176,6 +1176,35 @@ def _append_coded(kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0, csb, csh, W, po
                     cf[c0 + wd] = words[b, h, t, wd]
 
 
+@njit(cache=True)
+def _append_int8(qf, qb0, qsb, qsh, sf, pos, x):
+    """Write the T new rows of x (B, H, T, d) as symmetric int8 at positions pos.. of an int8 buffer (rows
+    view qf, row strides as `_rows` gives them) and their float32 scales into sf (same row numbering):
+    scale = max(max|row|, 1e-12) / 127, q = round-half-even(row / scale) clamped to +-127, in float32 --
+    `QuantizedRows.quantize`, value for value."""
+    B, H, T, d = x.shape
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                row = qb0 + b * qsb + h * qsh + pos + t
+                amax = np.float32(0.0)
+                for i in range(d):
+                    amax = max(amax, abs(_f32(x[b, h, t, i])))
+                sc = max(amax, np.float32(1e-12)) / np.float32(127.0)
+                sf[row] = sc
+                qr = qf[row]
+                for i in range(d):
+                    v = np.rint(_f32(x[b, h, t, i]) / sc)
+                    qr[i] = np.int8(min(max(v, np.float32(-127.0)), np.float32(127.0)))
+
+
+def append_int8_cpu(rows8: tuple, pos: int, x: torch.Tensor) -> None:
+    """Append T tokens' rows (B, H, T, d) to an int8 copy: rows8 = (`_rows` of the int8 buffer, `_rows` of
+    its scales buffer), both laid out as the cache's K buffer (the fused append's int8 part)."""
+    (qf, qsb, qsh, qb0), (sf, _, _, _) = rows8
+    _append_int8(qf, qb0, qsb, qsh, sf.reshape(-1), int(pos), _np(x.detach()))
+
+
 class BufferViews:
     """Zero-copy numpy views of one cache layer's K, V and code buffers, made once per buffer allocation.
 
