@@ -241,65 +241,52 @@ def _build_planes(qp, b, h0, nh, W, L, pw):
     return neg, shift
 
 
-@njit(cache=True)
-def _plane_scores4(cb, mb, W, pw, off, ib):
-    """ib[jj] = off + sum_j level_j * bit_j of code jj (4-bit levels): 5 AND + popcounts per word."""
-    for w in range(W):
-        p0 = pw[4 * w]
-        p1 = pw[4 * w + 1]
-        p2 = pw[4 * w + 2]
-        p3 = pw[4 * w + 3]
-        o = off if w == 0 else np.int32(0)
-        if W == 1:
-            for jj in range(mb):
-                c = cb[jj]
-                s = (_popcount64(c & p0) + (_popcount64(c & p1) << np.uint64(1))
-                     + (_popcount64(c & p2) << np.uint64(2)) + (_popcount64(c & p3) << np.uint64(3)))
-                ib[jj] = np.int32(s) - (np.int32(_popcount64(c)) << 3) + o
-        else:
-            for jj in range(mb):
-                c = cb[jj * W + w]
-                s = (_popcount64(c & p0) + (_popcount64(c & p1) << np.uint64(1))
-                     + (_popcount64(c & p2) << np.uint64(2)) + (_popcount64(c & p3) << np.uint64(3)))
-                x = np.int32(s) - (np.int32(_popcount64(c)) << 3) + o
-                ib[jj] = x if w == 0 else ib[jj] + x
+@njit(cache=True, inline="always")
+def _planes4(c, p0, p1, p2, p3):
+    """sum_k 2^k popcount(c AND p_k) over 4 planes (inlined, so the callers' loops stay vectorisable)."""
+    return (_popcount64(c & p0) + (_popcount64(c & p1) << np.uint64(1))
+            + (_popcount64(c & p2) << np.uint64(2)) + (_popcount64(c & p3) << np.uint64(3)))
 
 
 @njit(cache=True)
-def _plane_scores8(cb, mb, W, pw, off, ib):
-    """As `_plane_scores4`, 8-bit levels: 9 AND + popcounts per word."""
+def _plane_scores(cb, mb, W, pw, L, off, ib):
+    """ib[jj] = off + sum_j level_j * bit_j of code jj, for L = 4 or 8 bit planes per word (pw[L*w:L*w+L]):
+    L + 1 AND + popcounts per word. The planes are loop constants and the code loop has no branch, so
+    LLVM vectorises it (vpopcntq where the CPU has it); a loop over a runtime plane count did not."""
     for w in range(W):
-        p0 = pw[8 * w]
-        p1 = pw[8 * w + 1]
-        p2 = pw[8 * w + 2]
-        p3 = pw[8 * w + 3]
-        p4 = pw[8 * w + 4]
-        p5 = pw[8 * w + 5]
-        p6 = pw[8 * w + 6]
-        p7 = pw[8 * w + 7]
+        b0 = L * w
+        p0 = pw[b0]
+        p1 = pw[b0 + 1]
+        p2 = pw[b0 + 2]
+        p3 = pw[b0 + 3]
+        p4 = pw[b0 + 4] if L == 8 else np.uint64(0)
+        p5 = pw[b0 + 5] if L == 8 else np.uint64(0)
+        p6 = pw[b0 + 6] if L == 8 else np.uint64(0)
+        p7 = pw[b0 + 7] if L == 8 else np.uint64(0)
+        zs = np.int32(L - 1)  # levels are stored offset by 2^(L-1)
         o = off if w == 0 else np.int32(0)
-        if W == 1:  # contiguous codes: this loop vectorises (vpopcntq where the CPU has it)
+        if L == 4 and W == 1:  # the default shape: contiguous codes, one word
             for jj in range(mb):
                 c = cb[jj]
-                s = (_popcount64(c & p0) + (_popcount64(c & p1) << np.uint64(1))
-                     + (_popcount64(c & p2) << np.uint64(2)) + (_popcount64(c & p3) << np.uint64(3))
-                     + (_popcount64(c & p4) << np.uint64(4)) + (_popcount64(c & p5) << np.uint64(5))
-                     + (_popcount64(c & p6) << np.uint64(6)) + (_popcount64(c & p7) << np.uint64(7)))
-                ib[jj] = np.int32(s) - (np.int32(_popcount64(c)) << 7) + o
+                ib[jj] = np.int32(_planes4(c, p0, p1, p2, p3)) - (np.int32(_popcount64(c)) << zs) + o
+        elif L == 8 and W == 1:
+            for jj in range(mb):
+                c = cb[jj]
+                s = _planes4(c, p0, p1, p2, p3) + (_planes4(c, p4, p5, p6, p7) << np.uint64(4))
+                ib[jj] = np.int32(s) - (np.int32(_popcount64(c)) << zs) + o
         else:
             for jj in range(mb):
                 c = cb[jj * W + w]
-                s = (_popcount64(c & p0) + (_popcount64(c & p1) << np.uint64(1))
-                     + (_popcount64(c & p2) << np.uint64(2)) + (_popcount64(c & p3) << np.uint64(3))
-                     + (_popcount64(c & p4) << np.uint64(4)) + (_popcount64(c & p5) << np.uint64(5))
-                     + (_popcount64(c & p6) << np.uint64(6)) + (_popcount64(c & p7) << np.uint64(7)))
-                x = np.int32(s) - (np.int32(_popcount64(c)) << 7) + o
+                s = _planes4(c, p0, p1, p2, p3)
+                if L == 8:
+                    s += _planes4(c, p4, p5, p6, p7) << np.uint64(4)
+                x = np.int32(s) - (np.int32(_popcount64(c)) << zs) + o
                 ib[jj] = x if w == 0 else ib[jj] + x
 
 
 @njit(cache=True)
 def _plane_score_one(cu, W, pw, L):
-    """sum_j level_j * bit_j of one code (words cu[0:W]): the exact score `_plane_scores*` bins."""
+    """sum_j level_j * bit_j of one code (words cu[0:W]): the exact score `_plane_scores` bins."""
     s = 0
     z = 1 << (L - 1)
     for w in range(W):
@@ -325,10 +312,7 @@ def _scan_unit(cu, m, W, hamming, lt, af, sf, qw, Gq, top, buf, bu, hs, qbits, p
         cb = cu[j0 * W:(j0 + mb) * W]
         bb = bu[j0:j0 + mb]
         if qbits > 0:  # bit-plane scan of the integer query levels: vectorised popcounts, then buckets
-            if qbits == 4:
-                _plane_scores4(cb, mb, W, pw, qoff, ib)
-            else:
-                _plane_scores8(cb, mb, W, pw, qoff, ib)
+            _plane_scores(cb, mb, W, pw, qbits, qoff, ib)
             for jj in range(mb):
                 bb[jj] = ib[jj] >> qshift
         elif hamming:
