@@ -356,6 +356,26 @@ def _exp_shift(lgg, n):
     return mx, tot
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def _clear_parts(Gq, d, pm, pl, pacc, a0):
+    """An empty partial softmax for query heads a0 .. a0+Gq-1 of a part (what an empty part contributes)."""
+    for g in range(Gq):
+        pm[a0 + g] = -np.inf
+        pl[a0 + g] = 0.0
+        acc = pacc[a0 + g]
+        for i in range(d):
+            acc[i] = 0.0
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _part_softmax(Gq, n, lg, pm, pl, a0):
+    """lg[g*n:(g+1)*n] logits -> exp(logit - max) in place, the part's max and exp-sum per query head."""
+    for g in range(Gq):
+        mx, tot = _exp_shift(lg[g * n:(g + 1) * n], n)
+        pm[a0 + g] = mx
+        pl[a0 + g] = tot
+
+
 @njit(cache=True, fastmath=True)
 def _attend_rows(qs, h0, Gq, d, kf, vf, kbase, vbase, rows, n, r0, lg, pm, pl, pacc, a0):
     """Partial attention of query heads qs[h0 : h0+Gq] over n key/value rows.
@@ -365,12 +385,7 @@ def _attend_rows(qs, h0, Gq, d, kf, vf, kbase, vbase, rows, n, r0, lg, pm, pl, p
     lg is scratch of >= Gq*n floats. Two passes (K then V): each row is read once for all Gq heads.
     """
     gather = rows.size > 0
-    for g in range(Gq):
-        pm[a0 + g] = -np.inf
-        pl[a0 + g] = 0.0
-        acc = pacc[a0 + g]
-        for i in range(d):
-            acc[i] = 0.0
+    _clear_parts(Gq, d, pm, pl, pacc, a0)
     if n <= 0:
         return
     if gather:  # get the first rows' K and V (and their page walks) in flight
@@ -394,10 +409,7 @@ def _attend_rows(qs, h0, Gq, d, kf, vf, kbase, vbase, rows, n, r0, lg, pm, pl, p
             for i in range(d):
                 s += qr[i] * _f32(kr[i])
             lg[g * n + r] = s
-    for g in range(Gq):
-        mx, tot = _exp_shift(lg[g * n:(g + 1) * n], n)
-        pm[a0 + g] = mx
-        pl[a0 + g] = tot
+    _part_softmax(Gq, n, lg, pm, pl, a0)
     for r in range(n):
         vr = vf[vbase + (np.intp(rows[r]) if gather else r0 + r)]
         for g in range(Gq):
@@ -412,12 +424,7 @@ def _attend_rows8(qs, h0, Gq, d, k8f, k8s, v8f, v8s, base, rows, n, lg, pm, pl, 
     """As `_attend_rows` over the 8-bit copies (the low-precision tier): rows base + rows[i] of the int8
     K/V with one scale per row (k8 * scale, v8 * scale: `QuantizedRows.dequantize`)."""
     kx = np.empty(d, np.float32)
-    for g in range(Gq):
-        pm[a0 + g] = -np.inf
-        pl[a0 + g] = 0.0
-        acc = pacc[a0 + g]
-        for i in range(d):
-            acc[i] = 0.0
+    _clear_parts(Gq, d, pm, pl, pacc, a0)
     if n <= 0:
         return
     for r in range(min(n, _PREFETCH)):
@@ -438,10 +445,7 @@ def _attend_rows8(qs, h0, Gq, d, k8f, k8s, v8f, v8s, base, rows, n, lg, pm, pl, 
             for i in range(d):
                 s += qr[i] * kx[i]
             lg[g * n + r] = s
-    for g in range(Gq):
-        mx, tot = _exp_shift(lg[g * n:(g + 1) * n], n)
-        pm[a0 + g] = mx
-        pl[a0 + g] = tot
+    _part_softmax(Gq, n, lg, pm, pl, a0)
     for r in range(n):
         row = base + np.intp(rows[r])
         vr = v8f[row]
