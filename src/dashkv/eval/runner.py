@@ -764,6 +764,12 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
     digests = {m: getattr(encoders[m], "weights_sha256", None) for m in LEARNED_METHODS if m in encoders}
     _check_same_encoders(rows, digests, results_path)
     stop = stop_ids(tokenizer, model)
+    try:
+        from ..models import model_shape
+
+        model_limit = model_shape(model).max_position_embeddings  # prompts + answers stay inside it
+    except Exception:  # a stand-in model without a config: the sample length is the only limit
+        model_limit = None
     cells = plan.cells()
     invocation = {
         "model": plan.model, "encoders": plan.encoders, "methods": plan.methods,
@@ -824,11 +830,21 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
                 inner = length - _overhead(tokenizer, task, plan.chat, max_new)
                 sample = make(task, tokenizer, inner, seed=plan.seed, index=index, depth=depth, haystack=plan.haystack)
                 ids = build_prompt_ids(tokenizer, sample, plan.chat)
-                excess = len(ids) + max_new - length
-                if excess > 0:  # the template/prefix guess was short: shrink the sample to fit
-                    sample = make(task, tokenizer, inner - excess - 8, seed=plan.seed, index=index, depth=depth,
+                # the last answer token is fed back too: at the model's own limit one position stays free
+                limit = min(length, (model_limit or length + 1) - 1)
+                excess = len(ids) + max_new - limit
+                shrink = 0
+                for _ in range(4):  # the template/prefix guess was short: shrink the sample until it fits
+                    if excess <= 0:
+                        break
+                    shrink += excess + 8
+                    sample = make(task, tokenizer, inner - shrink, seed=plan.seed, index=index, depth=depth,
                                   haystack=plan.haystack)
                     ids = build_prompt_ids(tokenizer, sample, plan.chat)
+                    excess = len(ids) + max_new - limit
+                if excess > 0:
+                    raise ValueError(f"{task} at length {length}, sample {index}: the prompt ({len(ids)} tokens) "
+                                     f"and its {max_new} answer tokens do not fit in {length}")
                 targets, answers = None, sample.answers
                 meta = {"needle_depth": sample.metadata.get("needles", [{}])[0].get("depth_actual")
                         if sample.metadata.get("needles") else sample.metadata.get("depth_actual")}
