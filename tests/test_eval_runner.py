@@ -333,3 +333,21 @@ def test_loaded_encoders_carry_their_weights_digest(tmp_path):
     back = HashEncoders.from_pretrained(tmp_path / "e")
     saved = json.loads((tmp_path / "e" / "encoders.json").read_text())["sha256"]
     assert back.weights_sha256 == saved and len(saved) == 64
+
+
+def test_samples_at_the_models_own_limit_leave_room_for_the_answer(tmp_path):
+    """A task length equal to max_position_embeddings: every prompt + its answer tokens + the fed-back last
+    token fit (the 8K sweep once died on 'prompt has 8193 tokens' at 8192), and the run completes."""
+    from dashkv.models import default_tokenizer
+
+    tok = default_tokenizer()
+    model = tiny_model("llama", vocab_size=49152, num_layers=2, attn_implementation="sdpa",
+                       max_position_embeddings=400)
+    d = tmp_path / "lm"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    plan = _plan(tmp_path / "out", d, methods=["dense", "streaming"], tasks=["niah_single_1", "vt"],
+                 lengths=[400], samples=3, max_new_tokens=12)
+    rows = run_eval(model, tok, plan, summary=False)
+    assert len(rows) == 2 * 3 * 2
+    assert all(r["prompt_tokens"] + 12 + 1 <= 400 for r in rows)
