@@ -79,24 +79,24 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
     q = query[:, :, 0, :]
     kernel = _fast_kernel(policy, config, keys) if fast else None
     if kernel is not None:
-        rerank = {}
+        options = {}  # what this configuration adds to the kernel call
         if plan.rerank:  # the scan picks plan.rerank candidates, the int8 keys keep plan.critical of them
-            rerank = dict(critical=plan.rerank, keep=plan.critical, keys8=(state.keys8.q, state.keys8.scale))
+            options = dict(critical=plan.rerank, keep=plan.critical, keys8=(state.keys8.q, state.keys8.scale))
         elif plan.lowprec:  # three tiers: exact, the 8-bit copies, skipped
             if lowprec is None:
                 raise ValueError("the plan has a low-precision tier but no 8-bit K/V copy was given")
-            rerank = dict(lowprec=plan.lowprec, keys8=(lowprec[0].q, lowprec[0].scale),
-                          values8=(lowprec[1].q, lowprec[1].scale), return_lowprec_counts=True)
+            options = dict(lowprec=plan.lowprec, keys8=(lowprec[0].q, lowprec[0].scale),
+                           values8=(lowprec[1].q, lowprec[1].scale), return_lowprec_counts=True)
         elif config.head_budget == "pooled":  # the layer's exact tokens shared between its heads
-            rerank = dict(pool_temps=policy.pool_temperatures(state.layer_idx, hkv).numpy(),
-                          k_min=min(config.k_min, plan.critical), pool_cap=POOL_CAP)
+            options = dict(pool_temps=policy.pool_temperatures(state.layer_idx, hkv).numpy(),
+                           k_min=min(config.k_min, plan.critical), pool_cap=POOL_CAP)
         if config.query_bits:  # the bit-plane scan (CPU kernel only: `_fast_kernel`)
-            rerank["query_bits"] = config.query_bits
+            options["query_bits"] = config.query_bits
         if state.buffer_views is not None and keys.device.type == "cpu":
-            rerank["views"] = state.buffer_views  # the cache's numpy views: no per-call stride walk
+            options["views"] = state.buffer_views  # the cache's numpy views: no per-call stride walk
         out, idx_count, *low = kernel(
             q, policy.query_projection(state.layer_idx, q), keys, values, state.codes,
-            **{"sink": plan.sink, "window": plan.window, "critical": plan.critical, **rerank}, scaling=scaling,
+            **{"sink": plan.sink, "window": plan.window, "critical": plan.critical, **options}, scaling=scaling,
             grouping=config.grouping, scorer=policy.scorer, start=start, return_counts=True)
         if stats is not None:  # 8-bit rows count at their bytes
             read = idx_count - low[0] * (1.0 - plan.lowprec_cost) if low else idx_count
@@ -132,12 +132,11 @@ def _fast_kernel(policy: SelectionPolicy, config: DashKVConfig, keys: torch.Tens
         return None  # baselines (oracle, Quest, H2O, ...) have no fused kernel by design
     if config.adaptive or config.spatial_vote or config.temporal:
         return None
-    if config.lowprec_fraction > 0 and (config.rerank or config.head_budget == "pooled" or keys.device.type != "cpu"):
-        return None  # the 8-bit tier is in the CPU kernel, with the fixed exact tier only
-    if config.head_budget == "pooled" and config.rerank:
-        return None  # pooled budgets after the re-rank stage: reference path only
-    if (config.rerank or config.head_budget == "pooled" or config.query_bits) and keys.device.type != "cpu":
-        return None  # the re-rank stage, pooled budgets and the bit-plane scan are in the CPU kernel only
+    pooled = config.head_budget == "pooled"
+    if config.rerank and pooled or config.lowprec_fraction > 0 and (config.rerank or pooled):
+        return None  # pooled budgets after the re-rank stage; the 8-bit tier beside either: reference path
+    if (config.rerank or pooled or config.query_bits or config.lowprec_fraction > 0) and keys.device.type != "cpu":
+        return None  # the re-rank stage, pooled budgets, the bit-plane scan, the 8-bit tier: CPU kernel only
     if keys.device.type == "cpu":
         if keys.dtype not in CPU_KV_DTYPES:
             return None

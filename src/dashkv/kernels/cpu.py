@@ -298,6 +298,22 @@ def _plane_score_one(cu, W, pw, L):
 
 
 @njit(cache=True)
+def _exact_rank_key(cu, W, hamming, qbits, lt, qw, Gq, pw):
+    """One code's exact score as a sort key, smaller = better (words cu[0:W]): Hamming, the popcount of its
+    differences from the Gq query sign words qw; bit planes, minus its integer score; else minus its
+    byte-table score (`_asym_exact`). The quantities the scan's buckets bin, for re-ranking inside one."""
+    if hamming:
+        pc = 0
+        for g in range(Gq):
+            for w in range(W):
+                pc += _popcount64(qw[g * W + w] ^ cu[w])
+        return np.float64(pc)
+    if qbits > 0:
+        return -np.float64(_plane_score_one(cu, W, pw, qbits))
+    return -np.float64(_asym_exact(cu, W, lt))
+
+
+@njit(cache=True)
 def _scan_unit(cu, m, W, hamming, lt, af, sf, qw, Gq, top, buf, bu, hs, qbits, pw, qoff, qshift, ib):
     """Score the m codes cu[0:m*W], write their buckets bu[0:m] and count them into hs.
 
@@ -939,49 +955,31 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                 need = cb - ngt[sidx]
                 eb = bnd[sidx * (maxcand + 1):sidx * (maxcand + 1) + neq[sidx]]
                 dst = ii[sink + ngt[sidx]:sink + cb]
+                # what re-ranks this head's codes exactly: its byte tables (any chunk's are identical), its
+                # query sign words, its bit planes
+                u0 = (b * Hkv + kvh) * nch
+                lt = lut[u0 * LUTU + ns * P * 256:u0 * LUTU + (ns + 1) * P * 256]
+                qwu = qw[(b * Hq + kvh * G + ns) * W:(b * Hq + kvh * G + ns + Gq) * W]
+                pw = qpl[sidx * W * QL:(sidx + 1) * W * QL]
+                cbase = cb0 + b * csb + kvh * csh
                 if hamming or neq[sidx] == need or (qbits > 0 and qshifts[sidx] == 0):
                     for r in range(need):
                         dst[r] = eb[r]  # ties: lower position first
-                elif qbits > 0:  # several integer scores share the bucket: exact scores, stable
+                else:  # several scores share the threshold bucket: exact scores, stable
                     m = neq[sidx]
-                    sc = np.empty(m, np.int64)
-                    pw = qpl[sidx * W * QL:(sidx + 1) * W * QL]
-                    cbase = cb0 + b * csb + kvh * csh
+                    sc = np.empty(m, np.float64)
                     for r in range(m):
                         o = cbase + np.intp(eb[r]) * W
-                        sc[r] = -_plane_score_one(cf[o:o + W], W, pw, qbits)
-                    order = np.argsort(sc, kind="mergesort")
-                    for r in range(need):
-                        dst[r] = eb[order[r]]
-                else:
-                    m = neq[sidx]
-                    sc = np.empty(m, np.float32)
-                    u0 = (b * Hkv + kvh) * nch  # its byte tables (any chunk's are identical)
-                    lt = lut[u0 * LUTU + ns * P * 256:u0 * LUTU + (ns + 1) * P * 256]
-                    cbase = cb0 + b * csb + kvh * csh
-                    for r in range(m):
-                        o = cbase + np.intp(eb[r]) * W
-                        sc[r] = -_asym_exact(cf[o:o + W], W, lt)
+                        sc[r] = _exact_rank_key(cf[o:o + W], W, hamming, qbits, lt, qwu, Gq, pw)
                     order = np.argsort(sc, kind="mergesort")  # stable: ties keep position order
                     for r in range(need):
                         dst[r] = eb[order[r]]
                 if low > 0 and cb > critical:  # the best `critical` exact, the rest to the 8-bit tier
                     sel = ii[sink:sink + cb].copy()
                     sc2 = np.empty(cb, np.float64)
-                    cbase = cb0 + b * csb + kvh * csh
-                    u0 = (b * Hkv + kvh) * nch
-                    lt = lut[u0 * LUTU + ns * P * 256:u0 * LUTU + (ns + 1) * P * 256]
-                    qwu = qw[(b * Hq + kvh * G + ns) * W:(b * Hq + kvh * G + ns + Gq) * W]
                     for r in range(cb):
                         o = cbase + np.intp(sel[r]) * W
-                        if hamming:
-                            pc = 0
-                            for g in range(Gq):
-                                for w in range(W):
-                                    pc += _popcount64(qwu[g * W + w] ^ cf[o + w])
-                            sc2[r] = np.float64(pc)  # fewer differing bits = better
-                        else:
-                            sc2[r] = -np.float64(_asym_exact(cf[o:o + W], W, lt))
+                        sc2[r] = _exact_rank_key(cf[o:o + W], W, hamming, qbits, lt, qwu, Gq, pw)
                     # the critical-th best score in O(cb), then: better ones exact, ties in slot order (=
                     # position order: ties never straddle the two groups, whose buckets differ), rest 8-bit
                     thr2 = np.partition(sc2, critical - 1)[critical - 1]
