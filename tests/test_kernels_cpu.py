@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dashkv.codes import pack_bits
+from dashkv.kernels import cpu
 from dashkv.kernels.cpu import dashkv_decode_cpu, dense_decode_cpu, dense_decode_torch
 
 
@@ -343,3 +344,12 @@ def unpack_codes(codes):
     from dashkv.codes import unpack_bits
 
     return unpack_bits(codes)
+
+
+def test_parallel_kernels_parallelise_only_their_pranges():
+    """`parallel=True` would also turn every `np.zeros`/`.copy()` of the kernel into a parallel launch of
+    its own (each waking the thread pool: 1.3 ms per call at 64K, measured); only prange may be."""
+    for kernel in (cpu._dashkv_kernel, cpu._dense_kernel):
+        opts = kernel.targetoptions["parallel"]
+        assert opts["prange"] is True
+        assert not any(v for k, v in opts.items() if k != "prange"), opts
