@@ -64,6 +64,32 @@ def test_help_teaches(capsys):
         assert word in out
 
 
+def test_every_option_of_every_command_has_help():
+    """`--help` on any command explains each of its options (argparse prints none for help=None)."""
+    import argparse
+
+    missing = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, path + [name])
+            elif not isinstance(action, argparse._HelpAction) and not action.help:
+                missing.append(" ".join(path + [action.option_strings[0] if action.option_strings else action.dest]))
+
+    walk(cli.build_parser(), ["dashkv"])
+    assert not missing, missing
+
+
+def test_python_m_dashkv_bench_is_the_cli_bench(capsys):
+    from dashkv import bench
+
+    with pytest.raises(SystemExit):
+        bench.main(["kernel", "--help"])
+    assert "--shapes" in capsys.readouterr().out
+
+
 def test_bench_decode_runs_on_a_tiny_model(tmp_path, capsys):
     from dashkv.bench_decode import ROWS, bench_decode
 

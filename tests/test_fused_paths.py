@@ -79,6 +79,39 @@ def test_fallback_to_reference_path_warns_once(caplog):
     assert len(hits) == 1 and "adaptive=True" in hits[0].getMessage()
 
 
+@pytest.mark.parametrize("overrides, dtype, fused", [
+    ({}, torch.float32, True),
+    ({}, torch.bfloat16, True),
+    ({}, torch.float64, False),
+    ({"adaptive": True}, torch.float32, False),
+    ({"temporal": 0.25}, torch.float32, False),
+    ({"spatial_vote": 0.5}, torch.float32, False),
+    ({"rerank": 4}, torch.float32, True),
+    ({"head_budget": "pooled"}, torch.float32, True),
+    ({"rerank": 4, "head_budget": "pooled"}, torch.float32, False),
+    ({"lowprec_fraction": 0.5}, torch.float32, True),
+    ({"lowprec_fraction": 0.5, "rerank": 4}, torch.float32, False),
+    ({"lowprec_fraction": 0.5, "head_budget": "pooled"}, torch.float32, False),
+    ({"query_bits": 4}, torch.float16, True),
+])
+def test_the_kernel_choice_and_the_warning_share_one_rule(overrides, dtype, fused):
+    """`_fast_kernel` (every step) and `hf.enable`'s warning (once) read the same reasons: a fused
+    configuration has none, a reference-path one names what sent it there."""
+    from dashkv.decode import _fast_kernel, reference_path_reasons
+    from dashkv.selection import DashKVPolicy
+
+    model = tiny_model("llama")
+    cfg = DashKVConfig(min_context=0, dense_layers=(), **overrides)
+    policy = DashKVPolicy(cfg, _simhash(model))
+    keys = torch.zeros(1, 2, 8, 16, dtype=dtype)
+    reasons = reference_path_reasons(cfg, "cpu", dtype)
+    assert (not reasons) == fused, reasons
+    assert (_fast_kernel(policy, cfg, keys) is not None) == fused
+    if not fused and overrides:  # the reasons name an option that was set
+        assert any(key in r for key in overrides for r in reasons), reasons
+    assert reference_path_reasons(DashKVConfig(), "mps", torch.float32)  # no fused kernel there
+
+
 def test_codes_wait_for_min_context_then_cover_every_key():
     """Below min_context steps are dense and no key is encoded; the first step past it encodes the
     backlog, so the sparse steps after it see a code for every cached key."""

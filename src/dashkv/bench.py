@@ -187,25 +187,10 @@ def format_table(rows: list[dict], header: bool = True) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dashkv.bench", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="what", required=True)
-    k = sub.add_parser("kernel", help="one layer's decode attention, DASH-KV vs dense")
-    k.add_argument("--n", default="4096,16384,65536,262144")
-    k.add_argument("--bits", default="64,128")
-    k.add_argument("--budget", default="1/16", help="fraction (1/16, 0.0625) or token count")
-    k.add_argument("--shapes", default="smollm2,d128")
-    k.add_argument("--repeats", type=int, default=None)
-    k.add_argument("--threads", type=int, default=2)
-    k.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    k.add_argument("--json", default=None)
-    a = p.parse_args(argv)
-    budget = a.budget.strip()
-    budget = int(budget) if budget.isdigit() else float(Fraction(budget))
-    rows = bench_kernel(ns=[int(x) for x in a.n.split(",")], bits=[int(x) for x in a.bits.split(",")],
-                        budget=budget, shapes=tuple(a.shapes.split(",")), repeats=a.repeats, json_path=a.json,
-                        threads=a.threads, dtype=a.dtype)
-    print(format_table(rows))
-    return 0
+    """`python -m dashkv.bench ...` is `dashkv bench ...`: one parser, one set of options and help."""
+    from .cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

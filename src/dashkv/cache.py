@@ -126,7 +126,6 @@ class DashKVLayer(DynamicLayer):
         self.lowprec: tuple[QuantizedRows, QuantizedRows] | None = None
         self._buffers: dict[str, torch.Tensor] = {}
         self._views = None  # kernels.cpu.BufferViews of the current K/V/code buffers (CPU only)
-        self._int8_views: dict = {}  # name -> ((name, data pointers), numpy row views) of the int8 copies
 
     # ---- storage ---------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -182,12 +181,14 @@ class DashKVLayer(DynamicLayer):
         k, v, c = self._buffers.get("k"), self._buffers.get("v"), self._buffers.get("codes")
         if c is None or k.device.type != "cpu":
             return None
-        if self._views is None or not self._views.matches(k, v, c):
+        int8 = {name: (self._buffers[name], self._buffers[name + "s"]) for name in ("k8", "v8")
+                if name in self._buffers}
+        if self._views is None or not self._views.matches(k, v, c, int8):
             try:
                 from .kernels.cpu import BufferViews
             except ImportError:  # no numba: the torch paths need no views
                 return None
-            self._views = BufferViews(k, v, c)
+            self._views = BufferViews(k, v, c, int8)
         return self._views
 
     def _append_fast(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
@@ -217,23 +218,11 @@ class DashKVLayer(DynamicLayer):
 
             for name, x in (("k8", key_states), ("v8", value_states)):
                 if name in self._buffers:
-                    append_int8_cpu(self._int8_rows(name), self.length, x)
+                    append_int8_cpu(views.int8[name], self.length, x)
         self.length += t
         self.coded = self.length
         self._publish()
         return True
-
-    def _int8_rows(self, name: str) -> tuple:
-        """Numpy row views of the int8 buffer `name` and its scales, remade only when the buffer is replaced."""
-        from .kernels.cpu import _rows
-
-        q, sc = self._buffers[name], self._buffers[name + "s"]
-        key = (name, q.data_ptr(), sc.data_ptr())
-        memo = self._int8_views.get(name)
-        if memo is None or memo[0] != key:
-            memo = (key, (_rows(q), _rows(sc)))
-            self._int8_views[name] = memo
-        return memo[1]
 
     def _parts(self, key_states: torch.Tensor, value_states: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = {"k": key_states, "v": value_states}

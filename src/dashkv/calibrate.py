@@ -993,16 +993,21 @@ def add_arguments(p) -> None:
     p.add_argument("--text", nargs="+", required=True, help="calibration text files / directories")
     p.add_argument("--heldout", nargs="*", default=None, help="held-out text for the evaluation report")
     p.add_argument("--out", required=True, help="output encoder directory")
-    p.add_argument("--bits", type=int, default=64)
+    p.add_argument("--bits", type=int, default=64, help="code bits per key, a multiple of 64 (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=4096,
                    help="calibration window (tokens); capped at the model's context length")
     p.add_argument("--sequences", type=int, default=12, help="calibration sequences of --seq-len tokens")
     p.add_argument("--steps", type=int, default=200, help="Adam steps per layer")
     p.add_argument("--batch", type=int, default=1, help="calibration sequences per Adam step")
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--objective", choices=OBJECTIVES, default="kl")
-    p.add_argument("--query-relax", choices=QUERY_RELAX, default="linear")
+    p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the initial projections, the text sampling and training (default: %(default)s)")
+    p.add_argument("--objective", choices=OBJECTIVES, default="kl",
+                   help="kl: list-wise KL between the code scores' softmax and true attention; bce: top-k "
+                        "weighted binary cross-entropy (HashAttention) (default: %(default)s)")
+    p.add_argument("--query-relax", choices=QUERY_RELAX, default="linear",
+                   help="query side in training: linear (kept real, as at inference), tanh, or anneal "
+                        "(tanh(beta*v) like the keys) (default: %(default)s)")
     p.add_argument("--depth", type=int, default=1, help="key (and, unless --query-depth, query) encoder depth")
     p.add_argument("--hidden", type=int, default=0, help="hidden width of MLP encoders")
     p.add_argument("--query-depth", type=int, default=None,
@@ -1010,10 +1015,12 @@ def add_arguments(p) -> None:
     p.add_argument("--query-hidden", type=int, default=None, help="query MLP hidden width (paper: 256)")
     p.add_argument("--key-relax", choices=KEY_RELAX, default="anneal",
                    help="ste: tanh then straight-through sign; anneal: tanh(beta*v), beta annealed")
-    p.add_argument("--anneal-beta", type=float, nargs=2, default=(1.0, 10.0), metavar=("START", "END"))
+    p.add_argument("--anneal-beta", type=float, nargs=2, default=(1.0, 10.0), metavar=("START", "END"),
+                   help="beta of tanh(beta*v) at the first and last step (default: 1 10, the paper's)")
     p.add_argument("--quantization", type=float, default=0.1, help="weight of the (1 - |u|)^2 term (paper: 0.1)")
     p.add_argument("--balance", type=float, default=0.1, help="bit-balance weight (paper: 0.1)")
-    p.add_argument("--decorrelation", type=float, default=0.05)
+    p.add_argument("--decorrelation", type=float, default=0.05,
+                   help="weight of the bit-decorrelation term (default: %(default)s)")
     p.add_argument("--group-weight", type=float, default=0.0,
                    help="weight of the KL of one-set-per-KV-head ranking (group score sum vs mean attention)")
     p.add_argument("--init", choices=INITS, default="simhash",
@@ -1024,11 +1031,14 @@ def add_arguments(p) -> None:
                    help="decode queries are drawn from positions [query_from * seq_len, seq_len)")
     p.add_argument("--heldout-code", action="store_true",
                    help="also report on held-out code: top-level standard-library modules (report_code.json)")
-    p.add_argument("--heldout-seq-len", type=int, default=None)
-    p.add_argument("--heldout-sequences", type=int, default=4)
-    p.add_argument("--budgets", nargs="+", default=list(DEFAULT_BUDGETS), type=parse_budget)
+    p.add_argument("--heldout-seq-len", type=int, default=None,
+                   help="window of the held-out report in tokens (default: --seq-len)")
+    p.add_argument("--heldout-sequences", type=int, default=4,
+                   help="held-out windows per report (default: %(default)s)")
+    p.add_argument("--budgets", nargs="+", default=list(DEFAULT_BUDGETS), type=parse_budget,
+                   help="budgets of the held-out report, fractions such as 1/16 (default: 1/8 1/16 1/32)")
     p.add_argument("--fp16", action="store_true", help="store the weights in float16 (half the size)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 

@@ -93,12 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_dashkv_args(p)
     p.add_argument("--prompt-file", required=True, help="text file holding the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: %(default)s)")
     p.add_argument("--method", default="dashkv", help="selection method (dashkv, dense, streaming, h2o, snapkv, "
                                                       "quest, simhash, oracle)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="torch seed for --sample (default: %(default)s)")
 
     p = sub.add_parser("calibrate", help="learn the hash encoders of a model from plain text",
                        description="Captures post-RoPE queries and keys of the frozen model over the text and "
@@ -111,16 +111,24 @@ def build_parser() -> argparse.ArgumentParser:
                        description="RULER-style tasks generated offline, every method over the same attention "
                                    "path. Resumable; writes JSON lines, CSV/Markdown summaries and plots.")
     _add_model_args(p)
-    p.add_argument("--methods", default="dashkv,dense,streaming,h2o,snapkv,quest,simhash,oracle")
-    p.add_argument("--budgets", default="1/8,1/16")
-    p.add_argument("--tasks", default="niah_single_1,niah_single_2,passkey")
-    p.add_argument("--lengths", default="4096")
-    p.add_argument("--samples", type=int, default=20)
+    p.add_argument("--methods", default="dashkv,dense,streaming,h2o,snapkv,quest,simhash,oracle",
+                   help="comma-separated methods, each at every --budgets value (default: %(default)s)")
+    p.add_argument("--budgets", default="1/8,1/16",
+                   help="comma-separated budgets: fractions of the context in (0, 1] (default: %(default)s)")
+    p.add_argument("--tasks", default="niah_single_1,niah_single_2,passkey",
+                   help="comma-separated tasks: RULER-style (niah_*, vt, cwe, fwe, passkey), LongBench-style "
+                        "(lb_*), teacher-forced fidelity_prose/fidelity_code, perplexity; an unknown name lists them all "
+                        "(default: %(default)s)")
+    p.add_argument("--lengths", default="4096", help="comma-separated prompt lengths in tokens (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=20, help="samples per task and length (default: %(default)s)")
     p.add_argument("--haystack", default="default",
                    help="default (each task's RULER haystack), noise, essays, jargon, or files:PATH[,PATH]")
-    p.add_argument("--out", default="dashkv-eval")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bits", type=int, default=64)
+    p.add_argument("--out", default="dashkv-eval",
+                   help="output directory; a rerun with the same settings resumes it (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the task generators (default: %(default)s)")
+    p.add_argument("--bits", type=int, default=64,
+                   help="code bits: of the random-hyperplane methods, and of the shipped encoders chosen when "
+                        "--encoders is not given (default: %(default)s)")
     p.add_argument("--also", action="append", default=[], metavar="METHODS@BUDGETS",
                    help="more cells on the same prefills, e.g. dense,dashkv,oracle,snapkv@1/8,1/32 (repeatable)")
     p.add_argument("--prefill-dtype", default="fp32", choices=["fp32", "bf16"],
@@ -135,9 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = p.add_subparsers(dest="bench", metavar="WHAT")
     k = bsub.add_parser("kernel", help="one layer's decode attention, DASH-KV vs dense, same run")
     k.add_argument("--n", default="4096,16384,65536,262144", help="context lengths")
-    k.add_argument("--bits", default="64,128")
-    k.add_argument("--budget", default="1/16")
-    k.add_argument("--shapes", default="smollm2,d128")
+    k.add_argument("--bits", default="64,128", help="comma-separated code lengths (default: %(default)s)")
+    k.add_argument("--budget", default="1/16", help="exact-tier budget, a fraction or a token count (default: %(default)s)")
+    k.add_argument("--shapes", default="smollm2,d128",
+                   help="comma-separated head shapes: smollm2 (9 query / 3 KV heads, d 64), d128 (default: %(default)s)")
     k.add_argument("--repeats", type=int, default=20, help="timed rounds per row (default: %(default)s)")
     k.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="K/V dtype (default: %(default)s)")

@@ -121,35 +121,64 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
     return result
 
 
-def _fast_kernel(policy: SelectionPolicy, config: DashKVConfig, keys: torch.Tensor):
-    """The fused kernel for this step, or None for the torch reference path (`hf.enable` warns once).
+def reference_path_reasons(config: DashKVConfig, device_type: str, kv_dtype: torch.dtype) -> list[str]:
+    """Why a code-scanning step (DASH-KV, SimHash) with this configuration runs the torch reference path
+    instead of a fused kernel; empty when a fused kernel serves it.
 
-    The fused kernels serve DASH-KV/SimHash with a fixed-size exact tier: numba on the CPU (float32,
-    bfloat16 or float16 K/V, on the calling thread), Triton on CUDA. The 8-bit tier is in the CPU kernel
-    (fixed exact tier); the adaptive set runs on the reference path.
+    The one statement of what the fused kernels cover: `_fast_kernel` decides by it every step and
+    `hf.enable` warns with it once. They serve a fixed-size exact tier: numba on the CPU (float32,
+    bfloat16 or float16 K/V, on the calling thread; with the re-rank stage, pooled budgets, the bit-plane
+    scan or the 8-bit tier, one at a time), Triton on CUDA (the plain tiers).
     """
-    if not policy.uses_codes:
-        return None  # baselines (oracle, Quest, H2O, ...) have no fused kernel by design
-    if config.adaptive or config.spatial_vote or config.temporal:
-        return None
+    reasons = []
+    if config.adaptive:
+        reasons.append("adaptive=True")
+    if config.spatial_vote:
+        reasons.append(f"spatial_vote={config.spatial_vote}")
+    if config.temporal:
+        reasons.append(f"temporal={config.temporal}")
     pooled = config.head_budget == "pooled"
-    if config.rerank and pooled or config.lowprec_fraction > 0 and (config.rerank or pooled):
-        return None  # pooled budgets after the re-rank stage; the 8-bit tier beside either: reference path
-    if (config.rerank or pooled or config.query_bits or config.lowprec_fraction > 0) and keys.device.type != "cpu":
-        return None  # the re-rank stage, pooled budgets, the bit-plane scan, the 8-bit tier: CPU kernel only
+    if config.lowprec_fraction > 0 and (device_type != "cpu" or config.rerank or pooled):
+        reasons.append(f"lowprec_fraction={config.lowprec_fraction} (the 8-bit tier is fused on the CPU, with a "
+                       "fixed exact tier and no re-rank)")
+    if pooled and config.rerank:
+        reasons.append("head_budget='pooled' with rerank (pooled after the re-rank stage)")
+    elif pooled and device_type != "cpu":
+        reasons.append("head_budget='pooled' (in the CPU kernel only)")
+    if config.rerank and device_type != "cpu":
+        reasons.append(f"rerank={config.rerank} (the re-rank stage is in the CPU kernel only)")
+    if config.query_bits and device_type != "cpu":
+        reasons.append(f"query_bits={config.query_bits} (the bit-plane scan is in the CPU kernel only)")
+    if device_type == "cpu" and kv_dtype not in CPU_KV_DTYPES:
+        reasons.append(f"the CPU kernels take float32, bfloat16 or float16 K/V, the model is {kv_dtype}")
+    if reasons:
+        return reasons
+    if device_type == "cpu":
+        try:
+            from .kernels.cpu import dashkv_decode_cpu  # noqa: F401
+        except ImportError:
+            return ["numba is not installed"]
+    elif device_type == "cuda":
+        try:
+            from .kernels.triton_kernels import triton_available
+        except ImportError:
+            return ["triton is not available"]
+        if not triton_available():
+            return ["triton is not available"]
+    else:
+        return [f"no fused kernel for device {device_type!r}"]
+    return []
+
+
+def _fast_kernel(policy: SelectionPolicy, config: DashKVConfig, keys: torch.Tensor):
+    """The fused kernel for this step, or None for the torch reference path (`hf.enable` warns once, with
+    the same `reference_path_reasons`). Baselines (oracle, Quest, H2O, ...) have no fused kernel by design."""
+    if not policy.uses_codes or reference_path_reasons(config, keys.device.type, keys.dtype):
+        return None
     if keys.device.type == "cpu":
-        if keys.dtype not in CPU_KV_DTYPES:
-            return None
-        try:
-            from .kernels.cpu import dashkv_decode_cpu
-        except ImportError:
-            return None
+        from .kernels.cpu import dashkv_decode_cpu
+
         return dashkv_decode_cpu
-    if keys.device.type == "cuda":
-        try:
-            from .kernels.triton_kernels import dashkv_decode_triton, triton_available
-        except ImportError:
-            triton_available = None
-        if triton_available is not None and triton_available():
-            return dashkv_decode_triton
-    return None
+    from .kernels.triton_kernels import dashkv_decode_triton
+
+    return dashkv_decode_triton

@@ -34,7 +34,7 @@ from ._logging import get_logger, warn_once
 from .cache import (LAYER_KWARG, CallStats, DashKVCache, DashKVLayer, DecodeContext, StatsTotal, adopt,
                     start_from_mask)
 from .config import DashKVConfig
-from .decode import StepStats, decode_step
+from .decode import StepStats, decode_step, reference_path_reasons
 from .encoders import HashEncoders
 from .errors import UnsupportedCacheError, UnsupportedGenerationError
 from .kernels import CPU_KV_DTYPES
@@ -237,40 +237,7 @@ def _warn_fallbacks(model: Any, shape: Any, policy: SelectionPolicy | None, mana
         return
     if not policy.uses_codes:
         return
-    cfg = policy.config
-    dtype = getattr(model, "dtype", torch.float32)
-    reasons = []
-    if cfg.adaptive:
-        reasons.append("adaptive=True")
-    if cfg.lowprec_fraction > 0 and (device.type != "cpu" or cfg.rerank or cfg.head_budget == "pooled"):
-        reasons.append(f"lowprec_fraction={cfg.lowprec_fraction} (the 8-bit tier is fused on the CPU, with a fixed "
-                       "exact tier and no re-rank)")
-    if cfg.spatial_vote:
-        reasons.append(f"spatial_vote={cfg.spatial_vote}")
-    if cfg.temporal:
-        reasons.append(f"temporal={cfg.temporal}")
-    if cfg.head_budget == "pooled" and cfg.rerank:
-        reasons.append("head_budget='pooled' with rerank (pooled after the re-rank stage)")
-    elif cfg.head_budget == "pooled" and device.type != "cpu":
-        reasons.append("head_budget='pooled' (in the CPU kernel only)")
-    if cfg.rerank and device.type != "cpu":
-        reasons.append(f"rerank={cfg.rerank} (the re-rank stage is in the CPU kernel only)")
-    if cfg.query_bits and device.type != "cpu":
-        reasons.append(f"query_bits={cfg.query_bits} (the bit-plane scan is in the CPU kernel only)")
-    if device.type == "cpu" and dtype not in CPU_KV_DTYPES:
-        reasons.append(f"the CPU kernels take float32, bfloat16 or float16 K/V, the model is {dtype}")
-    if device.type == "cpu" and not reasons:
-        try:
-            import numba  # noqa: F401
-        except ImportError:
-            reasons.append("numba is not installed")
-    if device.type == "cuda" and not reasons:
-        try:
-            from .kernels.triton_kernels import triton_available
-        except ImportError:
-            triton_available = None
-        if triton_available is None or not triton_available():
-            reasons.append("triton is not available")
+    reasons = reference_path_reasons(policy.config, device.type, getattr(model, "dtype", torch.float32))
     if reasons:
         warn_once(logger, ("reference-path", tuple(reasons)),
                   "dashkv: decode steps run the torch reference path, not the fused kernels (%s): correct but "

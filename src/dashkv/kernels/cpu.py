@@ -41,6 +41,7 @@ import torch
 from numba import njit, prange, types
 from llvmlite import ir
 from numba.core import cgutils
+from numba.core.cpu import ParallelOptions
 from numba.extending import intrinsic
 
 from . import CPU_KV_DTYPES, NBINS_ASYM  # NBINS_ASYM: histogram buckets of the asymmetric (float) score
@@ -646,16 +647,17 @@ def _splits(target_units, base, cap):
     return max(1, min(s, cap))
 
 
-def _prange_only() -> dict:
+def _prange_only() -> ParallelOptions:
     """numba's parallel options with only `prange` parallelised.
 
     With `parallel=True` numba also turns every array expression (`np.zeros`, `.copy()`, ...) into a
     parallel loop of its own, each a launch that wakes the thread pool: the kernel's dozen small
     allocations cost ~1.3 ms per call at 64K, 3.6x the serial scan itself (measured, workqueue layer).
-    A fresh dict each time: numba consumes the one it is given.
+    An options object, not a dict: numba consumes a dict at the first compile, and every later
+    signature (bf16, fp16 K/V) would then get the defaults, i.e. everything parallel.
     """
-    return dict(comprehension=False, reduction=False, inplace_binop=False, setitem=False, numpy=False,
-                stencil=False, fusion=False, prange=True)
+    return ParallelOptions(dict(comprehension=False, reduction=False, inplace_binop=False, setitem=False,
+                                numpy=False, stencil=False, fusion=False, prange=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1210,12 +1212,15 @@ class BufferViews:
     (~5 us each, x 3 buffers, x 2 calls, x 28 layers); the cache layer keeps this object while its buffers
     stay, and both the fused append and the kernel take it. `ptrs` are the buffers' data pointers: a view
     of the same buffers ([:, :, :N]) has the same ones, which is what the kernel checks before using it.
+    `int8` holds the same for the int8 copies (re-rank stage, 8-bit tier): name -> (int8 rows, scales).
     """
 
-    __slots__ = ("k", "v", "codes", "ptrs", "W")
+    __slots__ = ("k", "v", "codes", "ptrs", "W", "int8", "int8_ptrs")
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, codes: torch.Tensor):
-        for t in (keys, values, codes):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, codes: torch.Tensor,
+                 int8: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
+        int8 = int8 or {}
+        for t in (keys, values, codes, *(x for pair in int8.values() for x in pair)):
             if not t.is_contiguous() or t.device.type != "cpu":
                 raise ValueError("BufferViews takes whole contiguous CPU buffers")
         self.k = _rows(keys)
@@ -1224,9 +1229,23 @@ class BufferViews:
         self.codes = (cft.view(np.uint64), csb, csh, cb0)
         self.W = codes.shape[-1]
         self.ptrs = (keys.data_ptr(), values.data_ptr(), codes.data_ptr())
+        self.int8 = {name: (_rows(q), _rows(sc)) for name, (q, sc) in int8.items()}
+        self.int8_ptrs = {name: (q.data_ptr(), sc.data_ptr()) for name, (q, sc) in int8.items()}
 
-    def matches(self, keys: torch.Tensor, values: torch.Tensor, codes: torch.Tensor) -> bool:
-        return (keys.data_ptr(), values.data_ptr(), codes.data_ptr()) == self.ptrs
+    def matches(self, keys: torch.Tensor, values: torch.Tensor, codes: torch.Tensor,
+                int8: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> bool:
+        """Views of these buffers (and, if given, of exactly these int8 copies)?"""
+        if (keys.data_ptr(), values.data_ptr(), codes.data_ptr()) != self.ptrs:
+            return False
+        return int8 is None or {n: (q.data_ptr(), sc.data_ptr()) for n, (q, sc) in int8.items()} == self.int8_ptrs
+
+    def rows8(self, name: str, rows: tuple[torch.Tensor, torch.Tensor]) -> tuple:
+        """(`_rows` of the int8 rows, `_rows` of their scales) for the copy `rows` (views of buffer `name`),
+        memoized when they are this object's buffers, else derived now."""
+        memo = self.int8.get(name)
+        if memo is not None and (rows[0].data_ptr(), rows[1].data_ptr()) == self.int8_ptrs[name]:
+            return memo
+        return _rows(rows[0]), _rows(rows[1])
 
 
 def append_coded_cpu(views: BufferViews, pos: int, keys: torch.Tensor, values: torch.Tensor,
@@ -1472,7 +1491,9 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
             [torch.zeros(B, hs, dtype=torch.int64)] if return_counts else []) + (
             [torch.zeros(B, hs, dtype=torch.int64)] if return_lowprec_counts else [])
         return (out, *extra) if extra else out
-    if views is not None and views.matches(keys, values, codes):
+    if views is not None and not views.matches(keys, values, codes):
+        views = None
+    if views is not None:
         kf, ksb, ksh, kb0 = views.k
         vf, vsb, vsh, vb0 = views.v
         cfu, csb, csh, cb0 = views.codes
@@ -1488,14 +1509,13 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     kernel, nthreads = (_dashkv_kernel, numba.get_num_threads()) if parallel else (_dashkv_kernel_serial, 1)
     v8f, v8s = _NO_K8, _NO_K8S
     if keep > 0 or lowprec > 0:
-        k8f, k8sb, k8sh, k8b0 = _rows(keys8[0])
-        k8s, ssb, ssh, sb0 = _rows(keys8[1])
+        rows8 = views.rows8 if views is not None else lambda _, r: (_rows(r[0]), _rows(r[1]))
+        (k8f, k8sb, k8sh, k8b0), (k8s, ssb, ssh, sb0) = rows8("k8", keys8)
         if (ssb, ssh, sb0) != (k8sb, k8sh, k8b0) or keys8[0].shape[:3] != keys.shape[:3]:
             raise ValueError("keys8: the int8 keys and their scales must share the cache's layout")
         k8s = k8s.reshape(-1)
         if lowprec > 0:
-            v8f, vsb8, vsh8, vb08 = _rows(values8[0])
-            v8s, vssb, vssh, vsb0 = _rows(values8[1])
+            (v8f, vsb8, vsh8, vb08), (v8s, vssb, vssh, vsb0) = rows8("v8", values8)
             if (vsb8, vsh8, vb08) != (k8sb, k8sh, k8b0) or (vssb, vssh, vsb0) != (k8sb, k8sh, k8b0) \
                     or values8[0].shape[:3] != keys.shape[:3]:
                 raise ValueError("values8: the int8 values and their scales must share keys8's layout")
