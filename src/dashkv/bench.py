@@ -27,7 +27,6 @@ per candidate is written and re-read from cache and not counted).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -35,7 +34,6 @@ import platform
 import statistics
 import sys
 import time
-from fractions import Fraction
 
 import torch
 

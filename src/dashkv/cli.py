@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--shapes", default="smollm2,d128",
                    help="comma-separated head shapes: smollm2 (9 query / 3 KV heads, d 64), d128 (default: %(default)s)")
     k.add_argument("--repeats", type=int, default=20, help="timed rounds per row (default: %(default)s)")
+    k.add_argument("--threads", type=int, default=2,
+                   help="torch and numba threads of the 2-thread rows (default: %(default)s)")
     k.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="K/V dtype (default: %(default)s)")
     k.add_argument("--json", default=None, help="write the rows as JSON here")
@@ -298,7 +300,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ns = [int(x) for x in args.n.split(",")]
         bits = [int(x) for x in args.bits.split(",")]
         rows = bench_kernel(ns=ns, bits=bits, budget=parse_budget(args.budget), shapes=tuple(args.shapes.split(",")),
-                            repeats=args.repeats, json_path=args.json, dtype=args.dtype)
+                            repeats=args.repeats, json_path=args.json, dtype=args.dtype,
+                            threads=args.threads)
         print(format_table(rows))
         return 0
     if args.bench == "decode":

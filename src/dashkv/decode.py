@@ -156,8 +156,8 @@ def reference_path_reasons(config: DashKVConfig, device_type: str, kv_dtype: tor
     if device_type == "cpu":
         try:
             from .kernels.cpu import dashkv_decode_cpu  # noqa: F401
-        except ImportError:
-            return ["numba is not installed"]
+        except ImportError as e:
+            return [f"the numba CPU kernels cannot be imported ({e})"]
     elif device_type == "cuda":
         try:
             from .kernels.triton_kernels import triton_available
