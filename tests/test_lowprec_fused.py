@@ -110,17 +110,17 @@ def test_buffer_views_memoize_the_int8_copies_and_notice_new_buffers():
     """The cache's int8 copies are viewed once per buffer (as K/V/codes are), and a view of another
     buffer is never served from the memo."""
     from dashkv.attention import QuantizedRows
-    from dashkv.kernels.cpu import BufferViews, _rows
+    from dashkv.kernels.cpu import BufferViews, _int8_rows, _rows
 
     g = torch.Generator().manual_seed(0)
     k, v = torch.randn(1, 2, 32, 16, generator=g), torch.randn(1, 2, 32, 16, generator=g)
     codes = torch.zeros(1, 2, 32, 1, dtype=torch.int64)
     k8 = QuantizedRows.quantize(k)
     views = BufferViews(k, v, codes, {"k8": (k8.q, k8.scale)})
-    memo = views.rows8("k8", (k8.q[:, :, :20], k8.scale[:, :, :20]))
+    memo = _int8_rows(views, "k8", (k8.q[:, :, :20], k8.scale[:, :, :20]))
     assert memo is views.int8["k8"]
     assert views.matches(k, v, codes, {"k8": (k8.q, k8.scale)})
     other = QuantizedRows.quantize(k.clone())
     assert not views.matches(k, v, codes, {"k8": (other.q, other.scale)})
-    fresh = views.rows8("k8", (other.q, other.scale))
+    fresh = _int8_rows(views, "k8", (other.q, other.scale))
     assert fresh is not views.int8["k8"] and fresh[0][0].ctypes.data == _rows(other.q)[0].ctypes.data

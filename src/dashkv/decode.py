@@ -130,6 +130,15 @@ def reference_path_reasons(config: DashKVConfig, device_type: str, kv_dtype: tor
     bfloat16 or float16 K/V, on the calling thread; with the re-rank stage, pooled budgets, the bit-plane
     scan or the 8-bit tier, one at a time), Triton on CUDA (the plain tiers).
     """
+    reasons = _configuration_reasons(config, device_type, kv_dtype)
+    if reasons:
+        return reasons
+    _, missing = _device_kernel(device_type)
+    return [missing] if missing else []
+
+
+def _configuration_reasons(config: DashKVConfig, device_type: str, kv_dtype: torch.dtype) -> list[str]:
+    """The options (and K/V dtype) no fused kernel of this device serves."""
     reasons = []
     if config.adaptive:
         reasons.append("adaptive=True")
@@ -151,34 +160,45 @@ def reference_path_reasons(config: DashKVConfig, device_type: str, kv_dtype: tor
         reasons.append(f"query_bits={config.query_bits} (the bit-plane scan is in the CPU kernel only)")
     if device_type == "cpu" and kv_dtype not in CPU_KV_DTYPES:
         reasons.append(f"the CPU kernels take float32, bfloat16 or float16 K/V, the model is {kv_dtype}")
-    if reasons:
-        return reasons
-    if device_type == "cpu":
-        try:
-            from .kernels.cpu import dashkv_decode_cpu  # noqa: F401
-        except ImportError as e:
-            return [f"the numba CPU kernels cannot be imported ({e})"]
-    elif device_type == "cuda":
-        try:
-            from .kernels.triton_kernels import triton_available
-        except ImportError:
-            return ["triton is not available"]
-        if not triton_available():
-            return ["triton is not available"]
-    else:
-        return [f"no fused kernel for device {device_type!r}"]
-    return []
+    return reasons
+
+
+_DEVICE_KERNELS: dict = {}  # device type -> (kernel module, its fused function's name) or (None, why none)
+
+
+def _device_kernel(device_type: str):
+    """(the fused kernel of this device type, None), or (None, why there is none). The import is tried
+    once per process (this runs at every decode step); the function is looked up on its module each
+    time, so a wrapper put there (`--profile`, a test's spy) is what runs. Triton's availability is
+    asked every time, as before (it reads TRITON_INTERPRET)."""
+    found = _DEVICE_KERNELS.get(device_type)
+    if found is None:
+        if device_type == "cpu":
+            try:
+                from .kernels import cpu as module
+                found = (module, "dashkv_decode_cpu")
+            except ImportError as e:
+                found = (None, f"the numba CPU kernels cannot be imported ({e})")
+        elif device_type == "cuda":
+            try:
+                from .kernels import triton_kernels as module
+                found = (module, "dashkv_decode_triton")
+            except ImportError:
+                found = (None, "triton is not available")
+        else:
+            found = (None, f"no fused kernel for device {device_type!r}")
+        _DEVICE_KERNELS[device_type] = found
+    module, name = found
+    if module is None:
+        return None, name
+    if device_type == "cuda" and not module.triton_available():
+        return None, "triton is not available"
+    return getattr(module, name), None
 
 
 def _fast_kernel(policy: SelectionPolicy, config: DashKVConfig, keys: torch.Tensor):
     """The fused kernel for this step, or None for the torch reference path (`hf.enable` warns once, with
     the same `reference_path_reasons`). Baselines (oracle, Quest, H2O, ...) have no fused kernel by design."""
-    if not policy.uses_codes or reference_path_reasons(config, keys.device.type, keys.dtype):
+    if not policy.uses_codes or _configuration_reasons(config, keys.device.type, keys.dtype):
         return None
-    if keys.device.type == "cpu":
-        from .kernels.cpu import dashkv_decode_cpu
-
-        return dashkv_decode_cpu
-    from .kernels.triton_kernels import dashkv_decode_triton
-
-    return dashkv_decode_triton
+    return _device_kernel(keys.device.type)[0]

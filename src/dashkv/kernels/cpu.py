@@ -1239,13 +1239,15 @@ class BufferViews:
             return False
         return int8 is None or {n: (q.data_ptr(), sc.data_ptr()) for n, (q, sc) in int8.items()} == self.int8_ptrs
 
-    def rows8(self, name: str, rows: tuple[torch.Tensor, torch.Tensor]) -> tuple:
-        """(`_rows` of the int8 rows, `_rows` of their scales) for the copy `rows` (views of buffer `name`),
-        memoized when they are this object's buffers, else derived now."""
-        memo = self.int8.get(name)
-        if memo is not None and (rows[0].data_ptr(), rows[1].data_ptr()) == self.int8_ptrs[name]:
-            return memo
-        return _rows(rows[0]), _rows(rows[1])
+
+
+def _int8_rows(views: BufferViews | None, name: str, rows: tuple[torch.Tensor, torch.Tensor]) -> tuple:
+    """(`_rows` of the int8 rows, `_rows` of their scales) for the copy `rows` (views of buffer `name`):
+    the memoized ones when `views` holds exactly these buffers, else derived now."""
+    memo = views.int8.get(name) if views is not None else None
+    if memo is not None and (rows[0].data_ptr(), rows[1].data_ptr()) == views.int8_ptrs[name]:
+        return memo
+    return _rows(rows[0]), _rows(rows[1])
 
 
 def append_coded_cpu(views: BufferViews, pos: int, keys: torch.Tensor, values: torch.Tensor,
@@ -1509,13 +1511,12 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     kernel, nthreads = (_dashkv_kernel, numba.get_num_threads()) if parallel else (_dashkv_kernel_serial, 1)
     v8f, v8s = _NO_K8, _NO_K8S
     if keep > 0 or lowprec > 0:
-        rows8 = views.rows8 if views is not None else lambda _, r: (_rows(r[0]), _rows(r[1]))
-        (k8f, k8sb, k8sh, k8b0), (k8s, ssb, ssh, sb0) = rows8("k8", keys8)
+        (k8f, k8sb, k8sh, k8b0), (k8s, ssb, ssh, sb0) = _int8_rows(views, "k8", keys8)
         if (ssb, ssh, sb0) != (k8sb, k8sh, k8b0) or keys8[0].shape[:3] != keys.shape[:3]:
             raise ValueError("keys8: the int8 keys and their scales must share the cache's layout")
         k8s = k8s.reshape(-1)
         if lowprec > 0:
-            (v8f, vsb8, vsh8, vb08), (v8s, vssb, vssh, vsb0) = rows8("v8", values8)
+            (v8f, vsb8, vsh8, vb08), (v8s, vssb, vssh, vsb0) = _int8_rows(views, "v8", values8)
             if (vsb8, vsh8, vb08) != (k8sb, k8sh, k8b0) or (vssb, vssh, vsb0) != (k8sb, k8sh, k8b0) \
                     or values8[0].shape[:3] != keys.shape[:3]:
                 raise ValueError("values8: the int8 values and their scales must share keys8's layout")
