@@ -25,6 +25,7 @@ p.add_argument("--task", default="niah_single_2")
 p.add_argument("--length", type=int, default=4096)
 p.add_argument("--samples", type=int, default=5)
 p.add_argument("--out", required=True)
+p.add_argument("--random", default="64,256,1024", help="random-hyperplane code lengths to compare ('' = none)")
 a = p.parse_args()
 torch.set_num_threads(1)
 model, tok = load_model(a.model)
@@ -55,17 +56,21 @@ for i, depth in enumerate(sample_depths(10)[:a.samples]):
             fk = enc.project_keys(li, K[None])[0]                        # (hkv, N, b)
             fq = enc.layers[str(li)].query(Q[None, :, None])[0, :, 0]    # (hq, b)
         fq = fq.view(hkv, g, -1)
+        from dashkv.codes import to_signs
+        sk = to_signs(enc.encode_keys(li, K[None]))[0]                    # (hkv, N, b): the stored code's signs
+        if getattr(enc, "key_levels", 1) > 1:                             # level codes: no unquantised analogue
+            fk = sk
         L = {}
         L |= {"needle_mass_per_head": pr[..., t0:t1].sum(-1).flatten().tolist(),
              "needle_max_p_per_head": pr[..., t0:t1].amax(-1).flatten().tolist()}
         scores = {"oracle_sum_p": pr.sum(1),
-                  "dashkv_sign": torch.einsum("hgb,hnb->hn", fq, torch.sign(fk)),
+                  "dashkv_sign": torch.einsum("hgb,hnb->hn", fq, sk),
                   "unquantised": torch.einsum("hgb,hnb->hn", fq, fk)}
-        per_head_sign = torch.einsum("hgb,hnb->hgn", fq, torch.sign(fk))
+        per_head_sign = torch.einsum("hgb,hnb->hgn", fq, sk)
         z = (per_head_sign - per_head_sign.mean(-1, keepdim=True)) / per_head_sign.std(-1, keepdim=True)
         scores["sign_max_z"] = z.amax(1)                                 # the group's most confident head
         gen = torch.Generator().manual_seed(li)
-        for nb in (64, 256, 1024):                                       # random hyperplanes, asymmetric
+        for nb in [int(x) for x in a.random.split(",") if x]:                                       # random hyperplanes, asymmetric
             R = torch.randn(K.shape[-1], nb, generator=gen)
             ph = torch.einsum("hgb,hnb->hgn", (Q.view(hkv, g, -1) @ R), torch.sign(K @ R))
             scores[f"random{nb}_asym"] = ph.sum(1)

@@ -212,7 +212,7 @@ class DashKVLayer(DynamicLayer):
             return False
         from .kernels.cpu import append_coded_cpu
 
-        append_coded_cpu(views, self.length, key_states, value_states, *fast)
+        append_coded_cpu(views, self.length, key_states, value_states, *fast, levels=encoders.key_levels)
         if extra:
             from .kernels.cpu import append_int8_cpu
 

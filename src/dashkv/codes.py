@@ -8,6 +8,12 @@ a clear bit means -1.
 Scores are *similarities* (larger = more relevant):
 - Hamming:     b - 2 * popcount(c_q XOR c_k)  ==  <sign(q'), sign(k')>      (integer in [-b, b])
 - asymmetric:  <f_q(q), c_k> with c_k in {-1, +1}^b                       (real query, binary key)
+
+Multi-bit key levels (`key_levels` L > 1): a key encoder with m = b / L outputs z_j stores each as an
+L-bit offset-binary level v_j = clamp(floor(z_j + 2^(L-1)), 0, 2^L - 1), its bit t at code bit j*L + t.
+The level's value v_j - (2^L - 1)/2 equals sum_t 2^(t-1) * s_(j,t) with s = +-1 the code's signs, so
+<g, levels> is the asymmetric score of the sign code against g expanded to b weights
+(g_j * 2^(t-1) at bit j*L + t): every scan above serves level codes unchanged.
 """
 
 from __future__ import annotations
@@ -44,6 +50,30 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     by = set_.reshape(*set_.shape[:-1], b // 8, 8).to(torch.uint8)
     packed = (by * _on(_BIT_WEIGHTS, by.device)).sum(-1, dtype=torch.int32).to(torch.uint8)  # (..., b/8) bytes
     return packed.contiguous().view(torch.int64)
+
+
+def key_code_bits(proj: torch.Tensor, levels: int = 1) -> torch.Tensor:
+    """A key encoder's outputs (..., m) -> the code's bits (..., m * levels) bool (see the module doc):
+    levels 1 is the sign code (set iff > 0); levels L > 1 the offset-binary L-bit levels, bit t of
+    output j at bit j*L + t."""
+    if levels == 1:
+        return proj > 0
+    v = torch.floor(proj.float() + (1 << (levels - 1))).clamp(0, (1 << levels) - 1).to(torch.int32)
+    t = torch.arange(levels, dtype=torch.int32, device=proj.device)
+    return ((v.unsqueeze(-1) >> t) & 1).bool().reshape(*proj.shape[:-1], proj.shape[-1] * levels)
+
+
+def level_values(proj: torch.Tensor, levels: int) -> torch.Tensor:
+    """The value each key output is stored as: v - (2^L - 1)/2 (the level the code's signs sum to)."""
+    top = (1 << levels) - 1
+    return torch.floor(proj + (1 << (levels - 1))).clamp(0, top) - top / 2
+
+
+def level_weights(levels: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(levels,) the weight 2^(t-1) of bit t of a level in the asymmetric score (1 for a sign code)."""
+    if levels == 1:
+        return torch.ones(1, dtype=dtype)
+    return 2.0 ** (torch.arange(levels, dtype=dtype) - 1)
 
 
 def unpack_bits(words: torch.Tensor) -> torch.Tensor:

@@ -22,12 +22,13 @@ import torch
 from torch import nn
 
 from . import __version__
-from .codes import check_bits, pack_bits
+from .codes import check_bits, key_code_bits, pack_bits
 from .errors import DashKVError
 from .fsutil import swap_into_place
 
 FORMAT = "dashkv-encoders"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this version reads; 2 = multi-bit key levels (files with sign codes stay 1)
+MAX_KEY_LEVELS = 8
 WEIGHTS_NAME = "encoders.safetensors"
 CONFIG_NAME = "encoders.json"
 DEFAULT_ENCODERS_DIR = Path(__file__).parent / "data" / "encoders"
@@ -128,12 +129,13 @@ class LayerEncoders(nn.Module):
     """
 
     def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, bits: int, hidden: int, depth: int,
-                 bias: bool = True, query_hidden: int | None = None, query_depth: int | None = None):
+                 bias: bool = True, query_hidden: int | None = None, query_depth: int | None = None,
+                 key_bits: int | None = None):
         super().__init__()
         qd = depth if query_depth is None else query_depth
         qh = hidden if query_hidden is None else query_hidden
         self.query = HeadwiseMLP(num_q_heads, head_dim, bits, qh, qd, bias)
-        self.key = HeadwiseMLP(num_kv_heads, head_dim, bits, hidden, depth, bias)
+        self.key = HeadwiseMLP(num_kv_heads, head_dim, bits if key_bits is None else key_bits, hidden, depth, bias)
         self.log_scale = nn.Parameter(torch.zeros(num_q_heads))
 
 
@@ -146,9 +148,15 @@ class HashEncoders(nn.Module):
 
     def __init__(self, shape: Mapping[str, Any], bits: int, layers: Iterable[int], *, hidden: int = 0,
                  depth: int = 1, kind: str = "learned", bias: bool = True, meta: Mapping[str, Any] | None = None,
-                 query_depth: int | None = None, query_hidden: int | None = None):
+                 query_depth: int | None = None, query_hidden: int | None = None, key_levels: int = 1):
         super().__init__()
         check_bits(bits)
+        if not isinstance(key_levels, int) or not 1 <= key_levels <= MAX_KEY_LEVELS or bits % key_levels:
+            raise ValueError(f"key_levels must be an integer in 1..{MAX_KEY_LEVELS} dividing bits ({bits}), "
+                             f"got {key_levels!r}")
+        if key_levels > 1 and kind == "simhash":
+            raise ValueError("SimHash encoders are sign codes: key_levels must be 1")
+        self.key_levels = key_levels
         missing = [f for f in SHAPE_FIELDS if f not in shape]
         if missing:
             raise ValueError(f"model shape lacks {missing}")
@@ -164,7 +172,7 @@ class HashEncoders(nn.Module):
         s = self.shape
         self.layers = nn.ModuleDict({
             str(i): LayerEncoders(s["num_q_heads"], s["num_kv_heads"], s["head_dim"], bits, hidden, depth, bias,
-                                  self.query_hidden, self.query_depth)
+                                  self.query_hidden, self.query_depth, bits // key_levels)
             for i in self.layer_ids
         })
         self.requires_grad_(False)
@@ -198,7 +206,7 @@ class HashEncoders(nn.Module):
         return str(layer_idx) in self.layers
 
     def project_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
-        """Real-valued key projections (B, Hkv, N, b) — calibration uses them relaxed (tanh)."""
+        """Real-valued key projections (B, Hkv, N, b / key_levels) — calibration uses them relaxed."""
         return self.layers[str(layer_idx)].key(keys)
 
     def encode_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
@@ -207,8 +215,8 @@ class HashEncoders(nn.Module):
         if fast is not None:
             from .kernels.cpu import encode_linear_cpu
 
-            return encode_linear_cpu(keys, *fast)
-        return pack_bits(self.project_keys(layer_idx, keys.float()) > 0)
+            return encode_linear_cpu(keys, *fast, levels=self.key_levels)
+        return pack_bits(key_code_bits(self.project_keys(layer_idx, keys.float()), self.key_levels))
 
     def project_queries(self, layer_idx: int, queries: torch.Tensor) -> torch.Tensor:
         """Real-valued query projections (B, Hq, Q, b): the asymmetric side, never stored."""
@@ -299,11 +307,11 @@ class HashEncoders(nn.Module):
     # ---- persistence -----------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
         return {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "dashkv_version": __version__,
+            "format": FORMAT, "format_version": 1 if self.key_levels == 1 else 2, "dashkv_version": __version__,
             "model": self.shape, "bits": self.bits, "layers": list(self.layer_ids), "hidden": self.hidden,
             "depth": self.depth, "query_hidden": self.query_hidden, "query_depth": self.query_depth,
             "kind": self.kind, "bias": self.bias, "meta": self.meta,
-        }
+        } | ({"key_levels": self.key_levels} if self.key_levels > 1 else {})  # sign-code files stay as before
 
     def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = True,
                         dtype: torch.dtype | None = None) -> Path:
@@ -395,7 +403,8 @@ class HashEncoders(nn.Module):
         try:
             enc = cls(fields["shape"], fields["bits"], fields["layers"], hidden=fields["hidden"],
                       depth=fields["depth"], kind=fields["kind"], bias=fields["bias"], meta=config.get("meta", {}),
-                      query_depth=fields["query_depth"], query_hidden=fields["query_hidden"])
+                      query_depth=fields["query_depth"], query_hidden=fields["query_hidden"],
+                      key_levels=fields["key_levels"])
             enc.load_state_dict({k: v.float() for k, v in tensors.items()})
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise EncoderFileError(f"{cfg_path} has invalid fields ({e})") from None
@@ -449,17 +458,22 @@ def _checked_fields(config: dict, path: Path) -> dict[str, Any]:
         raise bad("bias", f"{bias!r} is not true/false")
     if not isinstance(config.get("meta", {}), dict):
         raise bad("meta", "must be an object")
+    key_levels = integer(config.get("key_levels", 1), "key_levels", 1, MAX_KEY_LEVELS)  # older files: sign codes
+    if bits % key_levels:
+        raise bad("key_levels", f"{key_levels} does not divide bits ({bits})")
+    if key_levels > 1 and kind == "simhash":
+        raise bad("key_levels", "SimHash encoders are sign codes (key_levels 1)")
     return dict(shape=shape, bits=bits, layers=layers, hidden=hidden, depth=depth, kind=kind, bias=bias,
-                query_depth=query_depth, query_hidden=query_hidden)
+                query_depth=query_depth, query_hidden=query_hidden, key_levels=key_levels)
 
 
 def _expected_shapes(shape: dict[str, Any], bits: int, layers: list[int], hidden: int, depth: int, kind: str,
-                     bias: bool, query_depth: int, query_hidden: int) -> dict[str, tuple[int, ...]]:
+                     bias: bool, query_depth: int, query_hidden: int, key_levels: int = 1) -> dict[str, tuple[int, ...]]:
     """State-dict names and shapes of encoders with these fields, computed without allocating them."""
     out: dict[str, tuple[int, ...]] = {}
     d, hq, hkv = shape["head_dim"], shape["num_q_heads"], shape["num_kv_heads"]
     sides = {"query": (hq, [d] + [query_hidden] * (query_depth - 1) + [bits]),
-             "key": (hkv, [d] + [hidden] * (depth - 1) + [bits])}
+             "key": (hkv, [d] + [hidden] * (depth - 1) + [bits // key_levels])}
     for i in layers:
         for side, (heads, dims) in sides.items():
             for j, (a, b) in enumerate(zip(dims[:-1], dims[1:])):

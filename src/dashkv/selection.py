@@ -351,6 +351,9 @@ class DashKVPolicy(SelectionPolicy):
         super().__init__(config)
         if encoders.bits != config.bits:
             raise ValueError(f"encoders have {encoders.bits} bits but the config asks for {config.bits}")
+        if getattr(encoders, "key_levels", 1) > 1 and config.scorer == "hamming":
+            raise ValueError(f"these encoders store {encoders.key_levels}-bit key levels, which only the asymmetric "
+                             "scorer reads; scorer='hamming' compares sign codes")
         self.encoders = encoders
         self._pool_temps: dict[tuple[int, int], torch.Tensor] = {}  # see pool_temperatures
 

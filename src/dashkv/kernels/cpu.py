@@ -1118,19 +1118,34 @@ def _linear_heads(x, w, bias, out):
 
 
 @njit(cache=True)
-def _pack_signs(proj, out):
-    """(B, H, T, b) float32 -> (B, H, T, b/64) words: bit j of word w is set iff proj[..., 64w + j] > 0."""
-    B, H, T, nb = proj.shape
+def _pack_codes(proj, levels, out):
+    """(B, H, T, m) float32 -> (B, H, T, m*levels/64) words (`dashkv.codes.key_code_bits`): levels 1 sets
+    bit j of word w iff proj[..., 64w + j] > 0; levels L > 1 stores output j as the offset-binary level
+    v = clamp(floor(proj + 2^(L-1)), 0, 2^L - 1), its bit t at code bit j*L + t."""
+    B, H, T, m = proj.shape
+    nw = out.shape[3]
+    half = np.float32(1 << (levels - 1))
+    top = np.float32((1 << levels) - 1)
     for b in range(B):
         for h in range(H):
             for t in range(T):
                 p = proj[b, h, t]
-                for wd in range(nb // 64):
-                    word = np.uint64(0)
-                    for j in range(64):
-                        if p[64 * wd + j] > 0:
-                            word |= np.uint64(1) << np.uint64(j)
-                    out[b, h, t, wd] = word
+                if levels == 1:
+                    for wd in range(nw):
+                        word = np.uint64(0)
+                        for j in range(64):
+                            if p[64 * wd + j] > 0:
+                                word |= np.uint64(1) << np.uint64(j)
+                        out[b, h, t, wd] = word
+                    continue
+                for wd in range(nw):
+                    out[b, h, t, wd] = np.uint64(0)
+                for j in range(m):
+                    v = np.int64(min(max(np.floor(p[j] + half), np.float32(0.0)), top))
+                    for tb in range(levels):
+                        if (v >> tb) & 1:
+                            i = j * levels + tb
+                            out[b, h, t, i // 64] |= np.uint64(1) << np.uint64(i % 64)
 
 
 def linear_heads_cpu(x: torch.Tensor, weight: np.ndarray, bias: np.ndarray) -> torch.Tensor:
@@ -1145,24 +1160,25 @@ def linear_heads_cpu(x: torch.Tensor, weight: np.ndarray, bias: np.ndarray) -> t
     return torch.from_numpy(out)
 
 
-def encode_linear_cpu(x: torch.Tensor, weight: np.ndarray, bias: np.ndarray) -> torch.Tensor:
-    """Packed sign codes (B, H, T, b/64) int64 of a head-wise linear key encoder (see `linear_heads_cpu`)."""
+def encode_linear_cpu(x: torch.Tensor, weight: np.ndarray, bias: np.ndarray, levels: int = 1) -> torch.Tensor:
+    """Packed key codes (B, H, T, b/64) int64 of a head-wise linear key encoder (see `linear_heads_cpu`),
+    b = outputs x `levels` (sign codes, or multi-bit levels: `_pack_codes`)."""
     B, H, T, _ = x.shape
     proj = np.empty((B, H, T, weight.shape[2]), np.float32)
     _linear_heads(_np(x.detach()), weight, bias, proj)
-    words = np.empty((B, H, T, weight.shape[2] // 64), np.uint64)
-    _pack_signs(proj, words)
+    words = np.empty((B, H, T, weight.shape[2] * levels // 64), np.uint64)
+    _pack_codes(proj, levels, words)
     return torch.from_numpy(words.view(np.int64))
 
 
 @njit(cache=True)
-def _append_coded(kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0, csb, csh, W, pos, knew, vnew, w, bias, proj,
-                  words):
+def _append_coded(kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0, csb, csh, W, pos, knew, vnew, w, bias, levels,
+                  proj, words):
     """Write the T new tokens' K/V rows at positions pos.. of the cache buffers and their key codes, in one
-    call: the same `_linear_heads` + `_pack_signs` as `encode_linear_cpu`, so the codes are identical."""
+    call: the same `_linear_heads` + `_pack_codes` as `encode_linear_cpu`, so the codes are identical."""
     B, H, T, d = knew.shape
     _linear_heads(knew, w, bias, proj)
-    _pack_signs(proj, words)
+    _pack_codes(proj, levels, words)
     for b in range(B):
         for h in range(H):
             for t in range(T):
@@ -1251,18 +1267,18 @@ def _int8_rows(views: BufferViews | None, name: str, rows: tuple[torch.Tensor, t
 
 
 def append_coded_cpu(views: BufferViews, pos: int, keys: torch.Tensor, values: torch.Tensor,
-                     weight: np.ndarray, bias: np.ndarray) -> None:
+                     weight: np.ndarray, bias: np.ndarray, levels: int = 1) -> None:
     """Append T decode tokens' keys/values (B, H, T, d) at `pos` and write their codes, in one compiled call
     (the cache's fast path; `DashKVLayer._append`+`encode_linear_cpu` is the reference it is tested on)."""
     B, H, T, _ = keys.shape
     nb = weight.shape[2]
     proj = np.empty((B, H, T, nb), np.float32)
-    words = np.empty((B, H, T, nb // 64), np.uint64)
+    words = np.empty((B, H, T, nb * levels // 64), np.uint64)
     kf, ksb, ksh, kb0 = views.k
     vf, vsb, vsh, vb0 = views.v
     cf, csb, csh, cb0 = views.codes
     _append_coded(kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0, csb, csh, views.W, int(pos),
-                  _np(keys.detach()), _np(values.detach()), weight, bias, proj, words)
+                  _np(keys.detach()), _np(values.detach()), weight, bias, int(levels), proj, words)
 
 
 def _serial(dispatcher, name: str):
