@@ -77,13 +77,14 @@ def test_bce_objective_and_mlp_encoders_train(tiny):
     assert all(torch.isfinite(p).all() for p in enc.state_dict().values())
 
 
-def test_evaluate_report_structure_and_bounds(tiny, tmp_path):
-    enc = _cal(tiny, steps=60)
+@pytest.mark.parametrize("key_levels", [1, None])  # sign codes; the default 4-bit levels (no Hamming scorer)
+def test_evaluate_report_structure_and_bounds(tiny, tmp_path, key_levels):
+    enc = _cal(tiny, steps=60, key_levels=key_levels)
     rep = evaluate(tiny, None, enc, _ids(9, 2), seq_len=SEQ, num_sequences=2, queries_per_seq=8,
                    budgets=(1 / 4, 1 / 8), window=16, out_dir=tmp_path, progress=False)
     assert (tmp_path / "report.json").is_file() and (tmp_path / "recall.png").stat().st_size > 1000
     assert json.loads((tmp_path / "report.json").read_text())["budgets"] == ["1/4", "1/8"]
-    methods = {"learned-asymmetric", "learned-hamming", "simhash", "oracle"}
+    methods = {"learned-asymmetric", "simhash", "oracle"} | ({"learned-hamming"} if key_levels == 1 else set())
     assert set(rep["summary"]) == methods
     assert len(rep["rows"]) == 2 * len(methods) * 2 * 2  # layers x methods x groupings x budgets
     for r in rep["rows"]:
@@ -367,4 +368,4 @@ def test_query_pca_init_trains_deterministically(tiny):
         assert ka == kb and torch.equal(va, vb), ka
     assert a.meta["init"] == "query_pca"
     c = _cal(tiny, steps=10)
-    assert c.meta["init"] == "simhash" and not torch.equal(a.layers["2"].key.weights[0], c.layers["2"].key.weights[0])
+    assert c.meta["init"] == "svd" and not torch.equal(a.layers["2"].key.weights[0], c.layers["2"].key.weights[0])

@@ -78,6 +78,12 @@ for i, depth in enumerate(sample_depths(10)[:a.samples]):
             est = ph * K.norm(dim=-1)[:, None, :] * (torch.pi / 2) ** 0.5 / nb
             scores[f"random{nb}_asym_sum_p"] = (est * c.scaling).softmax(-1).sum(1)
             L[f"best_rank_random{nb}_per_head"] = (ph[..., None, :] > ph[..., t0:t1, None]).sum(-1).amin(-1).flatten().tolist()
+        scale = enc.logit_scale(li).view(hkv, g, 1)                      # the calibrated temperatures
+        pe = torch.softmax(per_head_sign / fq.shape[-1] * scale, -1)     # (hkv, g, N) estimated probabilities
+        scores["sign_sum_p_calibrated"] = pe.sum(1)                      # what the oracle ranks by, estimated
+        scores["sign_max_p_calibrated"] = pe.amax(1)
+        prk = (-per_head_sign).argsort(-1).argsort(-1).float()           # each head's own rank of each token
+        scores["per_head_rank_union"] = -prk.amin(1)                     # top-k/G of every head, interleaved
         for tau in (1.0, 2.0, 4.0):                                      # sum of per-head softmaxes of z
             scores[f"sign_sum_softmax_z{tau:g}"] = (tau * z).softmax(-1).sum(1)
         for name, sc in scores.items():

@@ -11,6 +11,7 @@ rows per step, the re-rank stage's int8 keys counted at their bytes):
   learned+pooled                 ... with per-head budgets pooled by estimated probability
   learned+rerankR                ... with the int8 re-rank stage (R x the exact tier re-scored)
   learned+rerank4+pooled
+  learned+prob[+rerank4]         ... ranked by the query heads' estimated probabilities summed (group_score)
 Rows: one JSON line per (layer, method, budget); summary.json and summary.md with the means.
 """
 
@@ -34,13 +35,15 @@ from dashkv.models import load_model, model_shape
 from dashkv.selection import DashKVPolicy, LayerState, OraclePolicy, SimHashPolicy
 
 METHODS = ["oracle", "oracle+pooled", "simhash", "learned", "learned+pooled", "learned+rerank2",
-           "learned+rerank4", "learned+rerank8", "learned+rerank4+pooled"]
+           "learned+rerank4", "learned+rerank8", "learned+rerank4+pooled", "learned+prob", "learned+prob+rerank4"]
 
 
 def policy_for(name: str, budget: float, enc: HashEncoders, simenc: HashEncoders):
-    kw = dict(bits=64, budget=budget, min_context=0)
+    kw = dict(bits=enc.bits, budget=budget, min_context=0)
     if "pooled" in name:
         kw["head_budget"] = "pooled"
+    if "prob" in name:  # one set per KV head ranked by the summed estimated probabilities (group_score)
+        kw["group_score"] = "probability"
     if "rerank" in name:
         kw["rerank"] = int(name.split("rerank")[1].split("+")[0])
     cfg = DashKVConfig(**kw)
@@ -62,7 +65,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m", help="alias, .gguf file or local HF directory")
     p.add_argument("--encoders", default=None, help="encoder directory (default: the shipped ones)")
     p.add_argument("--out", required=True)
+    p.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
     a = p.parse_args(argv)
+    methods = a.methods.split(",") if a.methods else METHODS
     torch.manual_seed(0)
     torch.set_num_threads(1)
     out = Path(a.out)
@@ -75,7 +80,7 @@ def main(argv=None) -> int:
     else:
         lo, _, hi = a.layers.partition("-")
         layers = list(range(int(lo), int(hi) + 1)) if hi else [int(x) for x in a.layers.split(",")]
-    simenc = HashEncoders.simhash(shape.to_dict(), 64, layers, seed=0)
+    simenc = HashEncoders.simhash(shape.to_dict(), enc.bits, layers, seed=0)  # SimHash at the encoders' length
     src = [essays_dir()] if a.kind == "essays" else list(heldout_code_files())
     seqs = make_sequences(tok, load_texts(src), a.seq_len, a.sequences)
     positions = torch.linspace(a.seq_len // 2, a.seq_len - 1, a.positions).round().long().unique()
@@ -90,7 +95,7 @@ def main(argv=None) -> int:
             k_all, v_all, q_all = cap.keys.float(), cap.values.float(), cap.queries.float()
             s, hkv, _, d = k_all.shape
             hq = q_all.shape[1]
-            pols = {(m, b): policy_for(m, b, enc, simenc) for m in METHODS for b in budgets}
+            pols = {(m, b): policy_for(m, b, enc, simenc) for m in methods for b in budgets}
             codes = {"learned": enc.encode_keys(li, k_all), "simhash": simenc.encode_keys(li, k_all)}
             k8 = QuantizedRows.quantize(k_all)
             acc = {}
@@ -122,7 +127,7 @@ def main(argv=None) -> int:
             f.flush()
             print(f"layer {li} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     summary = {}
-    for m in METHODS:
+    for m in methods:
         for b in budgets:
             rs = [r for r in rows if r["method"] == m and r["budget"] == b]
             summary[f"{m}@1/{round(1 / b)}"] = {k: round(sum(r[k] for r in rs) / len(rs), 4)

@@ -47,6 +47,19 @@ OBJECTIVES = ("kl", "bce")
 QUERY_RELAX = ("linear", "tanh", "anneal")
 KEY_RELAX = ("ste", "anneal")
 INITS = ("simhash", "query_pca", "svd")
+# The recipe's defaults, measured on both models (docs/calibration.md, "Multi-bit key levels"): the SVD
+# start and 4-bit key levels (b/4 directions) rank better than random hyperplanes and sign codes on
+# SmolLM2 (d = 64) and Gemma-3 (d = 256) alike.
+DEFAULT_INIT = "svd"
+DEFAULT_KEY_LEVELS = 4  # for linear key encoders and the kl objective; the others keep sign codes
+
+
+def resolve_key_levels(key_levels: int | None, depth: int = 1, objective: str = "kl") -> int:
+    """None -> the default for this recipe: 4-bit levels where they train (a linear key encoder with
+    the kl objective), sign codes (1) otherwise. An explicit value is returned as given."""
+    if key_levels is not None:
+        return key_levels
+    return DEFAULT_KEY_LEVELS if depth == 1 and objective == "kl" else 1
 # Gaussian-optimal uniform quantiser steps (x the spread) for L-bit key levels: where `init` puts them
 LEVEL_STEP = {1: 1.0, 2: 0.996, 3: 0.586, 4: 0.335, 5: 0.188, 6: 0.104, 7: 0.057, 8: 0.031}
 DEFAULT_DENSE_LAYERS = (0, 1)
@@ -235,18 +248,20 @@ def default_layers(shape: Mapping[str, Any], dense_layers: Iterable[int] = DEFAU
 def _check_args(bits: int, objective: str, query_relax: str, steps: int, depth: int, hidden: int,
                 query_depth: int | None = None, query_hidden: int | None = None, key_relax: str = "ste",
                 anneal_beta: Sequence[float] = (1.0, 10.0), quantization: float = 0.0,
-                query_from: float = 0.5, group_weight: float = 0.0, init: str = "simhash",
-                key_levels: int = 1) -> None:
+                query_from: float = 0.5, group_weight: float = 0.0, init: str = DEFAULT_INIT,
+                key_levels: int | None = None) -> None:
     if init not in INITS:
         raise CalibrationError(f"init must be one of {INITS}, got {init!r}")
     from .encoders import MAX_KEY_LEVELS
 
+    key_levels = resolve_key_levels(key_levels, depth, objective)
     if (not isinstance(key_levels, int) or isinstance(key_levels, bool) or not 1 <= key_levels <= MAX_KEY_LEVELS
             or (isinstance(bits, int) and bits % key_levels)):
         raise CalibrationError(f"key_levels must be an integer in 1..{MAX_KEY_LEVELS} dividing bits ({bits}), "
                                f"got {key_levels!r}")
     if key_levels > 1 and (depth != 1 or objective != "kl"):
-        raise CalibrationError("key_levels > 1 needs a linear key encoder (depth 1) and objective 'kl'")
+        raise CalibrationError("key_levels > 1 needs a linear key encoder (depth 1) and objective 'kl' "
+                               "(pass key_levels=1, CLI --key-levels 1, for sign codes)")
     if not isinstance(bits, int) or bits < 64 or bits % 64:
         raise CalibrationError(f"bits must be a positive multiple of 64 (64, 128, ...), got {bits!r}")
     if objective not in OBJECTIVES:
@@ -367,7 +382,7 @@ def _init_layer(enc: LayerEncoders, cap: LayerCapture, bits: int, g: torch.Gener
     grp = hq // hkv
     kk = k[:, :, min(4, k.shape[2] - 1):].permute(1, 0, 2, 3).reshape(hkv, -1, d)
     mu = kk.mean(1)  # (Hkv, d)
-    if init == "svd":
+    if init == "svd" and enc.key.depth == 1:  # an MLP key encoder starts random, as with "simhash"
         m = enc.key.d_out
         pq, pk = _svd_start(q, kk - mu[:, None], hkv, m, g)
         step = torch.einsum("hnd,hdm->hnm", kk - mu[:, None], pk).std(1).clamp_min(1e-6) * LEVEL_STEP[key_levels]
@@ -380,7 +395,7 @@ def _init_layer(enc: LayerEncoders, cap: LayerCapture, bits: int, g: torch.Gener
         else:
             _init_mlp_as_linear(enc.query, wq, g)
         return
-    r = _start_projection(q, hkv, d, enc.key.d_out, init, g)
+    r = _start_projection(q, hkv, d, enc.key.d_out, "simhash" if init == "svd" else init, g)
     proj = torch.einsum("hnd,hdb->hnb", kk - mu[:, None], r)
     sk = proj.std(1).clamp_min(1e-6) * LEVEL_STEP[key_levels]  # (Hkv, b)
     rq = r.repeat_interleave(grp, 0)  # (Hq, d, b)
@@ -531,8 +546,8 @@ def train_layer(cap: LayerCapture, bits: int, *, objective: str = "kl", steps: i
                 balance: float = 0.05, decorrelation: float = 0.05, topk_fraction: float = 1 / 16,
                 depth: int = 1, hidden: int = 0, query_depth: int | None = None, query_hidden: int | None = None,
                 key_relax: str = "ste", anneal_beta: Sequence[float] = (1.0, 10.0), quantization: float = 0.0,
-                group_weight: float = 0.0, lr_schedule: str = "constant", init: str = "simhash",
-                key_levels: int = 1, seed: int = 0) -> tuple[LayerEncoders, dict[str, float]]:
+                group_weight: float = 0.0, lr_schedule: str = "constant", init: str = DEFAULT_INIT,
+                key_levels: int = DEFAULT_KEY_LEVELS, seed: int = 0) -> tuple[LayerEncoders, dict[str, float]]:
     """Train one layer's query/key encoders on its captured Q/K; the model is not involved.
 
     key_relax "ste": tanh(f_k) relaxed codes, straight-through sign for the last `ste_fraction` of the
@@ -694,7 +709,7 @@ def calibrate(model, tokenizer, texts, *, bits: int = 64, seq_len: int = 4096, n
               balance: float = 0.1, decorrelation: float = 0.05, query_depth: int | None = None,
               query_hidden: int | None = None, key_relax: str = "anneal", anneal_beta: Sequence[float] = (1.0, 10.0),
               quantization: float = 0.1, query_from: float = 0.5, group_weight: float = 0.0,
-              init: str = "simhash", key_levels: int = 1, model_name: str | None = None,
+              init: str = DEFAULT_INIT, key_levels: int | None = None, model_name: str | None = None,
               threads: int | None = 1, progress: bool = True, log: dict | None = None) -> HashEncoders:
     """Learn HashEncoders for `model` (frozen) from calibration text.
 
@@ -706,6 +721,7 @@ def calibrate(model, tokenizer, texts, *, bits: int = 64, seq_len: int = 4096, n
     """
     _check_args(bits, objective, query_relax, steps, depth, hidden, query_depth, query_hidden, key_relax,
                 anneal_beta, quantization, query_from, group_weight, init, key_levels)
+    key_levels = resolve_key_levels(key_levels, depth, objective)
     shape = _shape_of(model)
     dense = tuple(sorted(int(i) for i in dense_layers))
     layer_ids = sorted(int(i) for i in layers) if layers is not None else default_layers(shape, dense)
@@ -969,8 +985,8 @@ def calibrate_command(model: str, text: list[str], bits: int = 64, out: str = "e
                       query_depth: int | None = None, query_hidden: int | None = None, key_relax: str = "anneal",
                       anneal_beta: Sequence[float] = (1.0, 10.0), quantization: float = 0.1, balance: float = 0.1,
                       decorrelation: float = 0.05, queries_per_seq: int = 32, query_from: float = 0.5,
-                      heldout_code: bool = False, group_weight: float = 0.0, init: str = "simhash",
-                      key_levels: int = 1) -> int:
+                      heldout_code: bool = False, group_weight: float = 0.0, init: str = DEFAULT_INIT,
+                      key_levels: int | None = None) -> int:
     """`dashkv calibrate`: load_model -> calibrate -> save -> evaluate on held-out text -> summary.
 
     Arguments are validated (and the text read) before the model loads. Returns 0, or 2 on a user
@@ -1116,13 +1132,14 @@ def add_arguments(p) -> None:
                    help="weight of the bit-decorrelation term (default: %(default)s)")
     p.add_argument("--group-weight", type=float, default=0.0,
                    help="weight of the KL of one-set-per-KV-head ranking (group score sum vs mean attention)")
-    p.add_argument("--init", choices=INITS, default="simhash",
+    p.add_argument("--init", choices=INITS, default=DEFAULT_INIT,
                    help="starting projection: simhash (random hyperplanes), query_pca (the queries' top "
                         "principal directions, randomly rotated; for head_dim > bits) or svd (separate key and "
-                        "query projections: the best rank-m bilinear fit of q.k)")
-    p.add_argument("--key-levels", type=int, default=1, metavar="L",
+                        "query projections: the best rank-m bilinear fit of q.k) (default: %(default)s)")
+    p.add_argument("--key-levels", type=int, default=None, metavar="L",
                    help="bits per key direction: 1 = sign codes; L > 1 spends the --bits on bits/L directions, "
-                        "each an L-bit level (same code size and scan; linear encoders, objective kl)")
+                        f"each an L-bit level (same code size and scan; linear key encoders, objective kl) "
+                        f"(default: {DEFAULT_KEY_LEVELS} with a linear key encoder and kl, else 1)")
     p.add_argument("--queries-per-seq", type=int, default=32, help="decode queries sampled per sequence")
     p.add_argument("--query-from", type=float, default=0.5,
                    help="decode queries are drawn from positions [query_from * seq_len, seq_len)")

@@ -15,6 +15,7 @@ from typing import Any, Literal
 Scorer = Literal["asymmetric", "hamming"]
 Grouping = Literal["kv_head", "query_head"]
 HeadBudget = Literal["fixed", "pooled"]
+GroupScore = Literal["sum", "probability"]
 
 
 def parse_budget(value: str | float | int) -> float | int:
@@ -90,6 +91,15 @@ class DashKVConfig:
                      projection rounded to symmetric integer levels (+-7 or +-127, one scale per head) and
                      scored by AND + popcount over its bit planes, which vectorises (docs/DECISIONS.md).
                      Asymmetric scorer with a fixed-size exact tier only (optionally re-ranked).
+    group_score:     what one candidate set per KV head ranks by: "sum" of its query heads' scores (one scan
+                     of the summed projection) or "probability": each query head's estimated attention
+                     probability (softmax of its score at the calibrated temperature) summed, what oracle
+                     top-k ranks by; a sharp (retrieval) head is then not drowned by diffuse ones. G scans;
+                     torch reference path.
+    successors:      successor pooling: each candidate's score is the best of its own and its `successors`
+                     predecessors', so a selected token brings the next ones with it (copying a span:
+                     the token after the one attended to is what the next step reads). 0 = off; torch
+                     reference path.
     """
 
     bits: int = 64
@@ -110,6 +120,8 @@ class DashKVConfig:
     rerank: int = 0
     head_budget: HeadBudget = "fixed"
     query_bits: int | None = None
+    successors: int = 0
+    group_score: GroupScore = "sum"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -163,9 +175,15 @@ class DashKVConfig:
                 raise bad("query_bits", "quantises the asymmetric scorer's query; the hamming scorer has none")
             clash = [n for n, on in (("adaptive", self.adaptive), ("head_budget='pooled'", self.head_budget == "pooled"),
                                      ("spatial_vote", self.spatial_vote), ("temporal", self.temporal),
-                                     ("lowprec_fraction", self.lowprec_fraction)) if on]
+                                     ("lowprec_fraction", self.lowprec_fraction),
+                                     ("successors", self.successors),
+                                     ("group_score='probability'", self.group_score == "probability")) if on]
             if clash:
                 raise bad("query_bits", f"combines only with a fixed-size exact tier (and rerank), not with {clash[0]}")
+        if self.group_score not in ("sum", "probability"):
+            raise bad("group_score", "must be 'sum' or 'probability'")
+        if not isinstance(self.successors, int) or isinstance(self.successors, bool) or not 0 <= self.successors <= 16:
+            raise bad("successors", "must be an integer in [0, 16] (0 disables successor pooling)")
         if any(i < 0 for i in self.dense_layers):
             raise bad("dense_layers", "layer indices must be >= 0")
 
@@ -241,7 +259,7 @@ class DashKVConfig:
         """The configuration of a command line (`dashkv demo/generate/bench decode`): the options
         `_add_dashkv_args` defines, each falling back to the field's default when a command lacks it."""
         names = ("bits", "budget", "sink", "window", "min_context", "rerank", "head_budget", "temporal",
-                 "query_bits", "lowprec_fraction")
+                 "query_bits", "lowprec_fraction", "successors", "group_score")
         return cls(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None}, **extra)
 
     @classmethod

@@ -146,6 +146,10 @@ def _configuration_reasons(config: DashKVConfig, device_type: str, kv_dtype: tor
         reasons.append(f"spatial_vote={config.spatial_vote}")
     if config.temporal:
         reasons.append(f"temporal={config.temporal}")
+    if config.successors:
+        reasons.append(f"successors={config.successors}")
+    if config.group_score == "probability" and config.grouping == "kv_head":
+        reasons.append("group_score='probability'")
     pooled = config.head_budget == "pooled"
     if config.lowprec_fraction > 0 and (device_type != "cpu" or config.rerank or pooled):
         reasons.append(f"lowprec_fraction={config.lowprec_fraction} (the 8-bit tier is fused on the CPU, with a "

@@ -278,6 +278,16 @@ def temporal_momentum(scores: torch.Tensor, carried: torch.Tensor, mu: float) ->
     return s + mu * s.std(-1, keepdim=True).clamp_min(1e-6) * _standardised(carried)[:, None, :]
 
 
+def successor_pool(scores: torch.Tensor, span: int) -> torch.Tensor:
+    """(B, Hs, N) -> each position's score the max of its own and its `span` predecessors' (positions
+    before 0 count as -inf): a high-scoring token lifts the tokens right after it to its rank, so top-k
+    takes them together (copying a span needs the successor of what was just read)."""
+    out = scores.clone()
+    for i in range(1, min(span, scores.shape[-1] - 1) + 1):
+        out[..., i:] = torch.maximum(out[..., i:], scores[..., :-i])
+    return out
+
+
 def spatial_vote(scores: torch.Tensor, lam: float) -> torch.Tensor:
     """Distance calibration Δ_spatial: (B, Hq, N) per-query-head scores plus lam·σ_h·vote, where vote is
     the mean over the layer's query heads of each head's standardised score (a cross-head vote: a key
@@ -472,7 +482,10 @@ class DashKVPolicy(SelectionPolicy):
                 scores = self.rerank_scores(state, query, scores, plan, scaling, start)
             return build_selection(scores, plan, start, None, self.config)
         per_head = self.per_head_scores(state, query)
-        scores = self.grouped(per_head, keys.shape[1])
+        if self.config.group_score == "probability" and self.config.grouping == "kv_head":
+            scores = self.probability_estimate(state, per_head, keys.shape[1])
+        else:
+            scores = self.grouped(per_head, keys.shape[1])
         if self.config.temporal and state.carry is not None:
             carried = state.carry.get(state.layer_idx, keys.shape[2], keys.shape[0])
             if carried is not None:
@@ -486,6 +499,8 @@ class DashKVPolicy(SelectionPolicy):
             mass_logits = self.probability_estimate(state, per_head, keys.shape[1]).clamp_min(1e-30).log()
         if plan.rerank > 0:
             scores = self.rerank_scores(state, query, scores, plan, scaling, start)
+        if self.config.successors:
+            scores = successor_pool(scores, self.config.successors)
         return build_selection(scores, plan, start, mass_logits, self.config)
 
     def rerank_scores(self, state: LayerState, query: torch.Tensor, scores: torch.Tensor, plan: StepPlan,

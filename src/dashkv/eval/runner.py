@@ -349,11 +349,17 @@ def validate_plan(args: Any) -> EvalPlan:
         overrides["query_bits"] = int(qbits)
     if lowfrac:
         overrides["lowprec_fraction"] = float(lowfrac)
+    succ = getattr(args, "successors", None)
+    if succ:
+        overrides["successors"] = int(succ)
+    gscore = getattr(args, "group_score", None)
+    if gscore:
+        overrides["group_score"] = gscore
     if overrides:
         try:
             DashKVConfig(**overrides)
         except ValueError as e:
-            raise ValueError(f"--query-bits / --lowprec-fraction: {e}") from None
+            raise ValueError(f"--query-bits / --lowprec-fraction / --successors / --group-score: {e}") from None
     if qbits and "dashkv_rerank" not in all_methods and not any(m in ("dashkv", "simhash_asym") for m in all_methods):
         raise ValueError("--query-bits changes the asymmetric code scan only: add dashkv, dashkv_rerank or "
                          "simhash_asym to --methods")
