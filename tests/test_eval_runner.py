@@ -325,6 +325,24 @@ def test_resume_refuses_rows_of_other_encoder_weights(tmp_path):
         _check_same_encoders(rows + [{"method": "dashkv"}], {"dashkv": a}, path)
 
 
+def test_resume_refuses_rows_of_other_configuration_overrides(tmp_path):
+    from types import SimpleNamespace
+
+    from dashkv.eval.runner import _check_same_overrides
+
+    path = tmp_path / "results.jsonl"
+    prob = SimpleNamespace(config_overrides={"group_score": "probability"})
+    plain = SimpleNamespace(config_overrides={})
+    rows = [{"method": "dense"}, {"method": "dashkv", "config_overrides": {"group_score": "probability"}}]
+    _check_same_overrides(rows, prob, path)
+    _check_same_overrides(rows[:1], plain, path)  # only dense rows: they do not depend on the overrides
+    _check_same_overrides([], prob, path)
+    with pytest.raises(ValueError, match="overrides.*new --out"):
+        _check_same_overrides(rows, plain, path)
+    with pytest.raises(ValueError, match="overrides"):  # older rows: the sweep's run.json says none
+        _check_same_overrides([{"method": "dashkv"}], prob, path)
+
+
 def test_loaded_encoders_carry_their_weights_digest(tmp_path):
     from dashkv.encoders import HashEncoders
 

@@ -58,3 +58,27 @@ def test_two_encoder_sets_of_one_model_are_two_methods_never_averaged():
     one = make_tables([r for r in rows if r.get("encoders_sha256") != b])
     assert "| DASH-KV | 1/16 | 0.0 [" in one and "(encoders" not in one  # one set: plain name
     assert rows[1]["method"] == "dashkv"  # the caller's rows are not renamed
+
+
+def test_configuration_overrides_are_their_own_method(tmp_path):
+    """Rows decoded with `dashkv eval --group-score probability` (recorded per row, or, for older rows,
+    in the sweep's run.json) never share a cell with the default configuration's rows."""
+    from dashkv.eval.tables import load_rows
+
+    rows = []
+    for i in range(2):
+        rows += [_row("niah_single_1", "dense", "full", i, 1.0),
+                 _row("niah_single_1", "dashkv", "1/16", i, 0.0, _sweep="plain"),
+                 _row("niah_single_1", "dashkv", "1/16", i, 1.0, _sweep="prob",
+                      config_overrides={"group_score": "probability"})]
+    md = make_tables(rows)
+    assert "| DASH-KV | 1/16 | 0.0 [" in md and "| DASH-KV [group_score=probability] | 1/16 | 100.0 [" in md
+    assert rows[2]["method"] == "dashkv"
+    d = tmp_path / "prob"
+    d.mkdir()
+    (d / "results.jsonl").write_text("\n".join(json.dumps({k: v for k, v in r.items() if k != "config_overrides"})
+                                               for r in rows[:3]) + "\n")
+    (d / "run.json").write_text(json.dumps({"config": {"group_score": "probability", "successors": 0}}))
+    loaded = load_rows([tmp_path])
+    assert [r.get("config_overrides") for r in loaded] == [None, {"group_score": "probability"}] * 1 + [
+        {"group_score": "probability"}]

@@ -759,6 +759,22 @@ def _check_same_encoders(rows: list[dict[str, Any]], digests: dict[str, str | No
                              "directory")
 
 
+def _check_same_overrides(rows: list[dict[str, Any]], plan: "EvalPlan", path: Path) -> None:
+    """Refuse to resume a sweep made with other configuration overrides (`--group-score`, `--query-bits`,
+    ...): its done rows would be skipped as if they had been decoded with this run's configuration."""
+    if not rows:
+        return
+    from .tables import _sweep_overrides
+
+    decoded = [r for r in rows if r.get("method") != DENSE]  # dense rows do not depend on the overrides
+    if not decoded:
+        return
+    before = decoded[0].get("config_overrides") or _sweep_overrides(path)
+    if dict(before) != dict(plan.config_overrides):
+        raise ValueError(f"{path} was made with configuration overrides {before or 'none'}, this run has "
+                         f"{dict(plan.config_overrides) or 'none'}: write this run to a new --out directory")
+
+
 def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any] | None = None,
              summary: bool = True) -> list[dict[str, Any]]:
     """Run every missing row of `plan` (appending to OUT/results.jsonl) and write the summaries."""
@@ -769,6 +785,7 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
     encoders = _encoders_for(plan, model) if encoders is None else encoders
     digests = {m: getattr(encoders[m], "weights_sha256", None) for m in LEARNED_METHODS if m in encoders}
     _check_same_encoders(rows, digests, results_path)
+    _check_same_overrides(rows, plan, results_path)
     stop = stop_ids(tokenizer, model)
     try:
         from ..models import model_shape
@@ -892,6 +909,8 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
                     "encoders_sha256": digests.get(method),
                     "prefill_dtype": plan.prefill_dtype, **meta,
                 }
+                if plan.config_overrides and method != DENSE:  # a table keeps these rows apart
+                    row["config_overrides"] = dict(plan.config_overrides)
                 if reference is not None:
                     row.update(prediction=None, answers=None, new_tokens=fid.positions, positions=fid.positions,
                                agree=fid.agree, agreement=fid.agreement, kl_sum=fid.kl_sum, kl=fid.kl,

@@ -19,6 +19,7 @@ tasks it is an approximation (samples treated as Bernoulli trials at the mean), 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections import defaultdict
@@ -60,14 +61,36 @@ def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+#: configuration fields a sweep may override for every method (`dashkv eval --query-bits ...`): rows made
+#: with other values are other methods in the tables
+VARIANT_FIELDS = ("query_bits", "lowprec_fraction", "successors", "group_score")
+
+
+def _sweep_overrides(results: Path) -> dict[str, Any]:
+    """The VARIANT_FIELDS a sweep's run.json sets away from their defaults (rows written before rows
+    recorded `config_overrides` themselves)."""
+    from ..config import DashKVConfig
+
+    try:
+        cfg = json.loads((results.parent / "run.json").read_text()).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    default = DashKVConfig().to_dict()
+    return {k: cfg[k] for k in VARIANT_FIELDS if k in cfg and cfg[k] != default.get(k)}
+
+
 def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """Rows of every results.jsonl under `paths` (files or directories), each tagged with its sweep."""
+    """Rows of every results.jsonl under `paths` (files or directories), each tagged with its sweep and,
+    where the sweep overrode a selection field for every method, with those overrides."""
     rows: list[dict[str, Any]] = []
     for p in map(Path, paths):
         files = [p] if p.is_file() else sorted(p.rglob("results.jsonl"))
         for f in files:
+            overrides = _sweep_overrides(f)
             for r in load_results(f):
                 r["_sweep"] = f.parent.name
+                if overrides and r.get("method") != "dense":
+                    r.setdefault("config_overrides", overrides)
                 rows.append(r)
     return rows
 
@@ -76,14 +99,26 @@ LEARNED = ("dashkv", "dashkv_rerank")  # methods decoding with calibrated encode
 
 
 def _base(method: str) -> str:
-    return method.split("@", 1)[0]
+    return method.split("[", 1)[0].split("@", 1)[0]
 
 
 def _name(method: str) -> str:
-    """Table label; a method tagged with its encoder set (`_tag_encoder_sets`) names the set."""
-    base, _, tag = method.partition("@")
+    """Table label; a method tagged with its encoder set (`_tag_encoder_sets`) names the set, one tagged
+    with configuration overrides (`_tag_variants`) names them."""
+    head, _, variant = method.partition("[")
+    base, _, tag = head.partition("@")
     name = METHOD_NAMES.get(base, base)
-    return f"{name} (encoders {tag})" if tag else name
+    name = f"{name} (encoders {tag})" if tag else name
+    return f"{name} [{variant.rstrip(']')}]" if variant else name
+
+
+def _tag_variants(rows: list[dict[str, Any]]) -> None:
+    """Rows decoded with configuration overrides (`config_overrides`: `dashkv eval --group-score ...`)
+    become their own method, `<method>[field=value,...]`, so no cell averages two configurations."""
+    for r in rows:
+        ov = r.get("config_overrides") or {}
+        if ov and r["method"] != "dense":
+            r["method"] = f"{r['method']}[{','.join(f'{k}={v}' for k, v in sorted(ov.items()))}]"
 
 
 def _tag_encoder_sets(rows: list[dict[str, Any]]) -> None:
@@ -188,7 +223,7 @@ def _dashkv_verdict(rs: list[dict[str, Any]], out: list[str], key) -> None:
                 if mine < ref:
                     notes.append(f"below dense by {100 * (ref - mine):.1f} points")
             best = None
-            for m in {r["method"] for r in rs if _base(r["method"]) not in ("dense", "dashkv", "oracle")}:
+            for m in [x for x in _methods(rs) if _base(x) not in ("dense", "dashkv", "oracle")]:  # fixed order: ties too
                 sc = [float(r["score"]) for r in rs if r["method"] == m and r["budget"] == b and key(r) == g]
                 if sc and (best is None or sum(sc) / len(sc) > best[1]):
                     best = (m, sum(sc) / len(sc))
@@ -274,6 +309,7 @@ def make_tables(rows: list[dict[str, Any]], sources: Sequence[str] = ()) -> str:
     """Markdown for all tables of `rows`, per model."""
     rows = [dict(r) for r in rows]
     _tag_encoder_sets(rows)
+    _tag_variants(rows)
     rows = _dedupe(rows)
     out = ["# dashkv evaluation tables", "",
            f"Made by `python -m dashkv.eval.tables {' '.join(sources) or 'results/eval'}` from the committed rows "
