@@ -369,3 +369,13 @@ def test_samples_at_the_models_own_limit_leave_room_for_the_answer(tmp_path):
     rows = run_eval(model, tok, plan, summary=False)
     assert len(rows) == 2 * 3 * 2
     assert all(r["prompt_tokens"] + 12 + 1 <= 400 for r in rows)
+
+
+def test_overrides_equal_to_the_defaults_are_not_overrides(tiny_lm):
+    """`--group-score sum` is the default configuration: its rows must share cells with the plain run's."""
+    _, _, d = tiny_lm
+    assert validate_plan(_args(d, methods="dense,simhash_asym", group_score="sum")).config_overrides == {}
+    plan = validate_plan(_args(d, methods="dense,simhash_asym", group_score="probability"))
+    assert plan.config_overrides == {"group_score": "probability"}
+    with pytest.raises(ValueError, match="head_budget|group_score"):
+        DashKVConfig(group_score="probability", head_budget="pooled")

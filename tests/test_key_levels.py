@@ -132,12 +132,31 @@ def test_levels_need_the_asymmetric_scorer_and_bad_options_fail_clearly(tiny, tm
         HashEncoders(shape, 64, [2], kind="simhash", key_levels=2)
     with pytest.raises(ValueError, match="key_levels"):
         HashEncoders(shape, 64, [2], key_levels=3)
-    # an edited file: key_levels that does not divide the bits is named
-    enc.save_pretrained(tmp_path / "e")
+    # a file's key_levels that does not divide the bits, or levels on SimHash, is named (the field check
+    # itself: an edited encoders.json is caught earlier, by the embedded copy of the configuration)
     import json
+    from pathlib import Path
 
+    from dashkv.encoders import _checked_fields
+
+    enc.save_pretrained(tmp_path / "e")
     cfg = json.loads((tmp_path / "e" / "encoders.json").read_text())
+    assert _checked_fields(cfg, Path("f"))["key_levels"] == 2
+    for bad in ({"key_levels": 3}, {"key_levels": 2, "kind": "simhash"}, {"key_levels": 9}):
+        with pytest.raises(EncoderFileError, match="key_levels"):
+            _checked_fields({**cfg, **bad}, Path("f"))
     cfg["key_levels"] = 3
     (tmp_path / "e" / "encoders.json").write_text(json.dumps(cfg))
     with pytest.raises(EncoderFileError):
         HashEncoders.from_pretrained(tmp_path / "e")
+    # train_layer on its own refuses what calibrate refuses
+    from dashkv.calibrate import train_layer
+    from dashkv.capture import capture_qkv
+
+    cap = capture_qkv(tiny, _ids(3, 1), [2], queries_per_seq=4, progress=False)[2]
+    with pytest.raises(CalibrationError, match="key_levels"):
+        train_layer(cap, 64, key_levels=3, steps=1)
+    with pytest.raises(CalibrationError, match="key_levels"):
+        train_layer(cap, 64, key_levels=2, objective="bce", steps=1)
+    layer, _ = train_layer(cap, 64, objective="bce", steps=1)  # the default for bce: sign codes
+    assert layer.key.d_out == 64

@@ -76,3 +76,24 @@ def test_probability_group_score_is_the_summed_per_head_softmax():
                                       torch.float32)
     with pytest.raises(ValueError, match="group_score"):
         DashKVConfig(group_score="max")
+
+
+def test_policy_select_applies_successor_pooling():
+    from dashkv.encoders import HashEncoders
+    from dashkv.selection import DashKVPolicy, LayerState
+
+    shape = {"model_type": "llama", "num_layers": 3, "num_q_heads": 2, "num_kv_heads": 1, "head_dim": 16}
+    enc = HashEncoders.simhash(shape, 64, [2], seed=1)
+    g = torch.Generator().manual_seed(2)
+    keys, query = torch.randn(1, 1, 300, 16, generator=g), torch.randn(1, 2, 16, generator=g)
+    state = LayerState(2, codes=enc.encode_keys(2, keys))
+    base = DashKVConfig(min_context=0, budget=4 + 8 + 10, sink=4, window=8, k_min=0)
+    plan = base.plan(300)
+    plain = DashKVPolicy(base, enc).select(state, query, keys, plan, 0.25, None)
+    pooled = DashKVPolicy(DashKVConfig(**{**base.to_dict(), "successors": 1}), enc).select(
+        state, query, keys, plan, 0.25, None)
+    top = plain.indices[0, 0][plain.exact[0, 0]].tolist()[12:][0]  # the best candidate of the plain ranking
+    chosen = set(pooled.indices[0, 0][pooled.exact[0, 0]].tolist())
+    assert top in chosen and top + 1 in chosen
+    with pytest.raises(ValueError, match="head_budget"):
+        DashKVConfig(successors=1, head_budget="pooled")

@@ -547,7 +547,7 @@ def train_layer(cap: LayerCapture, bits: int, *, objective: str = "kl", steps: i
                 depth: int = 1, hidden: int = 0, query_depth: int | None = None, query_hidden: int | None = None,
                 key_relax: str = "ste", anneal_beta: Sequence[float] = (1.0, 10.0), quantization: float = 0.0,
                 group_weight: float = 0.0, lr_schedule: str = "constant", init: str = DEFAULT_INIT,
-                key_levels: int = DEFAULT_KEY_LEVELS, seed: int = 0) -> tuple[LayerEncoders, dict[str, float]]:
+                key_levels: int | None = None, seed: int = 0) -> tuple[LayerEncoders, dict[str, float]]:
     """Train one layer's query/key encoders on its captured Q/K; the model is not involved.
 
     key_relax "ste": tanh(f_k) relaxed codes, straight-through sign for the last `ste_fraction` of the
@@ -563,6 +563,10 @@ def train_layer(cap: LayerCapture, bits: int, *, objective: str = "kl", steps: i
     g = torch.Generator().manual_seed(seed)
     hkv, d = cap.keys.shape[1], cap.keys.shape[3]
     hq = cap.queries.shape[1]
+    key_levels = resolve_key_levels(key_levels, depth, objective)
+    if key_levels > 1 and (bits % key_levels or depth != 1 or objective != "kl"):
+        raise CalibrationError(f"key_levels={key_levels} needs bits divisible by it ({bits}), a linear key "
+                               "encoder and objective 'kl'")
     m = bits // key_levels  # outputs per side while training
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -756,7 +760,8 @@ def calibrate(model, tokenizer, texts, *, bits: int = 64, seq_len: int = 4096, n
         "dense_layers": list(dense), "balance": balance, "decorrelation": decorrelation,
         "key_relax": key_relax, "anneal_beta": list(anneal_beta) if key_relax == "anneal" or query_relax == "anneal"
         else None, "quantization": quantization, "query_from": query_from, "group_weight": group_weight,
-        "init": init, "key_levels": key_levels, "query_depth": enc.query_depth, "query_hidden": enc.query_hidden,
+        "init": init if init != "svd" or depth == 1 else "simhash",  # an MLP key encoder starts random
+        "key_levels": key_levels, "query_depth": enc.query_depth, "query_hidden": enc.query_hidden,
         "layer_kl": {k: v["kl"] for k, v in per_layer.items()},
         # what `enable` checks the model against, and past which decoding warns (encoders.check_compatible)
         "attention_fingerprint": attention_fingerprint(model, layer_ids), "calibrated_context": seq_len,

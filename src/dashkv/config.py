@@ -182,6 +182,9 @@ class DashKVConfig:
                 raise bad("query_bits", f"combines only with a fixed-size exact tier (and rerank), not with {clash[0]}")
         if self.group_score not in ("sum", "probability"):
             raise bad("group_score", "must be 'sum' or 'probability'")
+        if self.head_budget == "pooled" and (self.group_score == "probability" or self.successors):
+            raise bad("head_budget", "'pooled' bins the summed scores; it does not combine with "
+                                     "group_score='probability' or successors")
         if not isinstance(self.successors, int) or isinstance(self.successors, bool) or not 0 <= self.successors <= 16:
             raise bad("successors", "must be an integer in [0, 16] (0 disables successor pooling)")
         if any(i < 0 for i in self.dense_layers):

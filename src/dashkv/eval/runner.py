@@ -355,6 +355,8 @@ def validate_plan(args: Any) -> EvalPlan:
     gscore = getattr(args, "group_score", None)
     if gscore:
         overrides["group_score"] = gscore
+    defaults = DashKVConfig().to_dict()
+    overrides = {k: v for k, v in overrides.items() if v != defaults.get(k)}  # `--group-score sum` = no override
     if overrides:
         try:
             DashKVConfig(**overrides)

@@ -72,8 +72,10 @@ def _sweep_overrides(results: Path) -> dict[str, Any]:
     from ..config import DashKVConfig
 
     try:
-        cfg = json.loads((results.parent / "run.json").read_text()).get("config", {})
+        cfg = json.loads((results.parent / "run.json").read_text()).get("config") or {}
     except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(cfg, dict):
         return {}
     default = DashKVConfig().to_dict()
     return {k: cfg[k] for k in VARIANT_FIELDS if k in cfg and cfg[k] != default.get(k)}

@@ -1160,10 +1160,17 @@ def linear_heads_cpu(x: torch.Tensor, weight: np.ndarray, bias: np.ndarray) -> t
     return torch.from_numpy(out)
 
 
+def _check_code_width(outputs: int, levels: int) -> None:
+    """The packer writes outputs x levels bits into whole 64-bit words, unchecked inside numba."""
+    if levels < 1 or (outputs * levels) % 64:
+        raise ValueError(f"{outputs} key outputs x {levels}-bit levels is not a whole number of 64-bit words")
+
+
 def encode_linear_cpu(x: torch.Tensor, weight: np.ndarray, bias: np.ndarray, levels: int = 1) -> torch.Tensor:
     """Packed key codes (B, H, T, b/64) int64 of a head-wise linear key encoder (see `linear_heads_cpu`),
     b = outputs x `levels` (sign codes, or multi-bit levels: `_pack_codes`)."""
     B, H, T, _ = x.shape
+    _check_code_width(weight.shape[2], levels)
     proj = np.empty((B, H, T, weight.shape[2]), np.float32)
     _linear_heads(_np(x.detach()), weight, bias, proj)
     words = np.empty((B, H, T, weight.shape[2] * levels // 64), np.uint64)
@@ -1272,6 +1279,7 @@ def append_coded_cpu(views: BufferViews, pos: int, keys: torch.Tensor, values: t
     (the cache's fast path; `DashKVLayer._append`+`encode_linear_cpu` is the reference it is tested on)."""
     B, H, T, _ = keys.shape
     nb = weight.shape[2]
+    _check_code_width(nb, levels)
     proj = np.empty((B, H, T, nb), np.float32)
     words = np.empty((B, H, T, nb * levels // 64), np.uint64)
     kf, ksb, ksh, kb0 = views.k
