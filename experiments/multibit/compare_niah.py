@@ -2,7 +2,8 @@
 (same prompts: seed 0, default haystack, 4K, 10 samples per task), at one budget.
 
   python experiments/multibit/compare_niah.py NEW_DIR [MATRIX_DIR] [BUDGET] [OLD_DASHKV_DIR]
-(OLD_DASHKV_DIR: where the "old dkv" column's rows are, default MATRIX_DIR)
+(OLD_DASHKV_DIR: where the "old dkv" column's rows are, default MATRIX_DIR; both may list several
+directories separated by commas)
 Prints, per task: oracle right, DASH-KV right, oracle-right samples DASH-KV misses (the issue-10
 criterion: at most one over all tasks), and the sums.
 """
@@ -15,11 +16,13 @@ budget = sys.argv[3] if len(sys.argv) > 3 else "1/16"
 old_dir = sys.argv[4] if len(sys.argv) > 4 else matrix
 
 
-def rows(d):
+def rows(dirs):
+    """Scores by (task, sample, method, budget) from one or more comma-separated sweep directories."""
     out = {}
-    for line in open(f"{d}/results.jsonl"):
-        r = json.loads(line)
-        out[(r["task"], r["index"], r["method"], r["budget"])] = r["score"]
+    for d in dirs.split(","):
+        for line in open(f"{d}/results.jsonl"):
+            r = json.loads(line)
+            out[(r["task"], r["index"], r["method"], r["budget"])] = r["score"]
     return out
 
 
