@@ -17,3 +17,11 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
     )
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny 4-layer Llama (6 query / 2 KV heads, head dim 16) the calibration tests train encoders on."""
+    from dashkv.models import tiny_model
+
+    return tiny_model("llama", num_layers=4, num_q_heads=6, num_kv_heads=2, head_dim=16)

@@ -23,11 +23,6 @@ from dashkv.models import tiny_model
 SEQ = 192
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model("llama", num_layers=4, num_q_heads=6, num_kv_heads=2, head_dim=16)
-
-
 def _ids(seed, rows, length=SEQ):
     return torch.randint(3, 512, (rows, length), generator=torch.Generator().manual_seed(seed))
 

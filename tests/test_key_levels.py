@@ -12,14 +12,8 @@ from hypothesis import given, settings, strategies as st
 from dashkv.calibrate import CalibrationError, calibrate, _expand_levels, inference_scores
 from dashkv.codes import asymmetric_scores, key_code_bits, level_values, level_weights, pack_bits, to_signs
 from dashkv.encoders import EncoderFileError, HashEncoders, LayerEncoders
-from dashkv.models import tiny_model
 
 SEQ = 192
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model("llama", num_layers=4, num_q_heads=6, num_kv_heads=2, head_dim=16)
 
 
 def _ids(seed, rows, length=SEQ):

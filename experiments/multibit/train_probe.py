@@ -9,6 +9,7 @@ import argparse, json, sys, time
 import torch
 
 from dashkv.calibrate import essays_dir, heldout_code_files, load_texts, make_sequences, stdlib_package_dirs, _true_logits
+from dashkv.calibrate import _psd_power
 from dashkv.capture import capture_qkv
 from dashkv.encoders import HashEncoders
 from dashkv.hf import default_encoders
@@ -49,10 +50,9 @@ caps = capture_qkv(model, seqs, layers, positions=pos, desc="capture held-out")
 ccaps = capture_qkv(model, cal, layers, positions=cal_pos, desc="capture calibration")
 
 
-def psd_sqrt(m, inv=False, floor=1e-6):
-    w, v = torch.linalg.eigh(m)
-    w = w.clamp_min(floor * w.max())
-    return (v * (w.rsqrt() if inv else w.sqrt())) @ v.T
+def psd_sqrt(m, inv=False):
+    """S^1/2 (or S^-1/2) of a PSD matrix, eigenvalues floored: the package's `_psd_power`."""
+    return _psd_power(m, -0.5 if inv else 0.5)
 
 
 def svd_start(cc, m, L):

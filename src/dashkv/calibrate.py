@@ -60,6 +60,23 @@ def resolve_key_levels(key_levels: int | None, depth: int = 1, objective: str = 
     if key_levels is not None:
         return key_levels
     return DEFAULT_KEY_LEVELS if depth == 1 and objective == "kl" else 1
+
+
+def _checked_key_levels(key_levels: int | None, bits: Any, depth: int, objective: str) -> int:
+    """`resolve_key_levels`, then the checks every entry point needs (CalibrationError naming them)."""
+    from .encoders import MAX_KEY_LEVELS
+
+    key_levels = resolve_key_levels(key_levels, depth, objective)
+    if (not isinstance(key_levels, int) or isinstance(key_levels, bool) or not 1 <= key_levels <= MAX_KEY_LEVELS
+            or (isinstance(bits, int) and bits % key_levels)):
+        raise CalibrationError(f"key_levels must be an integer in 1..{MAX_KEY_LEVELS} dividing bits ({bits}), "
+                               f"got {key_levels!r}")
+    if key_levels > 1 and (depth != 1 or objective != "kl"):
+        raise CalibrationError("key_levels > 1 needs a linear key encoder (depth 1) and objective 'kl' "
+                               "(pass key_levels=1, CLI --key-levels 1, for sign codes)")
+    return key_levels
+
+
 # Gaussian-optimal uniform quantiser steps (x the spread) for L-bit key levels: where `init` puts them
 LEVEL_STEP = {1: 1.0, 2: 0.996, 3: 0.586, 4: 0.335, 5: 0.188, 6: 0.104, 7: 0.057, 8: 0.031}
 DEFAULT_DENSE_LAYERS = (0, 1)
@@ -252,16 +269,7 @@ def _check_args(bits: int, objective: str, query_relax: str, steps: int, depth: 
                 key_levels: int | None = None) -> None:
     if init not in INITS:
         raise CalibrationError(f"init must be one of {INITS}, got {init!r}")
-    from .encoders import MAX_KEY_LEVELS
-
-    key_levels = resolve_key_levels(key_levels, depth, objective)
-    if (not isinstance(key_levels, int) or isinstance(key_levels, bool) or not 1 <= key_levels <= MAX_KEY_LEVELS
-            or (isinstance(bits, int) and bits % key_levels)):
-        raise CalibrationError(f"key_levels must be an integer in 1..{MAX_KEY_LEVELS} dividing bits ({bits}), "
-                               f"got {key_levels!r}")
-    if key_levels > 1 and (depth != 1 or objective != "kl"):
-        raise CalibrationError("key_levels > 1 needs a linear key encoder (depth 1) and objective 'kl' "
-                               "(pass key_levels=1, CLI --key-levels 1, for sign codes)")
+    _checked_key_levels(key_levels, bits, depth, objective)
     if not isinstance(bits, int) or bits < 64 or bits % 64:
         raise CalibrationError(f"bits must be a positive multiple of 64 (64, 128, ...), got {bits!r}")
     if objective not in OBJECTIVES:
@@ -563,10 +571,7 @@ def train_layer(cap: LayerCapture, bits: int, *, objective: str = "kl", steps: i
     g = torch.Generator().manual_seed(seed)
     hkv, d = cap.keys.shape[1], cap.keys.shape[3]
     hq = cap.queries.shape[1]
-    key_levels = resolve_key_levels(key_levels, depth, objective)
-    if key_levels > 1 and (bits % key_levels or depth != 1 or objective != "kl"):
-        raise CalibrationError(f"key_levels={key_levels} needs bits divisible by it ({bits}), a linear key "
-                               "encoder and objective 'kl'")
+    key_levels = _checked_key_levels(key_levels, bits, depth, objective)
     m = bits // key_levels  # outputs per side while training
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -725,7 +730,7 @@ def calibrate(model, tokenizer, texts, *, bits: int = 64, seq_len: int = 4096, n
     """
     _check_args(bits, objective, query_relax, steps, depth, hidden, query_depth, query_hidden, key_relax,
                 anneal_beta, quantization, query_from, group_weight, init, key_levels)
-    key_levels = resolve_key_levels(key_levels, depth, objective)
+    key_levels = resolve_key_levels(key_levels, depth, objective)  # checked just above
     shape = _shape_of(model)
     dense = tuple(sorted(int(i) for i in dense_layers))
     layer_ids = sorted(int(i) for i in layers) if layers is not None else default_layers(shape, dense)

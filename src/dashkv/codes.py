@@ -58,15 +58,19 @@ def key_code_bits(proj: torch.Tensor, levels: int = 1) -> torch.Tensor:
     output j at bit j*L + t."""
     if levels == 1:
         return proj > 0
-    v = torch.floor(proj.float() + (1 << (levels - 1))).clamp(0, (1 << levels) - 1).to(torch.int32)
+    v = _level_index(proj.float(), levels).to(torch.int32)
     t = torch.arange(levels, dtype=torch.int32, device=proj.device)
     return ((v.unsqueeze(-1) >> t) & 1).bool().reshape(*proj.shape[:-1], proj.shape[-1] * levels)
 
 
+def _level_index(proj: torch.Tensor, levels: int) -> torch.Tensor:
+    """The offset-binary level v = clamp(floor(z + 2^(L-1)), 0, 2^L - 1) of each output z (as a float)."""
+    return torch.floor(proj + (1 << (levels - 1))).clamp(0, (1 << levels) - 1)
+
+
 def level_values(proj: torch.Tensor, levels: int) -> torch.Tensor:
     """The value each key output is stored as: v - (2^L - 1)/2 (the level the code's signs sum to)."""
-    top = (1 << levels) - 1
-    return torch.floor(proj + (1 << (levels - 1))).clamp(0, top) - top / 2
+    return _level_index(proj, levels) - ((1 << levels) - 1) / 2
 
 
 def level_weights(levels: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

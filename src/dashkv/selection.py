@@ -361,16 +361,17 @@ class DashKVPolicy(SelectionPolicy):
         super().__init__(config)
         if encoders.bits != config.bits:
             raise ValueError(f"encoders have {encoders.bits} bits but the config asks for {config.bits}")
-        if getattr(encoders, "key_levels", 1) > 1 and config.scorer == "hamming":
-            raise ValueError(f"these encoders store {encoders.key_levels}-bit key levels, which only the asymmetric "
+        levels = encoders.key_levels
+        if levels > 1 and config.scorer == "hamming":
+            raise ValueError(f"these encoders store {levels}-bit key levels, which only the asymmetric "
                              "scorer reads; scorer='hamming' compares sign codes")
-        if getattr(encoders, "key_levels", 1) > 1 and config.query_bits:
+        if levels > 1 and config.query_bits:
             from ._logging import get_logger, warn_once
 
             warn_once(get_logger("dashkv.selection"), ("query_bits-levels", config.query_bits),
                       "query_bits=%d rounds the query side of %d-bit key levels, whose bit weights span %dx: "
                       "the scan's ranking with level codes is not measured", config.query_bits,
-                      encoders.key_levels, 1 << (encoders.key_levels - 1))
+                      levels, 1 << (levels - 1))
         self.encoders = encoders
         self._pool_temps: dict[tuple[int, int], torch.Tensor] = {}  # see pool_temperatures
 

@@ -343,20 +343,12 @@ def validate_plan(args: Any) -> EvalPlan:
         raise ValueError(f"length {min(lengths)} is too short for the fidelity tasks ({positions} scored positions)")
     all_methods = list(dict.fromkeys(methods + [m for ms, _ in also for m in ms]))
     qbits = getattr(args, "query_bits", None)
-    lowfrac = getattr(args, "lowprec_fraction", None)
-    overrides: dict[str, Any] = {}
-    if qbits:
-        overrides["query_bits"] = int(qbits)
-    if lowfrac:
-        overrides["lowprec_fraction"] = float(lowfrac)
-    succ = getattr(args, "successors", None)
-    if succ:
-        overrides["successors"] = int(succ)
-    gscore = getattr(args, "group_score", None)
-    if gscore:
-        overrides["group_score"] = gscore
     defaults = DashKVConfig().to_dict()
-    overrides = {k: v for k, v in overrides.items() if v != defaults.get(k)}  # `--group-score sum` = no override
+    overrides: dict[str, Any] = {}
+    for name, kind in OVERRIDE_FIELDS.items():
+        value = getattr(args, name, None)
+        if value and kind(value) != defaults.get(name):  # `--group-score sum` is no override
+            overrides[name] = kind(value)
     if overrides:
         try:
             DashKVConfig(**overrides)
@@ -761,17 +753,33 @@ def _check_same_encoders(rows: list[dict[str, Any]], digests: dict[str, str | No
                              "directory")
 
 
+#: configuration fields `dashkv eval` may override for every method (`--query-bits ...`), with their types:
+#: rows made with other values are other methods in the tables, and a sweep keeps one set of them
+OVERRIDE_FIELDS = {"query_bits": int, "lowprec_fraction": float, "successors": int, "group_score": str}
+
+
+def sweep_overrides(results: Path) -> dict[str, Any]:
+    """The OVERRIDE_FIELDS a sweep's run.json (beside `results`) sets away from their defaults: what rows
+    written before rows recorded `config_overrides` themselves were decoded with."""
+    try:
+        cfg = json.loads((results.parent / "run.json").read_text()).get("config") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    default = DashKVConfig().to_dict()
+    return {k: cfg[k] for k in OVERRIDE_FIELDS if k in cfg and cfg[k] != default.get(k)}
+
+
 def _check_same_overrides(rows: list[dict[str, Any]], plan: "EvalPlan", path: Path) -> None:
     """Refuse to resume a sweep made with other configuration overrides (`--group-score`, `--query-bits`,
     ...): its done rows would be skipped as if they had been decoded with this run's configuration."""
     if not rows:
         return
-    from .tables import _sweep_overrides
-
     decoded = [r for r in rows if r.get("method") != DENSE]  # dense rows do not depend on the overrides
     if not decoded:
         return
-    before = decoded[0].get("config_overrides") or _sweep_overrides(path)
+    before = decoded[0].get("config_overrides") or sweep_overrides(path)
     if dict(before) != dict(plan.config_overrides):
         raise ValueError(f"{path} was made with configuration overrides {before or 'none'}, this run has "
                          f"{dict(plan.config_overrides) or 'none'}: write this run to a new --out directory")

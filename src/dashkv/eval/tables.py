@@ -19,7 +19,6 @@ tasks it is an approximation (samples treated as Bernoulli trials at the mean), 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections import defaultdict
@@ -28,7 +27,7 @@ from typing import Any, Iterable, Sequence
 
 from .fidelity import FIDELITY_TASKS
 from .longbench import LONGBENCH_TASKS
-from .runner import FULL, _budget_sort, load_results
+from .runner import FULL, _budget_sort, load_results, sweep_overrides
 
 __all__ = ["load_rows", "family", "wilson", "make_tables", "main", "METHOD_ORDER"]
 
@@ -61,26 +60,6 @@ def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-#: configuration fields a sweep may override for every method (`dashkv eval --query-bits ...`): rows made
-#: with other values are other methods in the tables
-VARIANT_FIELDS = ("query_bits", "lowprec_fraction", "successors", "group_score")
-
-
-def _sweep_overrides(results: Path) -> dict[str, Any]:
-    """The VARIANT_FIELDS a sweep's run.json sets away from their defaults (rows written before rows
-    recorded `config_overrides` themselves)."""
-    from ..config import DashKVConfig
-
-    try:
-        cfg = json.loads((results.parent / "run.json").read_text()).get("config") or {}
-    except (OSError, ValueError, AttributeError):
-        return {}
-    if not isinstance(cfg, dict):
-        return {}
-    default = DashKVConfig().to_dict()
-    return {k: cfg[k] for k in VARIANT_FIELDS if k in cfg and cfg[k] != default.get(k)}
-
-
 def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     """Rows of every results.jsonl under `paths` (files or directories), each tagged with its sweep and,
     where the sweep overrode a selection field for every method, with those overrides."""
@@ -88,7 +67,7 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     for p in map(Path, paths):
         files = [p] if p.is_file() else sorted(p.rglob("results.jsonl"))
         for f in files:
-            overrides = _sweep_overrides(f)
+            overrides = sweep_overrides(f)
             for r in load_results(f):
                 r["_sweep"] = f.parent.name
                 if overrides and r.get("method") != "dense":
