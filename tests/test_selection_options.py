@@ -1,8 +1,9 @@
 """Selection options of the torch reference path. Successor pooling (`DashKVConfig.successors`): a
 candidate's score is the best of its own and its S predecessors' (against a plain loop; the selection
 takes a peak's successors). `group_score="probability"`: one set per KV head ranked by the summed
-per-head probability estimates (against the formula written out). Both name themselves as reasons for
-the reference path, and bad values are refused by name."""
+per-head probability estimates (against the formula written out). Successor pooling names itself as a
+reason for the reference path (the probability score does only off the CPU kernel), and bad values are
+refused by name."""
 
 from __future__ import annotations
 
@@ -71,7 +72,10 @@ def test_probability_group_score_is_the_summed_per_head_softmax():
     got = pol.select(state, query, keys, plan, 0.25, None)
     ref = build_selection(want, plan, None)
     assert torch.equal(got.indices.sort(-1).values, ref.indices.sort(-1).values)
-    assert any("group_score" in r for r in reference_path_reasons(cfg, "cpu", torch.float32))
+    assert not reference_path_reasons(cfg, "cpu", torch.float32)  # fused on the CPU (tests/test_prob_fused.py)
+    assert any("group_score" in r for r in reference_path_reasons(cfg, "cuda", torch.float32))
+    hamming = DashKVConfig(**{**cfg.to_dict(), "scorer": "hamming"})
+    assert any("group_score" in r for r in reference_path_reasons(hamming, "cpu", torch.float32))
     assert not reference_path_reasons(DashKVConfig(group_score="probability", grouping="query_head"), "cpu",
                                       torch.float32)
     with pytest.raises(ValueError, match="group_score"):

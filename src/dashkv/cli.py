@@ -66,7 +66,7 @@ def _add_query_bits(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-score", choices=("sum", "probability"), default=None,
                    help="what one candidate set per KV head ranks by: sum of its query heads' scores (one scan), "
                         "or each head's estimated attention probability summed (as oracle top-k; one scan per "
-                        "query head, torch reference path) (default: the configuration's, sum)")
+                        "query head; fused on the CPU) (default: the configuration's, sum)")
     p.add_argument("--successors", type=int, default=None, metavar="S",
                    help="successor pooling: a candidate scores the best of itself and its S predecessors, so "
                         "a selected token brings the next S along (copying spans); torch reference path "

@@ -95,7 +95,7 @@ class DashKVConfig:
                      of the summed projection) or "probability": each query head's estimated attention
                      probability (softmax of its score at the calibrated temperature) summed, what oracle
                      top-k ranks by; a sharp (retrieval) head is then not drowned by diffuse ones. G scans;
-                     torch reference path.
+                     fused in the CPU kernel (asymmetric scorer), torch reference path elsewhere.
     successors:      successor pooling: each candidate's score is the best of its own and its `successors`
                      predecessors', so a selected token brings the next ones with it (copying a span:
                      the token after the one attended to is what the next step reads). 0 = off; torch

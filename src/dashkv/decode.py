@@ -92,6 +92,8 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
                            k_min=min(config.k_min, plan.critical), pool_cap=POOL_CAP)
         if config.query_bits:  # the bit-plane scan (CPU kernel only: `_fast_kernel`)
             options["query_bits"] = config.query_bits
+        if config.group_score == "probability" and config.grouping == "kv_head":  # one scan per query head
+            options["prob_temps"] = policy.probability_temperatures(state.layer_idx)
         if state.buffer_views is not None and keys.device.type == "cpu":
             options["views"] = state.buffer_views  # the cache's numpy views: no per-call stride walk
         out, idx_count, *low = kernel(
@@ -128,7 +130,8 @@ def reference_path_reasons(config: DashKVConfig, device_type: str, kv_dtype: tor
     The one statement of what the fused kernels cover: `_fast_kernel` decides by it every step and
     `hf.enable` warns with it once. They serve a fixed-size exact tier: numba on the CPU (float32,
     bfloat16 or float16 K/V, on the calling thread; with the re-rank stage, pooled budgets, the bit-plane
-    scan or the 8-bit tier, one at a time), Triton on CUDA (the plain tiers).
+    scan or the 8-bit tier, one at a time, and the probability group score), Triton on CUDA (the plain
+    tiers).
     """
     reasons = _configuration_reasons(config, device_type, kv_dtype)
     if reasons:
@@ -148,8 +151,9 @@ def _configuration_reasons(config: DashKVConfig, device_type: str, kv_dtype: tor
         reasons.append(f"temporal={config.temporal}")
     if config.successors:
         reasons.append(f"successors={config.successors}")
-    if config.group_score == "probability" and config.grouping == "kv_head":
-        reasons.append("group_score='probability'")
+    if config.group_score == "probability" and config.grouping == "kv_head" and (
+            device_type != "cpu" or config.scorer == "hamming"):
+        reasons.append("group_score='probability' (in the CPU kernel, with the asymmetric scorer)")
     pooled = config.head_budget == "pooled"
     if config.lowprec_fraction > 0 and (device_type != "cpu" or config.rerank or pooled):
         reasons.append(f"lowprec_fraction={config.lowprec_fraction} (the 8-bit tier is fused on the CPU, with a "

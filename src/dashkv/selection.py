@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from .codes import asymmetric_scores, hamming_similarity, pack_bits, quantise_query, quantised_scores
@@ -374,6 +375,7 @@ class DashKVPolicy(SelectionPolicy):
                       levels, 1 << (levels - 1))
         self.encoders = encoders
         self._pool_temps: dict[tuple[int, int], torch.Tensor] = {}  # see pool_temperatures
+        self._prob_temps: dict[int, np.ndarray] = {}  # see probability_temperatures
 
     def encode_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
         return self.encoders.encode_keys(layer_idx, keys)
@@ -423,12 +425,26 @@ class DashKVPolicy(SelectionPolicy):
         s = quantised_scores(levels, codes[:, :, None]).reshape(b, -1, n).double()
         return s - torch.arange(n, dtype=torch.float64, device=s.device) / (n + 1)
 
-    def probability_estimate(self, state: LayerState, per_head: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-        """(B, Hs, N) attention probability estimated from the codes: softmax of each query head's score
-        at its calibrated temperature (asymmetric score / b in [-1, 1]), summed over a selecting head."""
-        scale = self.encoders.logit_scale(state.layer_idx).to(per_head.device)
-        logits = per_head.float() / self.config.bits * scale[None, :, None]
+    def probability_estimate(self, state: LayerState, per_head: torch.Tensor, num_kv_heads: int,
+                             start: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, Hs, N) attention probability estimated from the codes: softmax over the valid positions of
+        each query head's score at its calibrated temperature (`probability_temperatures`), summed over a
+        selecting head. The fused CPU kernel's probability group score computes the same quantity."""
+        temps = torch.from_numpy(self.probability_temperatures(state.layer_idx)).to(per_head.device)
+        logits = per_head.float() * temps[None, :, None]
+        if start is not None:  # left padding takes no probability
+            pos = torch.arange(logits.shape[-1], device=logits.device)
+            logits = logits.masked_fill((pos[None, :] < start.to(logits.device)[:, None])[:, None, :], NEG_INF)
         return self.grouped(torch.softmax(logits, -1), num_kv_heads)
+
+    def probability_temperatures(self, layer_idx: int) -> np.ndarray:
+        """(Hq,) float32: per query head, the factor turning its asymmetric score into an estimated logit
+        (the calibrated logit scale / b); one array per layer, handed to the fused kernel as is."""
+        temps = self._prob_temps.get(layer_idx)
+        if temps is None:
+            scale = self.encoders.logit_scale(layer_idx).double().cpu()
+            temps = self._prob_temps[layer_idx] = (scale / self.config.bits).float().numpy()
+        return temps
 
     def pool_temperatures(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
         """(Hs,) float64: per selecting head, the factor turning its (grouped) score into an estimated
@@ -491,7 +507,7 @@ class DashKVPolicy(SelectionPolicy):
             return build_selection(scores, plan, start, None, self.config)
         per_head = self.per_head_scores(state, query)
         if self.config.group_score == "probability" and self.config.grouping == "kv_head":
-            scores = self.probability_estimate(state, per_head, keys.shape[1])
+            scores = self.probability_estimate(state, per_head, keys.shape[1], start)
         else:
             scores = self.grouped(per_head, keys.shape[1])
         if self.config.temporal and state.carry is not None:
@@ -501,10 +517,10 @@ class DashKVPolicy(SelectionPolicy):
         if self.config.head_budget == "pooled" and plan.rerank == 0 and not self.config.adaptive:
             return self.pooled_selection(state, query, scores, plan, start)
         if self.config.head_budget == "pooled":  # after re-rank: by the re-scored probabilities
-            scores = self.probability_estimate(state, per_head, keys.shape[1])
+            scores = self.probability_estimate(state, per_head, keys.shape[1], start)
         mass_logits = None
         if self.config.adaptive:
-            mass_logits = self.probability_estimate(state, per_head, keys.shape[1]).clamp_min(1e-30).log()
+            mass_logits = self.probability_estimate(state, per_head, keys.shape[1], start).clamp_min(1e-30).log()
         if plan.rerank > 0:
             scores = self.rerank_scores(state, query, scores, plan, scaling, start)
         if self.config.successors:

@@ -80,6 +80,19 @@ def _int32_bits_as_float32(typingctx, x):
 
 
 @intrinsic
+def _float32_bits_as_int32(typingctx, x):
+    """The bit pattern of a float32 as int32: for x >= 0 it is monotone in x (the probability buckets)."""
+    if x != types.float32:
+        return None
+    sig = types.int32(x)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
 def _f32(typingctx, x):
     """One stored K/V element as float32: float32 as is, uint16 as bfloat16 bits, int16 as float16 bits.
 
@@ -314,6 +327,23 @@ def _exact_rank_key(cu, W, hamming, qbits, lt, qw, Gq, pw):
     return -np.float64(_asym_exact(cu, W, lt))
 
 
+@njit(cache=True, inline="always")
+def _asym_scores(cb, m, W, lt, out):
+    """out[0:m] = asymmetric scores of the m codes cb[0:m*W] through the byte tables lt (`_asym_exact`'s
+    summation order: word by word)."""
+    l0 = lt[0:2048]
+    if W == 1:
+        for jj in range(m):
+            out[jj] = _sc64(cb[jj], l0)
+    else:
+        for jj in range(m):
+            out[jj] = _sc64(cb[jj * W], l0)
+        for w in range(1, W):
+            lw = lt[w * 2048:(w + 1) * 2048]
+            for jj in range(m):
+                out[jj] += _sc64(cb[jj * W + w], lw)
+
+
 @njit(cache=True)
 def _scan_unit(cu, m, W, hamming, lt, af, sf, qw, Gq, top, buf, bu, hs, qbits, pw, qoff, qshift, ib):
     """Score the m codes cu[0:m*W], write their buckets bu[0:m] and count them into hs.
@@ -340,17 +370,7 @@ def _scan_unit(cu, m, W, hamming, lt, af, sf, qw, Gq, top, buf, bu, hs, qbits, p
                         pc += _popcount64(qw[g * W + w] ^ cb[jj * W + w])
                 bb[jj] = top - np.intp(pc)
         else:
-            l0 = lt[0:2048]
-            if W == 1:
-                for jj in range(mb):
-                    buf[jj] = _sc64(cb[jj], l0)
-            else:
-                for jj in range(mb):
-                    buf[jj] = _sc64(cb[jj * W], l0)
-                for w in range(1, W):
-                    lw = lt[w * 2048:(w + 1) * 2048]
-                    for jj in range(mb):
-                        buf[jj] += _sc64(cb[jj * W + w], lw)
+            _asym_scores(cb, mb, W, lt, buf)
             for jj in range(mb):
                 x = (buf[jj] + af) * sf
                 x = min(max(x, np.float32(0.0)), topf)
@@ -474,6 +494,101 @@ def _attend_rows8(qs, h0, Gq, d, k8f, k8s, v8f, v8s, base, rows, n, lg, pm, pl, 
             acc = pacc[a0 + g]
             for i in range(d):
                 acc[i] += p * kx[i]
+
+
+@njit(cache=True, fastmath=True)
+def _prob_unit(cu, m, W, lt, t, e, stat):
+    """One query head over one scan unit's m codes: e[0:m] = exp(t*s - M), stat = (M, min t*s, sum e)
+    with M the unit's max logit t*s (s the asymmetric score through the byte tables lt)."""
+    if m == 0:
+        stat[0] = -np.inf
+        stat[1] = np.inf
+        stat[2] = 0.0
+        return
+    _asym_scores(cu, m, W, lt, e)
+    tf = np.float32(t)
+    mx = np.float32(-np.inf)
+    mn = np.float32(np.inf)
+    for jj in range(m):
+        x = e[jj] * tf
+        e[jj] = x
+        mx = max(mx, x)
+        mn = min(mn, x)
+    z = np.float32(0.0)
+    for jj in range(m):
+        v = _exp_neg(e[jj] - mx)
+        e[jj] = v
+        z += v
+    stat[0] = mx
+    stat[1] = mn
+    stat[2] = z
+
+
+@njit(cache=True)
+def _prob_normalise(sidx, kvh, G, nch, LUTU, P, W, lut, ustat, coef, temps, cf, cbase, s0, sink, N, window, top,
+                    pbase, pshift):
+    """Probability mode, one KV head of one row (its scan units are sidx*nch ... sidx*nch + nch-1):
+    log Z_g per query head over all valid positions (the units' parts plus the sinks and the window,
+    scored here), each unit's factor exp(M_u - log Z_g) (coef), and the bucket map of p: base and shift
+    of its float32 bit pattern between a lower and an upper bound of p over the candidates."""
+    u0 = sidx * nch
+    plo = -np.inf
+    hi_sum = 0.0
+    nfix = sink + window
+    fixed = np.empty(nfix, np.float64)
+    for g in range(G):
+        t = np.float32(temps[kvh * G + g])
+        lt = lut[u0 * LUTU + g * P * 256:u0 * LUTU + (g + 1) * P * 256]  # unit 0 always has candidates
+        mx = -np.inf
+        mn = np.inf
+        for c in range(nch):
+            st3 = ustat[((u0 + c) * G + g) * 3:((u0 + c) * G + g + 1) * 3]
+            if st3[2] > 0.0:
+                mx = max(mx, st3[0])
+                mn = min(mn, st3[1])
+        cmax = mx  # the candidates' largest logit
+        for r in range(nfix):
+            pos = s0 + r if r < sink else N - window + (r - sink)
+            o = cbase + pos * W
+            fixed[r] = np.float64(_asym_exact(cf[o:o + W], W, lt) * t)
+            mx = max(mx, fixed[r])
+        z = 0.0
+        for c in range(nch):
+            st3 = ustat[((u0 + c) * G + g) * 3:((u0 + c) * G + g + 1) * 3]
+            if st3[2] > 0.0:
+                z += st3[2] * math.exp(st3[0] - mx)
+        for r in range(nfix):
+            z += math.exp(fixed[r] - mx)
+        logz = mx + math.log(z)
+        for c in range(nch):
+            st3 = ustat[((u0 + c) * G + g) * 3:((u0 + c) * G + g + 1) * 3]
+            coef[(u0 + c) * G + g] = np.float32(math.exp(st3[0] - logz)) if st3[2] > 0.0 else np.float32(0.0)
+        plo = max(plo, mn - logz)  # every candidate's p is at least each head's smallest term
+        hi_sum += math.exp(cmax - logz)  # and at most the sum of each head's largest
+    lo_bits = np.int64(_float32_bits_as_int32(np.float32(math.exp(plo) * 0.5)))  # rounding margin
+    hi_bits = np.int64(_float32_bits_as_int32(np.float32(min(hi_sum * 2.0, 1e30))))
+    shift = 0
+    while (hi_bits - lo_bits) >> shift > top:
+        shift += 1
+    pbase[sidx] = lo_bits
+    pshift[sidx] = shift
+
+
+@njit(cache=True, fastmath=True)
+def _prob_buckets(pe, m, G, stride, cg, base, shift, top, bu, hs):
+    """p = sum_g e_g * cg[g] into pe[0:m] (the g = 0 row), its bucket into bu[0:m], counted into hs."""
+    for jj in range(m):
+        pe[jj] = pe[jj] * cg[0]
+    for g in range(1, G):
+        eg = pe[g * stride:g * stride + m]
+        c = cg[g]
+        for jj in range(m):
+            pe[jj] += eg[jj] * c
+    for jj in range(m):
+        k = (np.int64(_float32_bits_as_int32(pe[jj])) - base) >> shift
+        bu[jj] = min(max(k, 0), top)
+    for jj in range(m):
+        hs[np.intp(bu[jj])] += 1
 
 
 @njit(cache=True)
@@ -667,7 +782,7 @@ def _prange_only() -> ParallelOptions:
 def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0, csb, csh, N, W, start,
                    sink, window, critical, Hkv, per_query, hamming, nthreads, mode,
                    k8f, k8s, k8b0, k8sb, k8sh, keep, pool_temps, k_min, pool_cap, qbits, low, v8f, v8s,
-                   ws16, ws32, wsf, ws64, out):
+                   prob_temps, ws16, ws32, wsf, ws64, out):
     """Returns (status, need16, need32, needf, need64, idx_offset, Lmax).
 
     Re-rank stage (keep > 0): the scan selects `critical` candidates (fewer if the row has fewer), which
@@ -688,6 +803,12 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     Low-precision tier (low > 0, fixed exact tier, no re-rank or pooling): the scan selects critical + low
     candidates; the `critical` best (exact score, ties to the lower position) are attended exactly, the
     rest from the int8 copies k8f/v8f (scales k8s/v8s, k8's row numbering), in the same softmax.
+    Probability group score (prob_temps non-empty: one float32 temperature per query head; kv_head grouping,
+    asymmetric scorer, no bit planes or pooling): each query head g of a KV head is scanned on its own,
+    its estimated log-probability is t_g * s_g - log Z_g (Z_g over all the row's valid positions, sinks and
+    window included), and the KV head ranks its candidates by p = sum_g exp(.) -- what
+    `DashKVPolicy.probability_estimate` computes. Buckets are the float32 bit patterns of p (monotone),
+    shifted to fit the bins; the boundary bucket is ranked by the stored p (stable).
     ws64[:B*S] receives the number of tokens read per selecting head. mode 0: the whole step; 1: stop
     after the selection (scan + select, for timing); 2: stop after the scan.
     """
@@ -745,7 +866,10 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     npart2 = 2 * npart if low > 0 else npart  # with the 8-bit tier: as many parts again for its rows
     AU = BS * npart2
     rpp = -(-Lmax // npart)
+    prob = prob_temps.size > 0
     LUTU = NS * P * 256 if (anyscan and not hamming and qbits == 0) else 0  # byte tables per scan unit
+    if prob and anyscan:
+        LUTU = G * P * 256  # one table per query head
 
     # ---- workspace layout ----
     n16 = BS * maxcand if anyscan else 1
@@ -761,7 +885,8 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     o_pl = o_pm + AU * Gq
     o_pacc = o_pl + AU * Gq
     o_qs = o_pacc + AU * Gq * d
-    nf = o_qs + B * Hq * d
+    o_pe = o_qs + B * Hq * d
+    nf = o_pe + (BS * G * maxcand if (prob and anyscan) else 0)  # probability mode: per query head, then p
     o_cnt = 2 * BS  # after lens and the 8-bit tier's row counts
     n64 = o_cnt + 2 * U * NS + 4 * BS + 16
     if ws16.size < n16 or ws32.size < n32 or wsf.size < nf or ws64.size < n64:
@@ -778,7 +903,8 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     pm = wsf[o_pm:o_pl]
     pl = wsf[o_pl:o_pacc]
     pacc = wsf[o_pacc:o_qs].reshape(AU * Gq, d)
-    qs = wsf[o_qs:nf].reshape(B * Hq, d)
+    qs = wsf[o_qs:o_pe].reshape(B * Hq, d)
+    pbuf = wsf[o_pe:nf]  # probability mode: [sidx][g][candidate] logits -> exp(. - unit max) -> p in g = 0
     lens = ws64[0:BS]
     lowc = ws64[BS:2 * BS]  # rows of each head read from the 8-bit copies
     ogt = ws64[o_cnt:o_cnt + U * NS]
@@ -820,6 +946,10 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                 qoffs[sidx] = o
                 qshifts[sidx] = sh
 
+        ustat = np.zeros(U * G * 3 if prob else 0, np.float64)  # probability mode: (max, min, exp-sum)
+        coef = np.zeros(U * G if prob else 0, np.float32)
+        pbase = np.zeros(BS if prob else 0, np.int64)
+        pshift = np.zeros(BS if prob else 0, np.int64)
         # ---- phase 1 (parallel): byte tables, scan, bucket histogram per unit ----
         for u in prange(U):
             b = u // (Hkv * nch)
@@ -828,7 +958,20 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
             hu = hist[u * NS * nbins:(u + 1) * NS * nbins]
             for i in range(NS * nbins):
                 hu[i] = 0
-            if ncand[b] > 0:
+            if ncand[b] > 0 and prob:  # each query head's logits, then exp(logit - this unit's max)
+                cl = -(-ncand[b] // nch)
+                lo = min(clo[b] + ncand[b], clo[b] + c * cl)
+                hi = min(clo[b] + ncand[b], lo + cl)
+                m = hi - lo
+                cw = (cb0 + b * csb + kvh * csh + lo * W)
+                sidx = b * Hkv + kvh
+                for g in range(G):
+                    lt = lut[u * LUTU + g * P * 256:u * LUTU + (g + 1) * P * 256]
+                    _build_lut(qp, b, kvh * G + g, 1, P, lt)
+                    off = (sidx * G + g) * maxcand + (lo - clo[b])
+                    _prob_unit(cf[cw:cw + m * W], m, W, lt, prob_temps[kvh * G + g], pbuf[off:off + m],
+                               ustat[(u * G + g) * 3:(u * G + g + 1) * 3])
+            elif ncand[b] > 0:
                 cl = -(-ncand[b] // nch)
                 lo = min(clo[b] + ncand[b], clo[b] + c * cl)
                 hi = min(clo[b] + ncand[b], lo + cl)
@@ -855,6 +998,28 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                     qwu = qw[(b * Hq + h0) * W:(b * Hq + h0 + Gq) * W]
                     _scan_unit(cu, m, W, hamming, lt, af, sf, qwu, Gq, top, buf, bu, hs, qbits,
                                qpl[sidx * W * QL:(sidx + 1) * W * QL], qoffs[sidx], qshifts[sidx], ib)
+        if prob:  # normalisers (serial, tiny), then p and its bucket per candidate (parallel)
+            for sidx in range(BS):
+                b = sidx // S
+                if ncand[b] > 0:
+                    _prob_normalise(sidx, sidx % Hkv, G, nch, LUTU, P, W, lut, ustat, coef, prob_temps,
+                                    cf, cb0 + b * csb + (sidx % Hkv) * csh, st[b], sink, N, window, top,
+                                    pbase, pshift)
+            for u in prange(U):
+                b = u // (Hkv * nch)
+                kvh = (u // nch) % Hkv
+                c = u % nch
+                hu = hist[u * nbins:(u + 1) * nbins]
+                for i in range(nbins):
+                    hu[i] = 0
+                if ncand[b] > 0:
+                    cl = -(-ncand[b] // nch)
+                    lo = min(clo[b] + ncand[b], clo[b] + c * cl)
+                    hi = min(clo[b] + ncand[b], lo + cl)
+                    sidx = b * Hkv + kvh
+                    off = sidx * G * maxcand + (lo - clo[b])
+                    _prob_buckets(pbuf[off:], hi - lo, G, maxcand, coef[u * G:(u + 1) * G], pbase[sidx], pshift[sidx],
+                                  top, bk[sidx * maxcand + (lo - clo[b]):sidx * maxcand + (hi - clo[b])], hu)
         if mode == 2:
             return 0, n16, n32, nf, n64, o_idx, Lmax
 
@@ -976,6 +1141,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                 qwu = qw[(b * Hq + kvh * G + ns) * W:(b * Hq + kvh * G + ns + Gq) * W]
                 pw = qpl[sidx * W * QL:(sidx + 1) * W * QL]
                 cbase = cb0 + b * csb + kvh * csh
+                pp = pbuf[sidx * G * maxcand:sidx * G * maxcand + ncand[b]] if prob else pbuf[0:0]
                 if hamming or neq[sidx] == need or (qbits > 0 and qshifts[sidx] == 0):
                     for r in range(need):
                         dst[r] = eb[r]  # ties: lower position first
@@ -984,7 +1150,8 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                     sc = np.empty(m, np.float64)
                     for r in range(m):
                         o = cbase + np.intp(eb[r]) * W
-                        sc[r] = _exact_rank_key(cf[o:o + W], W, hamming, qbits, lt, qwu, Gq, pw)
+                        sc[r] = (-np.float64(pp[np.intp(eb[r]) - clo[b]]) if prob else
+                                 _exact_rank_key(cf[o:o + W], W, hamming, qbits, lt, qwu, Gq, pw))
                     order = np.argsort(sc, kind="mergesort")  # stable: ties keep position order
                     for r in range(need):
                         dst[r] = eb[order[r]]
@@ -993,7 +1160,8 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                     sc2 = np.empty(cb, np.float64)
                     for r in range(cb):
                         o = cbase + np.intp(sel[r]) * W
-                        sc2[r] = _exact_rank_key(cf[o:o + W], W, hamming, qbits, lt, qwu, Gq, pw)
+                        sc2[r] = (-np.float64(pp[np.intp(sel[r]) - clo[b]]) if prob else
+                                  _exact_rank_key(cf[o:o + W], W, hamming, qbits, lt, qwu, Gq, pw))
                     # the critical-th best score in O(cb), then: better ones exact, ties in slot order (=
                     # position order: ties never straddle the two groups, whose buckets differ), rest 8-bit
                     thr2 = np.partition(sc2, critical - 1)[critical - 1]
@@ -1360,6 +1528,7 @@ _AS_NUMPY = {torch.float32: None, torch.bfloat16: torch.uint16, torch.float16: t
 _NO_K8 = np.zeros((1, 1), np.int8)  # placeholders when the re-rank stage is off (one compiled variant)
 _NO_K8S = np.zeros(1, np.float32)
 _NO_TEMPS = np.zeros(0, np.float64)
+_NO_PROB = np.zeros(0, np.float32)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -1440,7 +1609,7 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
                       return_counts: bool = False, parallel: bool = False, keys8=None, keep: int = 0,
                       pool_temps=None, k_min: int = 0, pool_cap: int = 4, views: "BufferViews | None" = None,
                       query_bits: int | None = None, lowprec: int = 0, values8=None,
-                      return_lowprec_counts: bool = False, _mode: int = 0):
+                      return_lowprec_counts: bool = False, prob_temps=None, _mode: int = 0):
     """One DASH-KV decode step of one layer on the CPU (fused numba kernel).
 
     query (B, Hq, d) any float dtype; q_proj (B, Hq, b) float32 (the query encoder's real-valued
@@ -1468,6 +1637,12 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     the others from the int8 copies (`build_selection` with `plan.lowprec` and `sparse_decode_attention`
     are the reference). Not combined with the re-rank stage, pooled budgets or `query_bits`.
     `return_lowprec_counts` appends (B, Hs) int64: the rows of each head read from the 8-bit copies.
+
+    Probability group score: `prob_temps` (Hq,) -- each query head's temperature (calibrated logit scale
+    / b) -- ranks each KV head's candidates by the summed estimated probabilities of its query heads (one
+    scan per query head; `DashKVPolicy.probability_estimate` is the reference). kv_head grouping and the
+    asymmetric scorer; combines with the re-rank stage and the 8-bit tier, not with pooled budgets or
+    `query_bits`.
 
     `query_bits` 4 or 8: the bit-plane scan of the integer query levels (`DashKVConfig.query_bits`;
     asymmetric scorer, not with pooled budgets); None: float32 byte tables.
@@ -1508,6 +1683,17 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
                              "pool_cap >= 1 and no re-rank stage")
     else:
         pool_temps = _NO_TEMPS
+    if prob_temps is not None:
+        prob_temps = np.ascontiguousarray(np.asarray(prob_temps, dtype=np.float32).reshape(-1))
+        if (prob_temps.size != Hq or grouping != "kv_head" or scorer != "asymmetric" or qbits
+                or pool_temps.size):
+            raise ValueError(f"the probability group score needs one temperature per query head ({Hq}), "
+                             "grouping='kv_head', the asymmetric scorer, and neither query_bits nor pooled budgets "
+                             f"(got {prob_temps.size} temperatures, grouping={grouping!r}, scorer={scorer!r})")
+        if not np.all(np.isfinite(prob_temps)):
+            raise ValueError("prob_temps must be finite")
+    else:
+        prob_temps = _NO_PROB
     per_query = grouping == "query_head"
     out = torch.empty(B, Hq, d, dtype=torch.float32)
     if N == 0:
@@ -1550,7 +1736,7 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     args = (q, qp, float(scaling), kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cfu, cb0, csb, csh, N, W, st,
             int(sink), int(window), int(critical), Hkv, per_query, scorer == "hamming", nthreads, _mode,
             k8f, k8s, k8b0, k8sb, k8sh, int(keep), pool_temps, int(k_min), int(pool_cap), qbits, lowprec,
-            v8f, v8s)
+            v8f, v8s, prob_temps)
     with _PARALLEL_LOCK if parallel else _NO_LOCK:
         res = kernel(*args, ws[0], ws[1], ws[2], ws[3], out.numpy())
         if res[0] != 0:

@@ -1,0 +1,112 @@
+"""The probability group score in the fused CPU kernel (`prob_temps`): one scan per query head, each
+head's estimated probability (softmax at its temperature over all valid positions) summed per KV head.
+
+The kernel's exponentials are float32 polynomials and the reference's are torch's, so two candidates
+whose summed probabilities differ by ~1e-7 may swap at the selection boundary, and estimates below float32's
+range (< 1e-30; the kernel's exp stops at e^-87) are all 0: the kernel test allows exactly that (any
+disagreement is a near-tie of the k-th best under a float64 reference, or both vanish) and checks
+the output against exact attention over the set the kernel chose. Inside `generate` (real rounding, tiny
+models) fused and reference paths must give the same tokens, plain, re-ranked, with the 8-bit tier and
+with left padding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kernel_refs import reference_scores
+from test_fused_paths import SPARSE, _simhash
+from test_kernels_cpu import indices_to_mask, make_inputs, masked_attention, reference_allowed
+
+from dashkv import hf
+from dashkv.config import DashKVConfig
+from dashkv.kernels.cpu import dashkv_decode_cpu
+from dashkv.models import tiny_model
+
+
+def reference_probabilities(q_proj, codes, temps, start):
+    """(B, Hkv, N) float64: per KV head, the sum over its query heads of softmax(t_h * s_h) over the valid
+    positions (s_h the bit-by-bit asymmetric score)."""
+    per = reference_scores(q_proj, codes, "query_head", "asymmetric").double()  # (B, Hq, N), exact here
+    b, hq, n = per.shape
+    logits = per * torch.from_numpy(temps).double()[None, :, None]
+    st0 = torch.zeros(b, dtype=torch.long) if start is None else start
+    valid = torch.arange(n)[None, :] >= st0[:, None]
+    p = torch.softmax(logits.masked_fill(~valid[:, None, :], float("-inf")), -1)
+    return p.reshape(b, codes.shape[1], -1, n).sum(2)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 1), batch=st.sampled_from([1, 3]), g=st.sampled_from([1, 3, 4]),
+       hkv=st.sampled_from([1, 2, 3]), words=st.sampled_from([1, 2]), n=st.integers(40, 2500), ties=st.booleans(),
+       fixed=st.sampled_from([(4, 64), (0, 0), (2, 7)]), crit_frac=st.floats(0.01, 0.4), parallel=st.booleans(),
+       temp_hi=st.sampled_from([0.3, 1.5, 6.0]))
+def test_kernel_ranks_by_the_summed_probabilities(seed, batch, g, hkv, words, n, ties, fixed, crit_frac, parallel,
+                                                  temp_hi):
+    query, q_proj, keys, values, codes, start = make_inputs(seed, batch, g, hkv, words, 16, n, ties)
+    sink, window = fixed
+    critical = max(1, int(crit_frac * n))
+    temps = np.random.default_rng(seed).uniform(0.05, temp_hi, g * hkv).astype(np.float32)
+    out, idx = dashkv_decode_cpu(query, q_proj, keys, values, codes, sink=sink, window=window, critical=critical,
+                                 scaling=0.25, start=start, return_indices=True, parallel=parallel,
+                                 prob_temps=temps)
+    p = reference_probabilities(q_proj, codes, temps, start)
+    want = reference_allowed(p, start, sink, window, critical)
+    got = indices_to_mask(idx, n)
+    for b, h in (want ^ got).any(-1).nonzero().tolist():  # disagreements: only near-ties at the boundary
+        s0 = 0 if start is None else int(start[b])
+        kth = p[b, h, s0 + sink:n - window].sort(descending=True).values[critical - 1]
+        swapped = (want ^ got)[b, h].nonzero().flatten()
+        near = (p[b, h, swapped] - kth).abs() <= 1e-5 * kth
+        vanished = torch.maximum(p[b, h, swapped], kth) < 1e-30  # below float32's exp: 0, a tie, in both paths
+        assert (near | vanished).all(), (b, h, swapped.tolist())
+    assert (got.sum(-1) == want.sum(-1)).all()
+    torch.testing.assert_close(out, masked_attention(query, keys, values, got.repeat_interleave(g, 1), 0.25),
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family, extra, padded", [
+    ("llama", {}, False),
+    ("llama", {}, True),
+    ("gemma3_text", {}, True),
+    ("llama", {"rerank": 4}, False),
+    ("llama", {"lowprec_fraction": 0.5}, False),
+])
+def test_generate_fused_equals_reference(family, extra, padded):
+    from dashkv.decode import reference_path_reasons
+
+    model = tiny_model(family)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 500, (3 if padded else 1, 700), generator=gen)
+    mask = None
+    if padded:
+        mask = torch.ones_like(ids)
+        mask[1, :120] = 0
+        mask[2, :400] = 0
+        ids = ids.masked_fill(mask == 0, 0)
+    cfg = DashKVConfig(**{**SPARSE.to_dict(), "group_score": "probability", **extra})
+    assert not reference_path_reasons(cfg, "cpu", torch.float32)
+    enc = _simhash(model)
+    for layer in enc.layers.values():  # distinct temperatures per query head, as calibrated encoders have
+        layer.log_scale.data = torch.linspace(0.5, 3.0, layer.log_scale.numel())
+    outs = []
+    for fast in (True, False):
+        with hf.enable(model, enc, cfg, track=True) as handle:
+            handle.fast = fast
+            outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0))
+            assert handle.stats.fraction < 0.25  # it really was sparse
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_bad_probability_temperatures_are_refused_by_name():
+    query, q_proj, keys, values, codes, _ = make_inputs(0, 1, 2, 2, 1, 16, 200)
+    kw = dict(sink=2, window=4, critical=20, scaling=0.25)
+    good = np.ones(4, np.float32)
+    for bad_kw in ({"prob_temps": np.ones(3, np.float32)}, {"prob_temps": good, "grouping": "query_head"},
+                   {"prob_temps": good, "scorer": "hamming"}, {"prob_temps": good, "query_bits": 4},
+                   {"prob_temps": np.array([1, 1, np.nan, 1], np.float32)}):
+        with pytest.raises(ValueError, match="probability group score|prob_temps"):
+            dashkv_decode_cpu(query, q_proj, keys, values, codes, **kw, **bad_kw)
