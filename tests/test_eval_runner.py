@@ -331,16 +331,39 @@ def test_resume_refuses_rows_of_other_configuration_overrides(tmp_path):
     from dashkv.eval.runner import _check_same_overrides
 
     path = tmp_path / "results.jsonl"
-    prob = SimpleNamespace(config_overrides={"group_score": "probability"})
+    summed = SimpleNamespace(config_overrides={"group_score": "sum"})
     plain = SimpleNamespace(config_overrides={})
-    rows = [{"method": "dense"}, {"method": "dashkv", "config_overrides": {"group_score": "probability"}}]
-    _check_same_overrides(rows, prob, path)
+    rows = [{"method": "dense"}, {"method": "dashkv", "config_overrides": {"group_score": "sum"}}]
+    _check_same_overrides(rows, summed, path)
     _check_same_overrides(rows[:1], plain, path)  # only dense rows: they do not depend on the overrides
-    _check_same_overrides([], prob, path)
+    _check_same_overrides([], summed, path)
     with pytest.raises(ValueError, match="overrides.*new --out"):
         _check_same_overrides(rows, plain, path)
-    with pytest.raises(ValueError, match="overrides"):  # older rows: the sweep's run.json says none
-        _check_same_overrides([{"method": "dashkv"}], prob, path)
+    # a row of stop 21 decoded with --group-score probability: today's default ranks the same way
+    _check_same_overrides([{"method": "dashkv", "config_overrides": {"group_score": "probability"}}], plain, path)
+    with pytest.raises(ValueError, match="overrides"):  # older rows, no run.json: the default of their time (sum)
+        _check_same_overrides([{"method": "dashkv"}], plain, path)
+    _check_same_overrides([{"method": "dashkv"}], summed, path)
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"group_score": None}}))  # a sweep of today
+    _check_same_overrides([{"method": "dashkv"}], plain, path)
+
+
+def test_rows_carry_the_group_score_they_were_decoded_with():
+    """`row_overrides`: legacy rows (no record, no run.json field) ranked by summed scores; a recorded or
+    sweep-wide group score equal to what today's default resolves to is none; methods it does not touch
+    (oracle, SimHash's Hamming scan) never carry it."""
+    from dashkv.eval.runner import row_overrides
+
+    assert row_overrides("dashkv", None, None) == {"group_score": "sum"}
+    assert row_overrides("dashkv", None, {"group_score": None}) == {}
+    assert row_overrides("dashkv", None, {"group_score": "sum", "successors": 0}) == {"group_score": "sum"}
+    assert row_overrides("dashkv", {"group_score": "probability"}, None) == {}
+    assert row_overrides("dashkv_rerank", {"lowprec_fraction": 0.5}, {"group_score": "sum"}) == {
+        "lowprec_fraction": 0.5, "group_score": "sum"}
+    assert row_overrides("dashkv", {"query_bits": 4}, None) == {"query_bits": 4}  # sum is its default anyway
+    assert row_overrides("oracle", {"group_score": "probability", "lowprec_fraction": 0.5}, None) == {
+        "lowprec_fraction": 0.5}
+    assert row_overrides("simhash", None, None) == {} and row_overrides("dense", {"query_bits": 4}, None) == {}
 
 
 def test_loaded_encoders_carry_their_weights_digest(tmp_path):
@@ -372,10 +395,13 @@ def test_samples_at_the_models_own_limit_leave_room_for_the_answer(tmp_path):
 
 
 def test_overrides_equal_to_the_defaults_are_not_overrides(tiny_lm):
-    """`--group-score sum` is the default configuration: its rows must share cells with the plain run's."""
+    """`--group-score probability` is what the default configuration ranks by: its rows must share cells
+    with the plain run's; `sum` is an override, except where the other overrides make it the default."""
     _, _, d = tiny_lm
-    assert validate_plan(_args(d, methods="dense,simhash_asym", group_score="sum")).config_overrides == {}
-    plan = validate_plan(_args(d, methods="dense,simhash_asym", group_score="probability"))
-    assert plan.config_overrides == {"group_score": "probability"}
+    assert validate_plan(_args(d, methods="dense,simhash_asym", group_score="probability")).config_overrides == {}
+    plan = validate_plan(_args(d, methods="dense,simhash_asym", group_score="sum"))
+    assert plan.config_overrides == {"group_score": "sum"}
+    plan = validate_plan(_args(d, methods="dense,simhash_asym", group_score="sum", query_bits=4))
+    assert plan.config_overrides == {"query_bits": 4}
     with pytest.raises(ValueError, match="head_budget|group_score"):
         DashKVConfig(group_score="probability", head_budget="pooled")

@@ -61,24 +61,28 @@ def test_two_encoder_sets_of_one_model_are_two_methods_never_averaged():
 
 
 def test_configuration_overrides_are_their_own_method(tmp_path):
-    """Rows decoded with `dashkv eval --group-score probability` (recorded per row, or, for older rows,
-    in the sweep's run.json) never share a cell with the default configuration's rows."""
+    """Rows decoded with `dashkv eval --group-score sum` (recorded per row, or, for older rows, in the
+    sweep's run.json or implied by its age) never share a cell with the default configuration's rows, and
+    rows of the old `--group-score probability` sweeps do (it is today's default)."""
     from dashkv.eval.tables import load_rows
 
     rows = []
     for i in range(2):
         rows += [_row("niah_single_1", "dense", "full", i, 1.0),
                  _row("niah_single_1", "dashkv", "1/16", i, 0.0, _sweep="plain"),
-                 _row("niah_single_1", "dashkv", "1/16", i, 1.0, _sweep="prob",
-                      config_overrides={"group_score": "probability"})]
+                 _row("niah_single_1", "dashkv", "1/16", i, 1.0, _sweep="sum", config_overrides={"group_score": "sum"})]
     md = make_tables(rows)
-    assert "| DASH-KV | 1/16 | 0.0 [" in md and "| DASH-KV [group_score=probability] | 1/16 | 100.0 [" in md
+    assert "| DASH-KV | 1/16 | 0.0 [" in md and "| DASH-KV [group_score=sum] | 1/16 | 100.0 [" in md
     assert rows[2]["method"] == "dashkv"
-    d = tmp_path / "prob"
-    d.mkdir()
-    (d / "results.jsonl").write_text("\n".join(json.dumps({k: v for k, v in r.items() if k != "config_overrides"})
-                                               for r in rows[:3]) + "\n")
-    (d / "run.json").write_text(json.dumps({"config": {"group_score": "probability", "successors": 0}}))
-    loaded = load_rows([tmp_path])
-    assert [r.get("config_overrides") for r in loaded] == [None, {"group_score": "probability"}] * 1 + [
-        {"group_score": "probability"}]
+    plain = [{k: v for k, v in r.items() if k != "config_overrides"} for r in rows[:3]]
+    for name, cfg, want in (("old", {"group_score": "sum", "successors": 0}, {"group_score": "sum"}),
+                            ("older", None, {"group_score": "sum"}),  # no run.json: the default of its time
+                            ("prob", {"group_score": "probability"}, None),
+                            ("today", {"group_score": None}, None)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "results.jsonl").write_text("\n".join(json.dumps(r) for r in plain) + "\n")
+        if cfg is not None:
+            (d / "run.json").write_text(json.dumps({"config": cfg}))
+        loaded = load_rows([d])
+        assert [r.get("config_overrides") for r in loaded] == [None, want, want], name

@@ -43,7 +43,8 @@ def _add_dashkv_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=64, help="recent tokens always attended (default: %(default)s)")
     p.add_argument("--min-context", type=int, default=None,
                    help="contexts up to this many tokens decode densely, where selection cannot pay off "
-                        "(default: measured per K/V dtype, float32 1536, bfloat16/float16 5120)")
+                        "(default: measured per K/V dtype and group score: float32 2560, bfloat16/float16 8192; "
+                        "1536 / 5120 with --group-score sum)")
     p.add_argument("--rerank", type=int, default=None,
                    help="re-rank stage: re-score this many times the exact tier's candidates from int8 keys "
                         "(charged to the budget at their bytes; 0 = off; default: the configuration's)")
@@ -66,7 +67,8 @@ def _add_query_bits(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-score", choices=("sum", "probability"), default=None,
                    help="what one candidate set per KV head ranks by: sum of its query heads' scores (one scan), "
                         "or each head's estimated attention probability summed (as oracle top-k; one scan per "
-                        "query head; fused on the CPU) (default: the configuration's, sum)")
+                        "query head; fused on the CPU) (default: the configuration's: probability, or sum where "
+                        "pooled budgets or --query-bits need it)")
     p.add_argument("--successors", type=int, default=None, metavar="S",
                    help="successor pooling: a candidate scores the best of itself and its S predecessors, so "
                         "a selected token brings the next S along (copying spans); torch reference path "

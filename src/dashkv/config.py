@@ -43,8 +43,12 @@ def parse_budget(value: str | float | int) -> float | int:
 
 
 # Measured crossovers (docs/RESULTS.md §1, `scripts/bench_speed.sh`): the context from which DASH-KV's
-# selecting step beats dense decoding on its own cache, by K/V element size (float32: 4, bf16/fp16: 2).
-MIN_CONTEXT_DEFAULTS: dict[int, int] = {4: 1536, 2: 5120}
+# selecting step beats dense decoding on its own cache, by K/V element size (float32: 4, bf16/fp16: 2)
+# and what a KV head's set ranks by (`DashKVConfig.effective_group_score`: the probability score's G
+# scans cost more). bf16 with the probability score: dense was faster at every measured length up to
+# the default model's 8K context (batch 1), so the default is that context.
+MIN_CONTEXT_DEFAULTS: dict[tuple[int, str], int] = {(4, "sum"): 1536, (4, "probability"): 2560,
+                                                    (2, "sum"): 5120, (2, "probability"): 8192}
 #: Query precisions the bit-plane scan takes (`DashKVConfig.query_bits`): 4 or 8 bits per projection value.
 QUERY_BITS: tuple[int, ...] = (4, 8)
 
@@ -68,9 +72,10 @@ class DashKVConfig:
     grouping:        one candidate set per "kv_head" (G query heads summed) or per "query_head".
     dense_layers:    layers kept dense (diffuse early layers).
     min_context:     contexts up to this many tokens are decoded densely: below it selection costs more
-                     than it saves. None (default): measured per K/V dtype, float32 1536 and bfloat16/
-                     float16 5120 (docs/RESULTS.md §1: where selection overtakes dense decoding on the
-                     model's own cache, default model, batch 1).
+                     than it saves. None (default): measured per K/V dtype and group score
+                     (`MIN_CONTEXT_DEFAULTS`): float32 2560 (1536 with group_score="sum"), bfloat16/float16
+                     8192 (5120 with "sum") (docs/RESULTS.md §1: where selection overtakes dense decoding
+                     on the model's own cache, default model, batch 1).
     rerank:          re-rank stage: the code scan keeps `rerank` x the exact tier's size of candidates, which
                      are re-scored from an int8 copy of the keys (q·k, softmax per query head, summed over
                      the group) and the best of them form the exact tier (0 = off). Each re-scored key is
@@ -95,7 +100,10 @@ class DashKVConfig:
                      of the summed projection) or "probability": each query head's estimated attention
                      probability (softmax of its score at the calibrated temperature) summed, what oracle
                      top-k ranks by; a sharp (retrieval) head is then not drowned by diffuse ones. G scans;
-                     fused in the CPU kernel (asymmetric scorer), torch reference path elsewhere.
+                     fused in the CPU kernel (asymmetric scorer), torch reference path elsewhere (CUDA
+                     too: "sum" runs the Triton kernel). None (default): "probability" wherever it
+                     combines (asymmetric scorer, fixed head budget, no query_bits), else "sum"
+                     (`effective_group_score`); measured in docs/DECISIONS.md.
     successors:      successor pooling: each candidate's score is the best of its own and its `successors`
                      predecessors', so a selected token brings the next ones with it (copying a span:
                      the token after the one attended to is what the next step reads). 0 = off; torch
@@ -121,7 +129,7 @@ class DashKVConfig:
     head_budget: HeadBudget = "fixed"
     query_bits: int | None = None
     successors: int = 0
-    group_score: GroupScore = "sum"
+    group_score: GroupScore | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -180,8 +188,9 @@ class DashKVConfig:
                                      ("group_score='probability'", self.group_score == "probability")) if on]
             if clash:
                 raise bad("query_bits", f"combines only with a fixed-size exact tier (and rerank), not with {clash[0]}")
-        if self.group_score not in ("sum", "probability"):
-            raise bad("group_score", "must be 'sum' or 'probability'")
+        if self.group_score not in (None, "sum", "probability"):
+            raise bad("group_score", "must be None (the default: probability where it combines), 'sum' or "
+                                     "'probability'")
         if self.head_budget == "pooled" and (self.group_score == "probability" or self.successors):
             raise bad("head_budget", "'pooled' bins the summed scores; it does not combine with "
                                      "group_score='probability' or successors")
@@ -208,11 +217,13 @@ class DashKVConfig:
 
     def dense_context(self, element_bytes: int = 4) -> int:
         """Contexts up to this many tokens decode densely: `min_context`, or where it is None the default
-        measured for K/V of this element size (`MIN_CONTEXT_DEFAULTS`: float32 1536, bfloat16/float16
-        5120). Half-precision dense decoding is cheaper, so selection pays later (docs/DECISIONS.md)."""
+        measured for K/V of this element size and this group score (`MIN_CONTEXT_DEFAULTS`: float32 2560 /
+        1536 with the summed score, bfloat16/float16 8192 / 5120). Half-precision dense decoding is cheaper,
+        and the probability score's scans cost more, so selection pays later (docs/DECISIONS.md)."""
         if self.min_context is not None:
             return self.min_context
-        return MIN_CONTEXT_DEFAULTS.get(int(element_bytes), MIN_CONTEXT_DEFAULTS[4])
+        size = int(element_bytes) if int(element_bytes) in (2, 4) else 4
+        return MIN_CONTEXT_DEFAULTS[(size, self.effective_group_score)]
 
     def plan(self, n: int, rerank_cost: float = 0.125, element_bytes: int = 4) -> "StepPlan":
         """Split the budget at context n into sinks, window, exact candidates and low-precision tier.
@@ -251,6 +262,23 @@ class DashKVConfig:
         return StepPlan(n=n, dense=False, sink=sink, window=window, critical=critical, lowprec=lowprec,
                         rerank=rerank, rerank_cost=rerank_cost if rerank else 0.0,
                         lowprec_cost=lowprec_cost if lowprec else 0.0)
+
+    @property
+    def effective_group_score(self) -> str:
+        """What a KV head's candidate set ranks by in this configuration: "probability" or "sum" (`group_score`
+        None resolves to probability with the asymmetric scorer, a fixed head budget and no query_bits;
+        per-query-head sets have no group to combine, "sum" is then the plain score)."""
+        if self.grouping != "kv_head":
+            return "sum"
+        if self.group_score is not None:
+            return self.group_score
+        combines = self.scorer == "asymmetric" and self.head_budget == "fixed" and self.query_bits is None
+        return "probability" if combines else "sum"
+
+    @property
+    def scores_by_probability(self) -> bool:
+        """True where one set per KV head ranks by summed per-head probabilities (`effective_group_score`)."""
+        return self.effective_group_score == "probability"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -92,7 +92,7 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
                            k_min=min(config.k_min, plan.critical), pool_cap=POOL_CAP)
         if config.query_bits:  # the bit-plane scan (CPU kernel only: `_fast_kernel`)
             options["query_bits"] = config.query_bits
-        if config.group_score == "probability" and config.grouping == "kv_head":  # one scan per query head
+        if config.scores_by_probability:  # one scan per query head
             options["prob_temps"] = policy.probability_temperatures(state.layer_idx)
         if state.buffer_views is not None and keys.device.type == "cpu":
             options["views"] = state.buffer_views  # the cache's numpy views: no per-call stride walk
@@ -151,9 +151,9 @@ def _configuration_reasons(config: DashKVConfig, device_type: str, kv_dtype: tor
         reasons.append(f"temporal={config.temporal}")
     if config.successors:
         reasons.append(f"successors={config.successors}")
-    if config.group_score == "probability" and config.grouping == "kv_head" and (
-            device_type != "cpu" or config.scorer == "hamming"):
-        reasons.append("group_score='probability' (in the CPU kernel, with the asymmetric scorer)")
+    if config.scores_by_probability and (device_type != "cpu" or config.scorer == "hamming"):
+        reasons.append("group_score='probability' (fused in the CPU kernel with the asymmetric scorer; "
+                       "group_score='sum' runs the fused kernels everywhere)")
     pooled = config.head_budget == "pooled"
     if config.lowprec_fraction > 0 and (device_type != "cpu" or config.rerank or pooled):
         reasons.append(f"lowprec_fraction={config.lowprec_fraction} (the 8-bit tier is fused on the CPU, with a "

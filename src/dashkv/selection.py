@@ -430,7 +430,8 @@ class DashKVPolicy(SelectionPolicy):
         """(B, Hs, N) attention probability estimated from the codes: softmax over the valid positions of
         each query head's score at its calibrated temperature (`probability_temperatures`), summed over a
         selecting head. The fused CPU kernel's probability group score computes the same quantity."""
-        temps = torch.from_numpy(self.probability_temperatures(state.layer_idx)).to(per_head.device)
+        # the kernel's float32 temperatures (`probability_temperatures`), computed on the scores' device
+        temps = self.encoders.logit_scale(state.layer_idx).float().to(per_head.device) / self.config.bits
         logits = per_head.float() * temps[None, :, None]
         if start is not None:  # left padding takes no probability
             pos = torch.arange(logits.shape[-1], device=logits.device)
@@ -442,8 +443,8 @@ class DashKVPolicy(SelectionPolicy):
         (the calibrated logit scale / b); one array per layer, handed to the fused kernel as is."""
         temps = self._prob_temps.get(layer_idx)
         if temps is None:
-            scale = self.encoders.logit_scale(layer_idx).double().cpu()
-            temps = self._prob_temps[layer_idx] = (scale / self.config.bits).float().numpy()
+            scale = self.encoders.logit_scale(layer_idx).float().cpu()  # float32 / b: one rounding, as above
+            temps = self._prob_temps[layer_idx] = (scale / self.config.bits).numpy()
         return temps
 
     def pool_temperatures(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
@@ -506,7 +507,7 @@ class DashKVPolicy(SelectionPolicy):
                 scores = self.rerank_scores(state, query, scores, plan, scaling, start)
             return build_selection(scores, plan, start, None, self.config)
         per_head = self.per_head_scores(state, query)
-        if self.config.group_score == "probability" and self.config.grouping == "kv_head":
+        if self.config.scores_by_probability:
             scores = self.probability_estimate(state, per_head, keys.shape[1], start)
         else:
             scores = self.grouped(per_head, keys.shape[1])

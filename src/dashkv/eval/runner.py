@@ -347,8 +347,16 @@ def validate_plan(args: Any) -> EvalPlan:
     overrides: dict[str, Any] = {}
     for name, kind in OVERRIDE_FIELDS.items():
         value = getattr(args, name, None)
-        if value and kind(value) != defaults.get(name):  # `--group-score sum` is no override
+        if value and name != "group_score" and kind(value) != defaults.get(name):
             overrides[name] = kind(value)
+    group_score = getattr(args, "group_score", None)
+    if group_score:
+        try:
+            resolved = DashKVConfig(**overrides).effective_group_score
+        except ValueError:
+            resolved = None  # reported below with the override that caused it
+        if group_score != resolved:  # what the configuration would rank by anyway is no override
+            overrides["group_score"] = group_score
     if overrides:
         try:
             DashKVConfig(**overrides)
@@ -758,17 +766,46 @@ def _check_same_encoders(rows: list[dict[str, Any]], digests: dict[str, str | No
 OVERRIDE_FIELDS = {"query_bits": int, "lowprec_fraction": float, "successors": int, "group_score": str}
 
 
-def sweep_overrides(results: Path) -> dict[str, Any]:
-    """The OVERRIDE_FIELDS a sweep's run.json (beside `results`) sets away from their defaults: what rows
-    written before rows recorded `config_overrides` themselves were decoded with."""
+#: What DASH-KV's candidate sets ranked by before `group_score` defaulted to None (probability where it
+#: combines; stop 22): the group score of rows whose record and sweep do not say.
+LEGACY_GROUP_SCORE = "sum"
+#: Methods whose selection the group score changes: the code scans with the asymmetric scorer.
+GROUP_SCORED = ("dashkv", "dashkv_rerank", "simhash_asym")
+
+
+def sweep_config(results: Path) -> dict[str, Any] | None:
+    """The DashKVConfig fields a sweep's run.json (beside `results`) recorded, or None without one."""
     try:
-        cfg = json.loads((results.parent / "run.json").read_text()).get("config") or {}
+        cfg = json.loads((results.parent / "run.json").read_text()).get("config")
     except (OSError, ValueError, AttributeError):
-        return {}
-    if not isinstance(cfg, dict):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def row_overrides(method: str, recorded: dict[str, Any] | None, sweep: dict[str, Any] | None) -> dict[str, Any]:
+    """The configuration overrides a row was decoded with, against today's defaults, so that a table never
+    averages two configurations and never splits one.
+
+    `recorded`: the row's own `config_overrides` (rows since stop 21), else the fields the sweep's run.json
+    (`sweep`) set away from their defaults. The group score of a method it changes (`GROUP_SCORED`) comes
+    from the record, else the run.json, else `LEGACY_GROUP_SCORE` (rows from before run.json had it); it is
+    an override only where it differs from what today's default resolves to with the other overrides.
+    Dense rows have none; other methods never carry a group score."""
+    if method == DENSE:
         return {}
     default = DashKVConfig().to_dict()
-    return {k: cfg[k] for k in OVERRIDE_FIELDS if k in cfg and cfg[k] != default.get(k)}
+    if recorded:
+        ov = dict(recorded)
+    else:
+        ov = {k: sweep[k] for k in OVERRIDE_FIELDS if k in (sweep or {}) and sweep[k] != default.get(k)}
+    group_score = ov.pop("group_score", None)
+    if method in GROUP_SCORED:
+        if group_score is None:
+            group_score = (sweep or {}).get("group_score", LEGACY_GROUP_SCORE) if sweep is not None \
+                else LEGACY_GROUP_SCORE
+        if group_score is not None and group_score != DashKVConfig(**ov).effective_group_score:
+            ov["group_score"] = group_score
+    return ov
 
 
 def _check_same_overrides(rows: list[dict[str, Any]], plan: "EvalPlan", path: Path) -> None:
@@ -779,8 +816,10 @@ def _check_same_overrides(rows: list[dict[str, Any]], plan: "EvalPlan", path: Pa
     decoded = [r for r in rows if r.get("method") != DENSE]  # dense rows do not depend on the overrides
     if not decoded:
         return
-    before = decoded[0].get("config_overrides") or sweep_overrides(path)
-    if dict(before) != dict(plan.config_overrides):
+    method = decoded[0].get("method", "")
+    before = row_overrides(method, decoded[0].get("config_overrides"), sweep_config(path))
+    now = row_overrides(method, plan.config_overrides, DashKVConfig(**plan.config_overrides).to_dict())
+    if before != now:
         raise ValueError(f"{path} was made with configuration overrides {before or 'none'}, this run has "
                          f"{dict(plan.config_overrides) or 'none'}: write this run to a new --out directory")
 

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Sequence
 
 from .fidelity import FIDELITY_TASKS
 from .longbench import LONGBENCH_TASKS
-from .runner import FULL, _budget_sort, load_results, sweep_overrides
+from .runner import FULL, _budget_sort, load_results, row_overrides, sweep_config
 
 __all__ = ["load_rows", "family", "wilson", "make_tables", "main", "METHOD_ORDER"]
 
@@ -61,17 +61,20 @@ def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """Rows of every results.jsonl under `paths` (files or directories), each tagged with its sweep and,
-    where the sweep overrode a selection field for every method, with those overrides."""
+    """Rows of every results.jsonl under `paths` (files or directories), each tagged with its sweep and
+    with the configuration overrides it was decoded with against today's defaults (`row_overrides`)."""
     rows: list[dict[str, Any]] = []
     for p in map(Path, paths):
         files = [p] if p.is_file() else sorted(p.rglob("results.jsonl"))
         for f in files:
-            overrides = sweep_overrides(f)
+            sweep = sweep_config(f)
             for r in load_results(f):
                 r["_sweep"] = f.parent.name
-                if overrides and r.get("method") != "dense":
-                    r.setdefault("config_overrides", overrides)
+                overrides = row_overrides(r.get("method", ""), r.get("config_overrides"), sweep)
+                if overrides:
+                    r["config_overrides"] = overrides
+                else:
+                    r.pop("config_overrides", None)
                 rows.append(r)
     return rows
 
