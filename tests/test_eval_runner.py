@@ -344,6 +344,8 @@ def test_resume_refuses_rows_of_other_configuration_overrides(tmp_path):
     with pytest.raises(ValueError, match="overrides"):  # older rows, no run.json: the default of their time (sum)
         _check_same_overrides([{"method": "dashkv"}], plain, path)
     _check_same_overrides([{"method": "dashkv"}], summed, path)
+    with pytest.raises(ValueError, match="dashkv rows"):  # every method is checked, not the first row's only
+        _check_same_overrides([{"method": "dense"}, {"method": "oracle"}, {"method": "dashkv"}], plain, path)
     (tmp_path / "run.json").write_text(json.dumps({"config": {"group_score": None}}))  # a sweep of today
     _check_same_overrides([{"method": "dashkv"}], plain, path)
 
@@ -364,6 +366,8 @@ def test_rows_carry_the_group_score_they_were_decoded_with():
     assert row_overrides("oracle", {"group_score": "probability", "lowprec_fraction": 0.5}, None) == {
         "lowprec_fraction": 0.5}
     assert row_overrides("simhash", None, None) == {} and row_overrides("dense", {"query_bits": 4}, None) == {}
+    # SimHash's Hamming scan ranks by the sum unless told otherwise: an explicit probability stays a label
+    assert row_overrides("simhash", {"group_score": "probability"}, None) == {"group_score": "probability"}
 
 
 def test_loaded_encoders_carry_their_weights_digest(tmp_path):

@@ -110,3 +110,46 @@ def test_bad_probability_temperatures_are_refused_by_name():
                    {"prob_temps": np.array([1, 1, np.nan, 1], np.float32)}):
         with pytest.raises(ValueError, match="probability group score|prob_temps"):
             dashkv_decode_cpu(query, q_proj, keys, values, codes, **kw, **bad_kw)
+
+
+def test_exact_ties_go_to_the_lower_position_in_every_schedule():
+    """Equal codes get equal estimated probabilities in every scan chunk, so the 2-thread schedule (several
+    chunks per KV head) picks exactly the serial schedule's set: ties to the lower position."""
+    gen = torch.Generator().manual_seed(7)
+    n, critical = 5000, 40
+    query = torch.randn(1, 2, 16, generator=gen)
+    q_proj = torch.randint(-8, 9, (1, 2, 64), generator=gen).float() / 4
+    keys, values = torch.randn(1, 1, n, 16, generator=gen), torch.randn(1, 1, n, 16, generator=gen)
+    codes = torch.randint(-2**63, 2**63 - 1, (1, 1, n, 1), generator=gen)
+    best = pack_bits_for(q_proj[0, 0] + q_proj[0, 1])  # the code both heads score highest
+    codes[0, 0, 10] = best
+    codes[0, 0, 100::50] = best ^ 1  # 98 copies of the second-best code, spread over every chunk
+    temps = np.array([0.7, 2.0], np.float32)
+    kw = dict(sink=4, window=16, critical=critical, scaling=0.25, return_indices=True, prob_temps=temps)
+    _, serial = dashkv_decode_cpu(query, q_proj, keys, values, codes, parallel=False, **kw)
+    _, parallel = dashkv_decode_cpu(query, q_proj, keys, values, codes, parallel=True, **kw)
+    assert torch.equal(serial, parallel)
+    want = reference_allowed(reference_probabilities(q_proj, codes, temps, None), None, 4, 16, critical)
+    assert torch.equal(indices_to_mask(serial, n), want)  # the stable float64 ranking: ties to the lower position
+    assert want[0, 0, 10] and want[0, 0, 100] and not want[0, 0, 4950]
+
+
+def pack_bits_for(proj: torch.Tensor) -> torch.Tensor:
+    """The int64 code word whose bits are the signs of `proj` (64 values): the best-scoring code."""
+    from dashkv.codes import pack_bits
+
+    return pack_bits(proj[None] > 0)[0, 0]
+
+
+def test_probability_temperatures_follow_the_encoders_weights():
+    """The kernel's temperatures are cached per layer but recomputed when the logit scale changes in place
+    (fine-tuned encoders after `enable`), so the fused and reference paths never disagree on them."""
+    from dashkv.selection import DashKVPolicy
+
+    enc = _simhash(tiny_model("llama"))
+    layer = min(int(i) for i in enc.layers)
+    policy = DashKVPolicy(DashKVConfig(), enc)
+    first = policy.probability_temperatures(layer).copy()
+    with torch.no_grad():
+        enc.layers[str(layer)].log_scale.add_(1.0)
+    np.testing.assert_allclose(policy.probability_temperatures(layer), first * np.e, rtol=1e-6)

@@ -101,3 +101,18 @@ def test_policy_select_applies_successor_pooling():
     assert top in chosen and top + 1 in chosen
     with pytest.raises(ValueError, match="head_budget"):
         DashKVConfig(successors=1, head_budget="pooled")
+
+
+def test_the_default_group_score_resolves_where_it_combines():
+    """None ranks by probability with the asymmetric scorer and a fixed head budget; the options measured
+    with the sum keep it, and baselines (no code scan) keep the sum's dense threshold."""
+    from dashkv.selection import make_policy
+
+    assert DashKVConfig().effective_group_score == "probability"
+    for kw in (dict(scorer="hamming"), dict(head_budget="pooled"), dict(query_bits=4), dict(adaptive=True),
+               dict(temporal=0.25), dict(spatial_vote=0.5), dict(successors=1), dict(grouping="query_head")):
+        assert DashKVConfig(**kw).effective_group_score == "sum", kw
+    assert DashKVConfig(group_score="probability", adaptive=True).effective_group_score == "probability"
+    oracle = make_policy("oracle", DashKVConfig())
+    assert oracle.config.group_score == "sum" and oracle.config.dense_context() == 1536
+    assert make_policy("oracle", DashKVConfig(group_score="probability")).config.group_score == "probability"

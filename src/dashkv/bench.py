@@ -35,11 +35,14 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
 SHAPES = {"smollm2": (9, 3, 64), "d128": (32, 8, 128)}  # (query heads, KV heads, head dim)
-METHODS = ("dashkv", "dashkv_select", "dashkv_hamming", "dashkv_serial", "dashkv_q8", "dashkv_q4", "sdpa",
-           "dense_torch", "dense_numba")  # dashkv_q8/_q4: the bit-plane scan (`DashKVConfig.query_bits`), 1 thread
+METHODS = ("dashkv", "dashkv_select", "dashkv_hamming", "dashkv_serial", "dashkv_q8", "dashkv_q4", "dashkv_prob",
+           "dashkv_prob_serial", "sdpa", "dense_torch", "dense_numba")
+# dashkv_q8/_q4: the bit-plane scan (`DashKVConfig.query_bits`), 1 thread; dashkv_prob(_serial): the default
+# group score (summed per-head probabilities); dashkv, dashkv_serial, ...: the summed score
 
 
 def _inputs(hq: int, hkv: int, d: int, n: int, bits: int, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -105,6 +108,7 @@ def bench_kernel(ns=(4096, 16384, 65536, 262144), bits=(64, 128), budget=1 / 16,
                 q4 = query[:, :, None, :]
                 scaling = d ** -0.5
                 kw = dict(sink=plan.sink, window=plan.window, critical=plan.critical, scaling=scaling)
+                temps = np.full(hq, 16.0 / b, np.float32)  # a calibrated-like logit scale (16) / b
                 fns = {
                     "dashkv": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, parallel=True, **kw),
                     "dashkv_select": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, _mode=1,
@@ -112,6 +116,11 @@ def bench_kernel(ns=(4096, 16384, 65536, 262144), bits=(64, 128), budget=1 / 16,
                     "dashkv_hamming": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes,
                                                                 scorer="hamming", parallel=True, **kw),
                     "dashkv_serial": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, **kw),
+                    # the default group score (summed per-head probabilities: one scan per query head)
+                    "dashkv_prob": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, parallel=True,
+                                                             prob_temps=temps, **kw),
+                    "dashkv_prob_serial": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes,
+                                                                    prob_temps=temps, **kw),
                     # the bit-plane scan, on the calling thread (the schedule `generate` uses)
                     "dashkv_q8": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, query_bits=8, **kw),
                     "dashkv_q4": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, query_bits=4, **kw),
@@ -142,6 +151,7 @@ def bench_kernel(ns=(4096, 16384, 65536, 262144), bits=(64, 128), budget=1 / 16,
                     "sdpa_over_dashkv": round(med["sdpa"] / med["dashkv"], 2),
                     "best_dense_over_dashkv": round(med[best_name] / med["dashkv"], 2),
                     "best_dense_over_dashkv_q8": round(med[best_name] / med["dashkv_q8"], 2),
+                    "best_dense_over_dashkv_prob": round(med[best_name] / med["dashkv_prob"], 2),
                     "best_dense_over_dashkv_q4": round(med[best_name] / med["dashkv_q4"], 2),
                     "dense_bytes": dense_bytes, "dashkv_bytes": dash_bytes,
                     "dashkv_gbps": round(dash_bytes / med["dashkv"] / 1e6, 2),
@@ -165,10 +175,11 @@ _COLS = [
     ("dashkv_ms", "dashkv ms", "{:.3f}"), ("dashkv_select_ms", "scan+sel", "{:.3f}"),
     ("dashkv_attention_ms", "attn", "{:.3f}"), ("dashkv_hamming_ms", "hamming", "{:.3f}"),
     ("dashkv_serial_ms", "1 thread", "{:.3f}"), ("dashkv_q8_ms", "1 thr q8", "{:.3f}"),
-    ("dashkv_q4_ms", "1 thr q4", "{:.3f}"),
+    ("dashkv_q4_ms", "1 thr q4", "{:.3f}"), ("dashkv_prob_ms", "prob", "{:.3f}"),
+    ("dashkv_prob_serial_ms", "1 thr prob", "{:.3f}"),
     ("sdpa_ms", "sdpa ms", "{:.3f}"), ("dense_torch_ms", "mm+sm", "{:.3f}"), ("dense_numba_ms", "numba", "{:.3f}"),
     ("sdpa_over_dashkv", "sdpa/dkv", "{:.1f}x"), ("best_dense_over_dashkv", "best/dkv", "{:.1f}x"),
-    ("best_dense_over_dashkv_q4", "best/q4", "{:.1f}x"),
+    ("best_dense_over_dashkv_q4", "best/q4", "{:.1f}x"), ("best_dense_over_dashkv_prob", "best/prob", "{:.1f}x"),
     ("dashkv_gbps", "dkv GB/s", "{:.1f}"), ("sdpa_gbps", "sdpa GB/s", "{:.1f}"), ("best_dense_gbps", "best GB/s", "{:.1f}"),
 ]
 

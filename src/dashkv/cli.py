@@ -38,7 +38,8 @@ def _add_model_args(p: argparse.ArgumentParser, encoders: bool = True) -> None:
 
 def _add_dashkv_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", default="1/16", help="tokens read per step: fraction (1/16) or count (512)")
-    p.add_argument("--bits", type=int, default=64, help="key code length, a multiple of 64 (default: %(default)s)")
+    p.add_argument("--bits", type=int, default=None,
+                   help="key code length, a multiple of 64 (default: the --encoders' own, else 64)")
     p.add_argument("--sink", type=int, default=4, help="first tokens always attended (default: %(default)s)")
     p.add_argument("--window", type=int, default=64, help="recent tokens always attended (default: %(default)s)")
     p.add_argument("--min-context", type=int, default=None,
@@ -136,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="dashkv-eval",
                    help="output directory; a rerun with the same settings resumes it (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the task generators (default: %(default)s)")
-    p.add_argument("--bits", type=int, default=64,
+    p.add_argument("--bits", type=int, default=None,
                    help="code bits: of the random-hyperplane methods, and of the shipped encoders chosen when "
-                        "--encoders is not given (default: %(default)s)")
+                        "--encoders is not given (default: the --encoders' own, else 64)")
     p.add_argument("--also", action="append", default=[], metavar="METHODS@BUDGETS",
                    help="more cells on the same prefills, e.g. dense,dashkv,oracle,snapkv@1/8,1/32 (repeatable)")
     p.add_argument("--prefill-dtype", default="fp32", choices=["fp32", "bf16"],
@@ -196,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="1/16",
                    help="default budget of requests that do not choose one: fraction (1/16), count (512) or "
                         "'dense' (default: %(default)s)")
-    p.add_argument("--bits", type=int, default=64, help="key code length, a multiple of 64 (default: %(default)s)")
+    p.add_argument("--bits", type=int, default=None,
+                   help="key code length, a multiple of 64 (default: the --encoders' own, else 64)")
     p.add_argument("--sink", type=int, default=4, help="first tokens always attended (default: %(default)s)")
     p.add_argument("--window", type=int, default=64, help="recent tokens always attended (default: %(default)s)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",

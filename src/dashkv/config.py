@@ -102,7 +102,8 @@ class DashKVConfig:
                      top-k ranks by; a sharp (retrieval) head is then not drowned by diffuse ones. G scans;
                      fused in the CPU kernel (asymmetric scorer), torch reference path elsewhere (CUDA
                      too: "sum" runs the Triton kernel). None (default): "probability" wherever it
-                     combines (asymmetric scorer, fixed head budget, no query_bits), else "sum"
+                     combines (asymmetric scorer, fixed head budget, no query_bits, none of adaptive /
+                     spatial_vote / temporal / successors, which were measured with the sum), else "sum"
                      (`effective_group_score`); measured in docs/DECISIONS.md.
     successors:      successor pooling: each candidate's score is the best of its own and its `successors`
                      predecessors', so a selected token brings the next ones with it (copying a span:
@@ -266,13 +267,15 @@ class DashKVConfig:
     @property
     def effective_group_score(self) -> str:
         """What a KV head's candidate set ranks by in this configuration: "probability" or "sum" (`group_score`
-        None resolves to probability with the asymmetric scorer, a fixed head budget and no query_bits;
+        None resolves to probability with the asymmetric scorer, a fixed head budget, no query_bits and none
+        of the reference-path options measured with the sum (adaptive, spatial_vote, temporal, successors);
         per-query-head sets have no group to combine, "sum" is then the plain score)."""
         if self.grouping != "kv_head":
             return "sum"
         if self.group_score is not None:
             return self.group_score
-        combines = self.scorer == "asymmetric" and self.head_budget == "fixed" and self.query_bits is None
+        combines = (self.scorer == "asymmetric" and self.head_budget == "fixed" and self.query_bits is None
+                    and not (self.adaptive or self.spatial_vote or self.temporal or self.successors))
         return "probability" if combines else "sum"
 
     @property
@@ -288,10 +291,18 @@ class DashKVConfig:
     @classmethod
     def from_args(cls, args: Any, **extra: Any) -> "DashKVConfig":
         """The configuration of a command line (`dashkv demo/generate/bench decode`): the options
-        `_add_dashkv_args` defines, each falling back to the field's default when a command lacks it."""
+        `_add_dashkv_args` defines, each falling back to the field's default when a command lacks it; --bits
+        not given: the code length of the --encoders directory, if any (`HashEncoders.stored_bits`)."""
         names = ("bits", "budget", "sink", "window", "min_context", "rerank", "head_budget", "temporal",
                  "query_bits", "lowprec_fraction", "successors", "group_score")
-        return cls(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None}, **extra)
+        values = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+        if "bits" not in values and "bits" not in extra and getattr(args, "encoders", None):
+            from .encoders import HashEncoders
+
+            stored = HashEncoders.stored_bits(args.encoders)
+            if stored is not None:
+                values["bits"] = stored
+        return cls(**values, **extra)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DashKVConfig":

@@ -339,6 +339,16 @@ class HashEncoders(nn.Module):
                 shutil.rmtree(tmp, ignore_errors=True)
         return out
 
+    @staticmethod
+    def stored_bits(directory: str | os.PathLike) -> int | None:
+        """The code length an encoder directory declares (its encoders.json), or None where that cannot be
+        read: what a command's --bits defaults to with --encoders (`from_pretrained` validates the rest)."""
+        try:
+            bits = json.loads((Path(directory) / CONFIG_NAME).read_text()).get("bits")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return bits if isinstance(bits, int) and not isinstance(bits, bool) else None
+
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "HashEncoders":
         """Load and validate; every failure is an EncoderFileError naming the file and what is wrong.

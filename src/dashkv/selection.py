@@ -317,6 +317,10 @@ class SelectionPolicy:
     uses_codes = False  # True: the cache stores packed key codes from `encode_keys`
 
     def __init__(self, config: DashKVConfig):
+        if not self.uses_codes and config.group_score is None:
+            # a baseline scans no codes: the group score's default must not move its dense threshold
+            # (`dense_context` is measured per group score for DASH-KV's kernel)
+            config = DashKVConfig(**{**config.to_dict(), "group_score": "sum"})
         self.config = config
 
     @property
@@ -375,7 +379,7 @@ class DashKVPolicy(SelectionPolicy):
                       levels, 1 << (levels - 1))
         self.encoders = encoders
         self._pool_temps: dict[tuple[int, int], torch.Tensor] = {}  # see pool_temperatures
-        self._prob_temps: dict[int, np.ndarray] = {}  # see probability_temperatures
+        self._prob_temps: dict[int, tuple] = {}  # see probability_temperatures
 
     def encode_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
         return self.encoders.encode_keys(layer_idx, keys)
@@ -441,11 +445,12 @@ class DashKVPolicy(SelectionPolicy):
     def probability_temperatures(self, layer_idx: int) -> np.ndarray:
         """(Hq,) float32: per query head, the factor turning its asymmetric score into an estimated logit
         (the calibrated logit scale / b); one array per layer, handed to the fused kernel as is."""
-        temps = self._prob_temps.get(layer_idx)
-        if temps is None:
+        param = self.encoders.layers[str(layer_idx)].log_scale
+        hit = self._prob_temps.get(layer_idx)  # (parameter, its version, temperatures): retrained = recomputed
+        if hit is None or hit[0] is not param or hit[1] != param._version:
             scale = self.encoders.logit_scale(layer_idx).float().cpu()  # float32 / b: one rounding, as above
-            temps = self._prob_temps[layer_idx] = (scale / self.config.bits).numpy()
-        return temps
+            hit = self._prob_temps[layer_idx] = (param, param._version, (scale / self.config.bits).numpy())
+        return hit[2]
 
     def pool_temperatures(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
         """(Hs,) float64: per selecting head, the factor turning its (grouped) score into an estimated

@@ -306,7 +306,12 @@ def validate_plan(args: Any) -> EvalPlan:
     samples = getattr(args, "samples", 1)
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
         raise ValueError(f"--samples must be an integer >= 1, got {samples!r}")
-    bits = int(getattr(args, "bits", 64) or 64)
+    bits = getattr(args, "bits", None)
+    if bits is None:  # the encoders' own code length, else the shipped encoders' 64
+        from ..encoders import HashEncoders
+
+        bits = (HashEncoders.stored_bits(args.encoders) if getattr(args, "encoders", None) else None) or 64
+    bits = int(bits)
     DashKVConfig(bits=bits)  # raises on bad bits
     mnt = getattr(args, "max_new_tokens", None)
     if mnt is not None and int(mnt) < 1:
@@ -769,8 +774,8 @@ OVERRIDE_FIELDS = {"query_bits": int, "lowprec_fraction": float, "successors": i
 #: What DASH-KV's candidate sets ranked by before `group_score` defaulted to None (probability where it
 #: combines; stop 22): the group score of rows whose record and sweep do not say.
 LEGACY_GROUP_SCORE = "sum"
-#: Methods whose selection the group score changes: the code scans with the asymmetric scorer.
-GROUP_SCORED = ("dashkv", "dashkv_rerank", "simhash_asym")
+#: Methods whose selection the group score can change (the code scans), with the fields their policy forces.
+GROUP_SCORED = {"dashkv": {}, "dashkv_rerank": {}, "simhash_asym": {}, "simhash": {"scorer": "hamming"}}
 
 
 def sweep_config(results: Path) -> dict[str, Any] | None:
@@ -803,7 +808,8 @@ def row_overrides(method: str, recorded: dict[str, Any] | None, sweep: dict[str,
         if group_score is None:
             group_score = (sweep or {}).get("group_score", LEGACY_GROUP_SCORE) if sweep is not None \
                 else LEGACY_GROUP_SCORE
-        if group_score is not None and group_score != DashKVConfig(**ov).effective_group_score:
+        forced = {**ov, **GROUP_SCORED[method]}
+        if group_score is not None and group_score != DashKVConfig(**forced).effective_group_score:
             ov["group_score"] = group_score
     return ov
 
@@ -813,15 +819,18 @@ def _check_same_overrides(rows: list[dict[str, Any]], plan: "EvalPlan", path: Pa
     ...): its done rows would be skipped as if they had been decoded with this run's configuration."""
     if not rows:
         return
-    decoded = [r for r in rows if r.get("method") != DENSE]  # dense rows do not depend on the overrides
-    if not decoded:
-        return
-    method = decoded[0].get("method", "")
-    before = row_overrides(method, decoded[0].get("config_overrides"), sweep_config(path))
-    now = row_overrides(method, plan.config_overrides, DashKVConfig(**plan.config_overrides).to_dict())
-    if before != now:
-        raise ValueError(f"{path} was made with configuration overrides {before or 'none'}, this run has "
-                         f"{dict(plan.config_overrides) or 'none'}: write this run to a new --out directory")
+    sweep = sweep_config(path)
+    today = DashKVConfig(**plan.config_overrides).to_dict()
+    first: dict[str, dict[str, Any]] = {}  # one row per method: the group score touches some methods only
+    for r in rows:
+        if r.get("method") != DENSE:  # dense rows do not depend on the overrides
+            first.setdefault(r.get("method", ""), r)
+    for method, row in first.items():
+        before = row_overrides(method, row.get("config_overrides"), sweep)
+        now = row_overrides(method, plan.config_overrides, today)
+        if before != now:
+            raise ValueError(f"{path}: its {method} rows were made with configuration overrides {before or 'none'}, "
+                             f"this run has {now or 'none'}: write this run to a new --out directory")
 
 
 def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any] | None = None,

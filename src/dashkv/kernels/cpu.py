@@ -498,8 +498,8 @@ def _attend_rows8(qs, h0, Gq, d, k8f, k8s, v8f, v8s, base, rows, n, lg, pm, pl, 
 
 @njit(cache=True, fastmath=True)
 def _prob_unit(cu, m, W, lt, t, e, stat):
-    """One query head over one scan unit's m codes: e[0:m] = exp(t*s - M), stat = (M, min t*s, sum e)
-    with M the unit's max logit t*s (s the asymmetric score through the byte tables lt)."""
+    """One query head over one scan unit's m codes: e[0:m] = the logits t*s (s the asymmetric score
+    through the byte tables lt), stat = (M, min, sum exp(logit - M)) with M the unit's max logit."""
     if m == 0:
         stat[0] = -np.inf
         stat[1] = np.inf
@@ -516,21 +516,19 @@ def _prob_unit(cu, m, W, lt, t, e, stat):
         mn = min(mn, x)
     z = np.float32(0.0)
     for jj in range(m):
-        v = _exp_neg(e[jj] - mx)
-        e[jj] = v
-        z += v
+        z += _exp_neg(e[jj] - mx)
     stat[0] = mx
     stat[1] = mn
     stat[2] = z
 
 
 @njit(cache=True)
-def _prob_normalise(sidx, kvh, G, nch, LUTU, P, W, lut, ustat, coef, temps, cf, cbase, s0, sink, N, window, top,
+def _prob_normalise(sidx, kvh, G, nch, LUTU, P, W, lut, ustat, logzs, temps, cf, cbase, s0, sink, N, window, top,
                     pbase, pshift):
     """Probability mode, one KV head of one row (its scan units are sidx*nch ... sidx*nch + nch-1):
     log Z_g per query head over all valid positions (the units' parts plus the sinks and the window,
-    scored here), each unit's factor exp(M_u - log Z_g) (coef), and the bucket map of p: base and shift
-    of its float32 bit pattern between a lower and an upper bound of p over the candidates."""
+    scored here) into logzs[sidx*G + g], and the bucket map of p: base and shift of its float32 bit
+    pattern between a lower and an upper bound of p over the candidates."""
     u0 = sidx * nch
     plo = -np.inf
     hi_sum = 0.0
@@ -560,9 +558,7 @@ def _prob_normalise(sidx, kvh, G, nch, LUTU, P, W, lut, ustat, coef, temps, cf, 
         for r in range(nfix):
             z += math.exp(fixed[r] - mx)
         logz = mx + math.log(z)
-        for c in range(nch):
-            st3 = ustat[((u0 + c) * G + g) * 3:((u0 + c) * G + g + 1) * 3]
-            coef[(u0 + c) * G + g] = np.float32(math.exp(st3[0] - logz)) if st3[2] > 0.0 else np.float32(0.0)
+        logzs[sidx * G + g] = np.float32(logz)
         plo = max(plo, mn - logz)  # every candidate's p is at least each head's smallest term
         hi_sum += math.exp(cmax - logz)  # and at most the sum of each head's largest
     lo_bits = np.int64(_float32_bits_as_int32(np.float32(math.exp(plo) * 0.5)))  # rounding margin
@@ -575,15 +571,17 @@ def _prob_normalise(sidx, kvh, G, nch, LUTU, P, W, lut, ustat, coef, temps, cf, 
 
 
 @njit(cache=True, fastmath=True)
-def _prob_buckets(pe, m, G, stride, cg, base, shift, top, bu, hs):
-    """p = sum_g e_g * cg[g] into pe[0:m] (the g = 0 row), its bucket into bu[0:m], counted into hs."""
+def _prob_buckets(pe, m, G, stride, logz, base, shift, top, bu, hs):
+    """p = sum_g exp(logit_g - logz[g]) into pe[0:m] (over the g = 0 row of logits), its bucket into bu[0:m],
+    counted into hs. A function of the logits alone: equal codes get equal p in every scan unit."""
+    lz = logz[0]
     for jj in range(m):
-        pe[jj] = pe[jj] * cg[0]
+        pe[jj] = _exp_neg(pe[jj] - lz)
     for g in range(1, G):
         eg = pe[g * stride:g * stride + m]
-        c = cg[g]
+        lz = logz[g]
         for jj in range(m):
-            pe[jj] += eg[jj] * c
+            pe[jj] += _exp_neg(eg[jj] - lz)
     for jj in range(m):
         k = (np.int64(_float32_bits_as_int32(pe[jj])) - base) >> shift
         bu[jj] = min(max(k, 0), top)
@@ -806,7 +804,8 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     Probability group score (prob_temps non-empty: one float32 temperature per query head; kv_head grouping,
     asymmetric scorer, no bit planes or pooling): each query head g of a KV head is scanned on its own,
     its estimated log-probability is t_g * s_g - log Z_g (Z_g over all the row's valid positions, sinks and
-    window included), and the KV head ranks its candidates by p = sum_g exp(.) -- what
+    window included), and the KV head ranks its candidates by p = sum_g exp(.) (a function of the logits
+    alone, so equal codes tie exactly whatever the chunking) -- what
     `DashKVPolicy.probability_estimate` computes. Buckets are the float32 bit patterns of p (monotone),
     shifted to fit the bins; the boundary bucket is ranked by the stored p (stable).
     ws64[:B*S] receives the number of tokens read per selecting head. mode 0: the whole step; 1: stop
@@ -904,7 +903,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     pl = wsf[o_pl:o_pacc]
     pacc = wsf[o_pacc:o_qs].reshape(AU * Gq, d)
     qs = wsf[o_qs:o_pe].reshape(B * Hq, d)
-    pbuf = wsf[o_pe:nf]  # probability mode: [sidx][g][candidate] logits -> exp(. - unit max) -> p in g = 0
+    pbuf = wsf[o_pe:nf]  # probability mode: [sidx][g][candidate] logits, then p in the g = 0 row
     lens = ws64[0:BS]
     lowc = ws64[BS:2 * BS]  # rows of each head read from the 8-bit copies
     ogt = ws64[o_cnt:o_cnt + U * NS]
@@ -947,7 +946,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                 qshifts[sidx] = sh
 
         ustat = np.zeros(U * G * 3 if prob else 0, np.float64)  # probability mode: (max, min, exp-sum)
-        coef = np.zeros(U * G if prob else 0, np.float32)
+        logzs = np.zeros(BS * G if prob else 0, np.float32)
         pbase = np.zeros(BS if prob else 0, np.int64)
         pshift = np.zeros(BS if prob else 0, np.int64)
         # ---- phase 1 (parallel): byte tables, scan, bucket histogram per unit ----
@@ -1002,7 +1001,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
             for sidx in range(BS):
                 b = sidx // S
                 if ncand[b] > 0:
-                    _prob_normalise(sidx, sidx % Hkv, G, nch, LUTU, P, W, lut, ustat, coef, prob_temps,
+                    _prob_normalise(sidx, sidx % Hkv, G, nch, LUTU, P, W, lut, ustat, logzs, prob_temps,
                                     cf, cb0 + b * csb + (sidx % Hkv) * csh, st[b], sink, N, window, top,
                                     pbase, pshift)
             for u in prange(U):
@@ -1018,7 +1017,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                     hi = min(clo[b] + ncand[b], lo + cl)
                     sidx = b * Hkv + kvh
                     off = sidx * G * maxcand + (lo - clo[b])
-                    _prob_buckets(pbuf[off:], hi - lo, G, maxcand, coef[u * G:(u + 1) * G], pbase[sidx], pshift[sidx],
+                    _prob_buckets(pbuf[off:], hi - lo, G, maxcand, logzs[sidx * G:(sidx + 1) * G], pbase[sidx], pshift[sidx],
                                   top, bk[sidx * maxcand + (lo - clo[b]):sidx * maxcand + (hi - clo[b])], hu)
         if mode == 2:
             return 0, n16, n32, nf, n64, o_idx, Lmax
