@@ -409,3 +409,20 @@ def test_overrides_equal_to_the_defaults_are_not_overrides(tiny_lm):
     assert plan.config_overrides == {"query_bits": 4}
     with pytest.raises(ValueError, match="head_budget|group_score"):
         DashKVConfig(group_score="probability", head_budget="pooled")
+
+
+def test_resume_refuses_rows_of_another_sample_count(tmp_path):
+    """A needle's depth is i / (samples - 1): rows of a 10-sample sweep are other prompts than a 20-sample
+    sweep's under the same index, so resuming with another --samples is refused by name."""
+    from types import SimpleNamespace
+
+    from dashkv.eval.runner import _check_same_depths
+
+    path = tmp_path / "results.jsonl"
+    rows = [{"task": "niah_single_1", "index": i, "depth": i / 9} for i in range(10)] + [
+        {"task": "cwe", "index": 3, "depth": None}]
+    _check_same_depths(rows, SimpleNamespace(samples=10), path)
+    _check_same_depths(rows[:1], SimpleNamespace(samples=20), path)  # depth 0 is the same for every count
+    with pytest.raises(ValueError, match="niah_single_1 sample #1.*--samples 20"):
+        _check_same_depths(rows, SimpleNamespace(samples=20), path)
+    _check_same_depths(rows[9:10], SimpleNamespace(samples=5), path)  # rows past the plan's samples are not read

@@ -814,6 +814,23 @@ def row_overrides(method: str, recorded: dict[str, Any] | None, sweep: dict[str,
     return ov
 
 
+def _check_same_depths(rows: list[dict[str, Any]], plan: "EvalPlan", path: Path) -> None:
+    """Refuse to resume a sweep whose done rows put their needles elsewhere: a sample's depth is i / (n - 1)
+    with n = --samples, so resuming with another --samples would mix two prompt sets under one index (the
+    stop-22 finding: smollm2-ruler-4k's samples 0-9 are a 10-sample run's, 10-19 a 20-sample run's)."""
+    from .tasks import sample_depths
+
+    expected = sample_depths(plan.samples)
+    for r in rows:
+        depth, index = r.get("depth"), r.get("index")
+        if depth is None or not isinstance(index, int) or not 0 <= index < plan.samples:
+            continue
+        if abs(float(depth) - expected[index]) > 1e-9:
+            raise ValueError(f"{path}: its {r.get('task')} sample #{index} has its needle at depth {float(depth):.3f}, "
+                             f"--samples {plan.samples} puts it at {expected[index]:.3f} (depths are i / (samples - 1)): "
+                             "resume with the sweep's own --samples, or write this run to a new --out directory")
+
+
 def _check_same_overrides(rows: list[dict[str, Any]], plan: "EvalPlan", path: Path) -> None:
     """Refuse to resume a sweep made with other configuration overrides (`--group-score`, `--query-bits`,
     ...): its done rows would be skipped as if they had been decoded with this run's configuration."""
@@ -844,6 +861,7 @@ def run_eval(model: Any, tokenizer: Any, plan: EvalPlan, encoders: dict[str, Any
     digests = {m: getattr(encoders[m], "weights_sha256", None) for m in LEARNED_METHODS if m in encoders}
     _check_same_encoders(rows, digests, results_path)
     _check_same_overrides(rows, plan, results_path)
+    _check_same_depths(rows, plan, results_path)
     stop = stop_ids(tokenizer, model)
     try:
         from ..models import model_shape
