@@ -49,6 +49,20 @@ def parse_budget(value: str | float | int) -> float | int:
 # the default model's 8K context (batch 1), so the default is that context.
 MIN_CONTEXT_DEFAULTS: dict[tuple[int, str], int] = {(4, "sum"): 1536, (4, "probability"): 2560,
                                                     (2, "sum"): 5120, (2, "probability"): 8192}
+def resolve_bits(bits: int | None, encoders: str | None) -> int:
+    """A command's code length: --bits if given, else its --encoders directory's own (`HashEncoders.
+    stored_bits`), else DashKVConfig's default (64). One rule for generate, demo, bench, eval and serve."""
+    if bits is not None:
+        return bits
+    if encoders:
+        from .encoders import HashEncoders
+
+        stored = HashEncoders.stored_bits(encoders)
+        if stored is not None:
+            return stored
+    return DashKVConfig.__dataclass_fields__["bits"].default
+
+
 #: Query precisions the bit-plane scan takes (`DashKVConfig.query_bits`): 4 or 8 bits per projection value.
 QUERY_BITS: tuple[int, ...] = (4, 8)
 
@@ -296,12 +310,8 @@ class DashKVConfig:
         names = ("bits", "budget", "sink", "window", "min_context", "rerank", "head_budget", "temporal",
                  "query_bits", "lowprec_fraction", "successors", "group_score")
         values = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-        if "bits" not in values and "bits" not in extra and getattr(args, "encoders", None):
-            from .encoders import HashEncoders
-
-            stored = HashEncoders.stored_bits(args.encoders)
-            if stored is not None:
-                values["bits"] = stored
+        if "bits" not in extra:
+            values["bits"] = resolve_bits(getattr(args, "bits", None), getattr(args, "encoders", None))
         return cls(**values, **extra)
 
     @classmethod

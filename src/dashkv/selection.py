@@ -434,13 +434,16 @@ class DashKVPolicy(SelectionPolicy):
         """(B, Hs, N) attention probability estimated from the codes: softmax over the valid positions of
         each query head's score at its calibrated temperature (`probability_temperatures`), summed over a
         selecting head. The fused CPU kernel's probability group score computes the same quantity."""
-        # the kernel's float32 temperatures (`probability_temperatures`), computed on the scores' device
-        temps = self.encoders.logit_scale(state.layer_idx).float().to(per_head.device) / self.config.bits
+        temps = self._probability_temperatures(state.layer_idx).to(per_head.device)  # no host round trip
         logits = per_head.float() * temps[None, :, None]
         if start is not None:  # left padding takes no probability
             pos = torch.arange(logits.shape[-1], device=logits.device)
             logits = logits.masked_fill((pos[None, :] < start.to(logits.device)[:, None])[:, None, :], NEG_INF)
         return self.grouped(torch.softmax(logits, -1), num_kv_heads)
+
+    def _probability_temperatures(self, layer_idx: int) -> torch.Tensor:
+        """(Hq,) float32 on the encoders' device: the calibrated logit scale / b, one float32 rounding."""
+        return self.encoders.logit_scale(layer_idx).float() / self.config.bits
 
     def probability_temperatures(self, layer_idx: int) -> np.ndarray:
         """(Hq,) float32: per query head, the factor turning its asymmetric score into an estimated logit
@@ -448,8 +451,8 @@ class DashKVPolicy(SelectionPolicy):
         param = self.encoders.layers[str(layer_idx)].log_scale
         hit = self._prob_temps.get(layer_idx)  # (parameter, its version, temperatures): retrained = recomputed
         if hit is None or hit[0] is not param or hit[1] != param._version:
-            scale = self.encoders.logit_scale(layer_idx).float().cpu()  # float32 / b: one rounding, as above
-            hit = self._prob_temps[layer_idx] = (param, param._version, (scale / self.config.bits).numpy())
+            temps = self._probability_temperatures(layer_idx).cpu().numpy()
+            hit = self._prob_temps[layer_idx] = (param, param._version, temps)
         return hit[2]
 
     def pool_temperatures(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from ..config import DashKVConfig, parse_budget
+from ..config import DashKVConfig, parse_budget, resolve_bits
 from ..selection import METHODS, POLICIES, SelectionPolicy, SnapKVPolicy
 from .longbench import LONGBENCH_TASKS, MAX_NEW_TOKENS_LB, make_longbench_sample
 from .fidelity import (DEFAULT_POSITIONS, FIDELITY_KINDS, FIDELITY_TASKS, compare_logprobs, make_fidelity_documents,
@@ -306,12 +306,7 @@ def validate_plan(args: Any) -> EvalPlan:
     samples = getattr(args, "samples", 1)
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
         raise ValueError(f"--samples must be an integer >= 1, got {samples!r}")
-    bits = getattr(args, "bits", None)
-    if bits is None:  # the encoders' own code length, else the shipped encoders' 64
-        from ..encoders import HashEncoders
-
-        bits = (HashEncoders.stored_bits(args.encoders) if getattr(args, "encoders", None) else None) or 64
-    bits = int(bits)
+    bits = int(resolve_bits(getattr(args, "bits", None), getattr(args, "encoders", None)))
     DashKVConfig(bits=bits)  # raises on bad bits
     mnt = getattr(args, "max_new_tokens", None)
     if mnt is not None and int(mnt) < 1:

@@ -344,6 +344,14 @@ def _asym_scores(cb, m, W, lt, out):
                 out[jj] += _sc64(cb[jj * W + w], lw)
 
 
+@njit(cache=True, inline="always")
+def _unit_range(clo, ncand, nch, c):
+    """Positions [lo, hi) of chunk c of a row's candidates [clo, clo + ncand) cut into nch scan units."""
+    cl = -(-ncand // nch)
+    lo = min(clo + ncand, clo + c * cl)
+    return lo, min(clo + ncand, lo + cl)
+
+
 @njit(cache=True)
 def _scan_unit(cu, m, W, hamming, lt, af, sf, qw, Gq, top, buf, bu, hs, qbits, pw, qoff, qshift, ib):
     """Score the m codes cu[0:m*W], write their buckets bu[0:m] and count them into hs.
@@ -957,26 +965,20 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
             hu = hist[u * NS * nbins:(u + 1) * NS * nbins]
             for i in range(NS * nbins):
                 hu[i] = 0
-            if ncand[b] > 0 and prob:  # each query head's logits, then exp(logit - this unit's max)
-                cl = -(-ncand[b] // nch)
-                lo = min(clo[b] + ncand[b], clo[b] + c * cl)
-                hi = min(clo[b] + ncand[b], lo + cl)
+            if ncand[b] > 0:
+                lo, hi = _unit_range(clo[b], ncand[b], nch, c)
                 m = hi - lo
                 cw = (cb0 + b * csb + kvh * csh + lo * W)
+                cu = cf[cw:cw + m * W]
+            if ncand[b] > 0 and prob:  # each query head's logits, their max, min and exp-sum in this unit
                 sidx = b * Hkv + kvh
                 for g in range(G):
                     lt = lut[u * LUTU + g * P * 256:u * LUTU + (g + 1) * P * 256]
                     _build_lut(qp, b, kvh * G + g, 1, P, lt)
                     off = (sidx * G + g) * maxcand + (lo - clo[b])
-                    _prob_unit(cf[cw:cw + m * W], m, W, lt, prob_temps[kvh * G + g], pbuf[off:off + m],
+                    _prob_unit(cu, m, W, lt, prob_temps[kvh * G + g], pbuf[off:off + m],
                                ustat[(u * G + g) * 3:(u * G + g + 1) * 3])
             elif ncand[b] > 0:
-                cl = -(-ncand[b] // nch)
-                lo = min(clo[b] + ncand[b], clo[b] + c * cl)
-                hi = min(clo[b] + ncand[b], lo + cl)
-                m = hi - lo
-                cw = (cb0 + b * csb + kvh * csh + lo * W)
-                cu = cf[cw:cw + m * W]
                 buf = sbuf[u * _BLOCK:(u + 1) * _BLOCK]
                 ib = ibuf[u * _BLOCK:(u + 1) * _BLOCK] if qbits > 0 else ibuf[0:0]
                 for ns in range(NS):
@@ -1012,9 +1014,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                 for i in range(nbins):
                     hu[i] = 0
                 if ncand[b] > 0:
-                    cl = -(-ncand[b] // nch)
-                    lo = min(clo[b] + ncand[b], clo[b] + c * cl)
-                    hi = min(clo[b] + ncand[b], lo + cl)
+                    lo, hi = _unit_range(clo[b], ncand[b], nch, c)
                     sidx = b * Hkv + kvh
                     off = sidx * G * maxcand + (lo - clo[b])
                     _prob_buckets(pbuf[off:], hi - lo, G, maxcand, logzs[sidx * G:(sidx + 1) * G], pbase[sidx], pshift[sidx],
@@ -1081,9 +1081,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
             kvh = (u // nch) % Hkv
             c = u % nch
             if ncand[b] > 0:
-                cl = -(-ncand[b] // nch)
-                lo = min(clo[b] + ncand[b], clo[b] + c * cl)
-                hi = min(clo[b] + ncand[b], lo + cl)
+                lo, hi = _unit_range(clo[b], ncand[b], nch, c)
                 for ns in range(NS):
                     sidx = (b * Hkv + kvh) * NS + ns
                     t = thr[sidx]

@@ -20,17 +20,12 @@ def _default_mode(budget: str):
 
 def serve_command(args: argparse.Namespace) -> int:
     require_serve_deps()
-    from ..config import DashKVConfig
+    from ..config import DashKVConfig, resolve_bits
     from .memory import parse_bytes
 
     # everything a user can get wrong is checked before the model is loaded
     mode = _default_mode(args.budget)
-    bits = args.bits
-    if bits is None:  # the encoders' own code length, else 64
-        from ..encoders import HashEncoders
-
-        bits = (HashEncoders.stored_bits(args.encoders) if args.encoders else None) or 64
-    config = DashKVConfig(bits=bits, budget=mode.budget if not mode.dense else "1/16", sink=args.sink,
+    config = DashKVConfig(bits=resolve_bits(args.bits, args.encoders), budget=mode.budget if not mode.dense else "1/16", sink=args.sink,
                           window=args.window)
     max_kv = parse_bytes(args.max_kv_memory)
     if not 0 < args.port < 65536:
