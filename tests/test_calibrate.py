@@ -81,7 +81,10 @@ def test_evaluate_report_structure_and_bounds(tiny, tmp_path, key_levels):
     assert json.loads((tmp_path / "report.json").read_text())["budgets"] == ["1/4", "1/8"]
     methods = {"learned-asymmetric", "simhash", "oracle"} | ({"learned-hamming"} if key_levels == 1 else set())
     assert set(rep["summary"]) == methods
-    assert len(rep["rows"]) == 2 * len(methods) * 2 * 2  # layers x methods x groupings x budgets
+    # layers x budgets x (every method's two groupings + the probability score's: learned-asymmetric, oracle)
+    assert len(rep["rows"]) == 2 * 2 * (2 * len(methods) + 2)
+    assert {m for m, gd in rep["summary"].items() if "kv_head_prob" in gd} == {"learned-asymmetric", "oracle"}
+    assert rep["summary"]["oracle"]["kv_head_prob"] == rep["summary"]["oracle"]["kv_head"]
     for r in rep["rows"]:
         assert 0.0 <= r["recall"] <= 1.0 + 1e-6 and r["output_error"] >= 0.0 and 0 < r["read_fraction"] <= 1
     s = rep["summary"]

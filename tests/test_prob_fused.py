@@ -17,22 +17,34 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kernel_refs import reference_scores
 from test_fused_paths import SPARSE, _simhash
 from test_kernels_cpu import indices_to_mask, make_inputs, masked_attention, reference_allowed
 
 from dashkv import hf
+from dashkv.codes import (PROB_FIELD_BITS, asymmetric_scores, probability_level_bits, probability_logits,
+                          quantise_query, quantised_scores)
 from dashkv.config import DashKVConfig
 from dashkv.kernels.cpu import dashkv_decode_cpu
 from dashkv.models import tiny_model
 
 
+def reference_logits(q_proj, codes, temps):
+    """(B, Hq, N) float64: t_h * delta_h * s_h with s_h the bit-by-bit score of the projection rounded to
+    `probability_level_bits` integer levels (step delta_h = max|v| / (2^(L-1) - 1))."""
+    lbits = probability_level_bits(codes.shape[-1])
+    b, hq, _ = q_proj.shape
+    hkv = codes.shape[1]
+    levels = quantise_query(q_proj.float(), lbits).reshape(b, hkv, hq // hkv, -1)
+    per = quantised_scores(levels, codes[:, :, None]).reshape(b, hq, -1).double()  # exact integers
+    delta = q_proj.float().double().abs().amax(-1) / ((1 << (lbits - 1)) - 1)
+    return per * (torch.from_numpy(temps).double()[None, :] * delta)[..., None]
+
+
 def reference_probabilities(q_proj, codes, temps, start):
     """(B, Hkv, N) float64: per KV head, the sum over its query heads of softmax(t_h * s_h) over the valid
-    positions (s_h the bit-by-bit asymmetric score)."""
-    per = reference_scores(q_proj, codes, "query_head", "asymmetric").double()  # (B, Hq, N), exact here
-    b, hq, n = per.shape
-    logits = per * torch.from_numpy(temps).double()[None, :, None]
+    positions (`reference_logits`)."""
+    logits = reference_logits(q_proj, codes, temps)
+    b, hq, n = logits.shape
     st0 = torch.zeros(b, dtype=torch.long) if start is None else start
     valid = torch.arange(n)[None, :] >= st0[:, None]
     p = torch.softmax(logits.masked_fill(~valid[:, None, :], float("-inf")), -1)
@@ -66,6 +78,34 @@ def test_kernel_ranks_by_the_summed_probabilities(seed, batch, g, hkv, words, n,
     assert (got.sum(-1) == want.sum(-1)).all()
     torch.testing.assert_close(out, masked_attention(query, keys, values, got.repeat_interleave(g, 1), 0.25),
                                atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("words", [1, 2, 3, 4, 8])
+def test_level_bits_keep_three_packed_heads_apart(words):
+    """8 * words table entries of at most 16 (2^(L-1) - 1) each sum below 2^21: no carry between the fields
+    of the packed tables; one more level bit would overflow."""
+    lbits = probability_level_bits(words)
+    lev = (1 << (lbits - 1)) - 1
+    assert 128 * words * lev < 1 << PROB_FIELD_BITS <= 128 * words * ((1 << lbits) - 1)
+
+
+@pytest.mark.parametrize("words", [1, 4])
+def test_probability_logits_are_exact_integer_scores_times_one_factor(words):
+    gen = torch.Generator().manual_seed(words)
+    proj = torch.randn(2, 6, 64 * words, generator=gen)
+    proj[1, 2] = 0.0  # an all-zero projection: zero levels, zero logits
+    codes = torch.randint(-2**62, 2**62, (2, 3, 300, words), generator=gen)
+    temps = torch.rand(6, generator=gen) + 0.1
+    got = probability_logits(proj, temps, codes)
+    lbits = probability_level_bits(words)
+    levels = quantise_query(proj, lbits).reshape(2, 3, 2, -1)
+    s = quantised_scores(levels, codes[:, :, None]).reshape(2, 6, -1)
+    teff = (temps.double()[None] * proj.double().abs().amax(-1) / ((1 << (lbits - 1)) - 1)).float()
+    assert torch.equal(got, s.float() * teff[..., None])
+    assert torch.equal(got[1, 2], torch.zeros(300))
+    exact = asymmetric_scores(proj.reshape(2, 3, 2, -1), codes[:, :, None]).reshape(2, 6, -1) * temps[None, :, None]
+    scale = (proj.abs().sum(-1) * temps)[..., None]  # the logits' range
+    assert ((got - exact).abs() <= 2e-4 * scale).all()  # the rounding is far below the hash's error
 
 
 @pytest.mark.parametrize("family, extra, padded", [

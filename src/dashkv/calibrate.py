@@ -801,16 +801,22 @@ def _budget_label(b: float | int) -> str:
     return f"1/{round(inv)}" if abs(inv - round(inv)) < 1e-6 else f"{b:g}"
 
 
+GROUPINGS = ("kv_head", "kv_head_prob", "query_head")  # see `evaluate`
+
+
 def evaluate(model, tokenizer, encoders: HashEncoders, texts, *, budgets: Sequence[float | int] = DEFAULT_BUDGETS,
              seq_len: int = 2048, num_sequences: int = 4, queries_per_seq: int = 32,
              layers: Iterable[int] | None = None, sink: int = 4, window: int = 64,
-             groupings: Sequence[str] = ("kv_head", "query_head"), scorers: Sequence[str] = ("asymmetric", "hamming"),
+             groupings: Sequence[str] = GROUPINGS, scorers: Sequence[str] = ("asymmetric", "hamming"),
              simhash_seed: int = 0, out_dir: str | Path | None = None, threads: int | None = 1,
              progress: bool = True) -> dict[str, Any]:
     """Held-out attention-mass recall and output error per layer, method, grouping and budget.
 
     Methods: `learned-<scorer>` (these encoders), `simhash` (random hyperplanes, same bits, Hamming),
-    `oracle` (exact top-k by attention). Decode queries are `queries_per_seq` positions evenly spread
+    `oracle` (exact top-k by attention). Groupings: `query_head` (a set per query head), `kv_head` (one
+    set per KV head, its query heads' scores summed) and `kv_head_prob` (one set per KV head ranked by
+    the probability group score, what decoding uses by default; learned asymmetric codes only -- for the
+    oracle it is its `kv_head` set, the sum of the true probabilities). Decode queries are `queries_per_seq` positions evenly spread
     over the later half of each sequence, each attending to its causal prefix. The selection is
     `build_selection` over the policy's grouped scores with `DashKVConfig(budget, sink, window).plan(n)`:
     sinks and window count inside the budget, exactly as decoding spends it.
@@ -844,13 +850,16 @@ def evaluate(model, tokenizer, encoders: HashEncoders, texts, *, budgets: Sequen
 
 def evaluate_captured(encoders: HashEncoders, caps: dict[int, LayerCapture], positions: torch.Tensor,
                       layer_ids: Sequence[int], *, budgets: Sequence[float | int] = DEFAULT_BUDGETS, sink: int = 4,
-                      window: int = 64, groupings: Sequence[str] = ("kv_head", "query_head"),
+                      window: int = 64, groupings: Sequence[str] = GROUPINGS,
                       scorers: Sequence[str] = ("asymmetric", "hamming"), simhash_seed: int = 0,
                       threads: int | None = 1, progress: bool = True) -> dict[str, Any]:
     """`evaluate` on already captured held-out Q/K/V (caps with values, the same `positions` for all)."""
     from .selection import DashKVPolicy, SimHashPolicy
 
     caps = dict(caps)
+    unknown = sorted(set(groupings) - set(GROUPINGS))
+    if unknown:
+        raise CalibrationError(f"unknown groupings {unknown}; choose from {list(GROUPINGS)}")
     simenc = HashEncoders.simhash(encoders.shape, encoders.bits, layer_ids, seed=simhash_seed)
     base = DashKVConfig(bits=encoders.bits, sink=sink, window=window, min_context=0)  # measure selection at every length
     methods: dict[str, Any] = {}
@@ -908,7 +917,14 @@ def _evaluate_layers(caps, layer_ids, positions, methods, groupings, plans_cfg, 
                 else:
                     per_head = pol.per_head_scores(LayerState(li, codes[name][:, :, :n]), q)
                 for gname in groupings:
-                    scores = per_head if gname == "query_head" else per_head.reshape(s, hkv, grp, n).sum(2)
+                    if gname == "query_head":
+                        scores = per_head
+                    elif gname == "kv_head" or pol is None:  # the oracle's probability score is its sum
+                        scores = per_head.reshape(s, hkv, grp, n).sum(2)
+                    elif name == "learned-asymmetric":
+                        scores = pol.probability_scores(LayerState(li, codes[name][:, :, :n]), q, hkv)
+                    else:
+                        continue  # the probability score needs calibrated temperatures and the asymmetric scorer
                     for blabel, cfg in plans_cfg.items():
                         plan = cfg.plan(n)
                         if plan.dense:
@@ -951,7 +967,8 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path, suffix: str = "
 
 
 def plot_report(report: Mapping[str, Any], path: str | Path) -> None:
-    """One panel per budget: held-out recall per layer, a line per method (solid kv_head, dashed query_head)."""
+    """One panel per budget: held-out recall per layer, a line per method and grouping (solid kv_head,
+    dotted kv_head_prob, dashed query_head)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -969,7 +986,7 @@ def plot_report(report: Mapping[str, Any], path: str | Path) -> None:
                     continue
                 mean = report["summary"][m][gname][blabel]["recall"]
                 ax.plot([r["layer"] for r in rs], [r["recall"] for r in rs], color=colors.get(m),
-                        ls="-" if gname == "kv_head" else "--", marker=".",
+                        ls={"kv_head": "-", "kv_head_prob": ":"}.get(gname, "--"), marker=".",
                         label=f"{m} / {gname} ({mean:.3f})")
         ax.set_title(f"budget {blabel} (sink {report['sink']} + window {report['window']} included)")
         ax.set_xlabel("layer")
@@ -985,12 +1002,12 @@ def plot_report(report: Mapping[str, Any], path: str | Path) -> None:
 def summary_table(report: Mapping[str, Any]) -> str:
     """Mean over layers: recall / output error per method and grouping, a column per budget."""
     budgets = report["budgets"]
-    head = f"{'method':<20} {'grouping':<11} " + " ".join(f"{'recall ' + b:>12} {'err ' + b:>9}" for b in budgets)
+    head = f"{'method':<20} {'grouping':<12} " + " ".join(f"{'recall ' + b:>12} {'err ' + b:>9}" for b in budgets)
     lines = [head, "-" * len(head)]
     for m, gd in report["summary"].items():
         for gname, bd in gd.items():
             cells = " ".join(f"{bd[b]['recall']:>12.3f} {bd[b]['output_error']:>9.3f}" for b in budgets)
-            lines.append(f"{m:<20} {gname:<11} {cells}")
+            lines.append(f"{m:<20} {gname:<12} {cells}")
     return "\n".join(lines)
 
 

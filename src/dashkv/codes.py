@@ -158,6 +158,43 @@ def quantise_query(proj: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.floor(x + 0.5).clamp(-levels, levels).long()
 
 
+PROB_FIELD_BITS = 21  # bits per query head in the fused kernel's packed probability tables (3 per int64)
+
+
+def probability_level_bits(words: int) -> int:
+    """Bits L of the probability group score's integer query levels for codes of `words` 64-bit words.
+
+    The fused CPU kernel scores three query heads with one table look-up: each int64 table entry packs
+    three heads' byte sums offset to be non-negative (at most 16 (2^(L-1) - 1) each), and 8 * words
+    entries are summed per code, so L is the largest with 128 * words * (2^(L-1) - 1) < 2^21: 15 bits
+    for 64-bit codes (relative rounding of the projection 3e-5 of its largest component), 13 for 256.
+    """
+    lev = ((1 << PROB_FIELD_BITS) - 1) // (128 * words)
+    bits = 1
+    while (1 << bits) - 1 <= lev:  # 2^((bits+1)-1) - 1 still fits
+        bits += 1
+    return bits
+
+
+def probability_logits(proj: torch.Tensor, temps: torch.Tensor, k_words: torch.Tensor) -> torch.Tensor:
+    """Estimated attention logits of the probability group score: (B, Hq, b) projection, (Hq,) float32
+    temperatures, (B, Hkv, N, W) codes -> (B, Hq, N) float32.
+
+    Each query head's projection is rounded to integer levels (`quantise_query` with
+    `probability_level_bits`, step delta = max|v| / (2^(L-1) - 1)), its score s against each code is an
+    exact integer, and the logit is float32(s) * float32(t * delta): what the fused kernel computes, bit
+    for bit (float32 sums of integers below 2^24 are exact in any order)."""
+    b, hq, bits = proj.shape
+    hkv, n, w = k_words.shape[1:]
+    lbits = probability_level_bits(w)
+    p64 = proj.float().double()
+    levels = quantise_query(proj.float(), lbits)
+    delta = p64.abs().amax(-1) / ((1 << (lbits - 1)) - 1)  # (B, Hq) float64
+    teff = (temps.double().to(delta.device)[None, :] * delta).float()
+    s = asymmetric_scores(levels.float().reshape(b, hkv, hq // hkv, bits), k_words[:, :, None])
+    return s.reshape(b, hq, n) * teff[..., None]
+
+
 def quantised_scores(levels: torch.Tensor, k_words: torch.Tensor) -> torch.Tensor:
     """Asymmetric score of integer query levels: sum_j levels_j * sign_j, (..., b) against (..., N, W)
     -> (..., N) int64. Exact (float64 sums of integers far below 2^53); the reference of the bit-plane

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .codes import asymmetric_scores, hamming_similarity, pack_bits, quantise_query, quantised_scores
+from .codes import (asymmetric_scores, hamming_similarity, pack_bits, probability_logits, quantise_query,
+                    quantised_scores)
 from .config import DashKVConfig, StepPlan
 from .encoders import HashEncoders
 
@@ -433,13 +434,28 @@ class DashKVPolicy(SelectionPolicy):
                              start: torch.Tensor | None = None) -> torch.Tensor:
         """(B, Hs, N) attention probability estimated from the codes: softmax over the valid positions of
         each query head's score at its calibrated temperature (`probability_temperatures`), summed over a
-        selecting head. The fused CPU kernel's probability group score computes the same quantity."""
+        selecting head: the adaptive tiers' masses and the pooled re-rank. The group score decoding ranks
+        by is `probability_scores`, the same quantity from integer-rounded projections."""
         temps = self._probability_temperatures(state.layer_idx).to(per_head.device)  # no host round trip
         logits = per_head.float() * temps[None, :, None]
-        if start is not None:  # left padding takes no probability
-            pos = torch.arange(logits.shape[-1], device=logits.device)
-            logits = logits.masked_fill((pos[None, :] < start.to(logits.device)[:, None])[:, None, :], NEG_INF)
-        return self.grouped(torch.softmax(logits, -1), num_kv_heads)
+        return self.grouped(torch.softmax(self._mask_left_padding(logits, start), -1), num_kv_heads)
+
+    def probability_scores(self, state: LayerState, query: torch.Tensor, num_kv_heads: int,
+                           start: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, Hkv, N) the probability group score, the default ranking of a KV head's candidates: each
+        query head's estimated logits from its projection rounded to integer levels
+        (`dashkv.codes.probability_logits`, bit for bit the fused CPU kernel's), softmax over the valid
+        positions, summed over the KV head's query heads."""
+        temps = self._probability_temperatures(state.layer_idx)
+        logits = probability_logits(self.query_projection(state.layer_idx, query).float(), temps, state.codes)
+        return self.grouped(torch.softmax(self._mask_left_padding(logits, start), -1), num_kv_heads)
+
+    @staticmethod
+    def _mask_left_padding(logits: torch.Tensor, start: torch.Tensor | None) -> torch.Tensor:
+        if start is None:  # left padding takes no probability
+            return logits
+        pos = torch.arange(logits.shape[-1], device=logits.device)
+        return logits.masked_fill((pos[None, :] < start.to(logits.device)[:, None])[:, None, :], NEG_INF)
 
     def _probability_temperatures(self, layer_idx: int) -> torch.Tensor:
         """(Hq,) float32 on the encoders' device: the calibrated logit scale / b, one float32 rounding."""
@@ -515,7 +531,9 @@ class DashKVPolicy(SelectionPolicy):
                 scores = self.rerank_scores(state, query, scores, plan, scaling, start)
             return build_selection(scores, plan, start, None, self.config)
         per_head = self.per_head_scores(state, query)
-        if self.config.scores_by_probability:
+        if self.config.scores_by_probability and not self.config.spatial_vote:
+            scores = self.probability_scores(state, query, keys.shape[1], start)
+        elif self.config.scores_by_probability:  # the vote changes the float scores (reference path only)
             scores = self.probability_estimate(state, per_head, keys.shape[1], start)
         else:
             scores = self.grouped(per_head, keys.shape[1])

@@ -44,6 +44,7 @@ from numba.core import cgutils
 from numba.core.cpu import ParallelOptions
 from numba.extending import intrinsic
 
+from ..codes import PROB_FIELD_BITS, probability_level_bits
 from . import CPU_KV_DTYPES, NBINS_ASYM  # NBINS_ASYM: histogram buckets of the asymmetric (float) score
 _SCAN_MIN_CHUNK = 1024  # fewest candidate positions per scan work unit
 _ATTN_MIN_ROWS = 64  # fewest rows per attention work unit
@@ -160,6 +161,7 @@ def _exp_neg(x):
 # Indexing note: numba supports negative indices, so `a[i]` with an i it cannot prove >= 0 costs a
 # compare-and-select per access and blocks vectorisation. Hot loops below therefore index slices
 # with loop counters that start at 0 (provably non-negative), never `a[base + j]`.
+_PROB_FIELD = PROB_FIELD_BITS  # bits per query head in the packed probability tables
 _PREFETCH = 24  # rows ahead whose K and V are prefetched in the gathered attention
 _BLOCK = 256  # positions per scan block (scores of a block stay in L1)
 
@@ -504,30 +506,82 @@ def _attend_rows8(qs, h0, Gq, d, k8f, k8s, v8f, v8s, base, rows, n, lg, pm, pl, 
                 acc[i] += p * kx[i]
 
 
+@njit(cache=True)
+def _prob_query(qp, b, h, bbits, lev, qrow):
+    """qrow[0:bbits] = query head h's projection rounded to integer levels (held as float32); returns the
+    step delta = max|v| / lev (float64): `dashkv.codes.probability_logits`' rounding, bit for bit."""
+    amax = 0.0
+    for j in range(bbits):
+        amax = max(amax, abs(np.float64(qp[b, h, j])))
+    delta = amax / lev
+    for j in range(bbits):
+        qv = 0
+        if delta > 0.0:
+            qv = np.int64(np.floor(np.float64(qp[b, h, j]) / delta + 0.5))
+            qv = min(max(qv, -lev), lev)
+        qrow[j] = np.float32(qv)
+    return delta
+
+
+@njit(cache=True)
+def _pack_tables(lt, g0, nh, P, lev, lp):
+    """lp[0:P*256] (int64) = the byte tables of query heads g0 .. g0+nh-1 (lt, exact integers, one P*256
+    table per head), each offset by 8*lev to be non-negative and packed PROB_FIELD_BITS bits per head."""
+    off = 8 * lev
+    for i in range(P * 256):
+        acc = np.int64(0)
+        for j in range(nh):
+            acc |= (np.int64(lt[(g0 + j) * P * 256 + i]) + off) << np.int64(_PROB_FIELD * j)
+        lp[i] = acc
+
+
 @njit(cache=True, fastmath=True)
-def _prob_unit(cu, m, W, lt, t, e, stat):
-    """One query head over one scan unit's m codes: e[0:m] = the logits t*s (s the asymmetric score
-    through the byte tables lt), stat = (M, min, sum exp(logit - M)) with M the unit's max logit."""
-    if m == 0:
-        stat[0] = -np.inf
-        stat[1] = np.inf
-        stat[2] = 0.0
-        return
-    _asym_scores(cu, m, W, lt, e)
-    tf = np.float32(t)
-    mx = np.float32(-np.inf)
-    mn = np.float32(np.inf)
+def _prob_unit_packed(cu, m, W, lp, nh, off, teff, pe, o0, stride, stat, scratch):
+    """Query heads g0 .. g0+nh-1 (nh <= 3) over one scan unit's m codes, one look-up per code byte: the
+    packed tables lp give every head's exact integer score s_j (field j, minus the offset `off`); the logits
+    float32(s_j) * teff[j] go to pe[o0 + j*stride : ... + m], stat[3j:3j+3] = (max, min, sum exp(logit -
+    max)) per head (scratch[0:m] takes the rows of absent heads)."""
+    mask = np.int64((1 << _PROB_FIELD) - 1)
+    e0 = pe[o0:o0 + m]
+    e1 = pe[o0 + stride:o0 + stride + m] if nh > 1 else scratch[0:m]
+    e2 = pe[o0 + 2 * stride:o0 + 2 * stride + m] if nh > 2 else scratch[0:m]
+    t0 = teff[0]
+    t1 = teff[1] if nh > 1 else np.float32(0.0)
+    t2 = teff[2] if nh > 2 else np.float32(0.0)
+    m0 = np.float32(-np.inf)
+    m1 = np.float32(-np.inf)
+    m2 = np.float32(-np.inf)
+    n0 = np.float32(np.inf)
+    n1 = np.float32(np.inf)
+    n2 = np.float32(np.inf)
     for jj in range(m):
-        x = e[jj] * tf
-        e[jj] = x
-        mx = max(mx, x)
-        mn = min(mn, x)
-    z = np.float32(0.0)
-    for jj in range(m):
-        z += _exp_neg(e[jj] - mx)
-    stat[0] = mx
-    stat[1] = mn
-    stat[2] = z
+        acc = np.int64(0)
+        for w in range(W):
+            x = cu[jj * W + w]
+            for t in range(8):
+                acc += lp[w * 2048 + t * 256 + np.intp((x >> np.uint64(8 * t)) & np.uint64(255))]
+        a0 = np.float32((acc & mask) - off) * t0
+        a1 = np.float32(((acc >> np.int64(_PROB_FIELD)) & mask) - off) * t1
+        a2 = np.float32(((acc >> np.int64(2 * _PROB_FIELD)) & mask) - off) * t2
+        e0[jj] = a0
+        e1[jj] = a1
+        e2[jj] = a2
+        m0 = max(m0, a0)
+        m1 = max(m1, a1)
+        m2 = max(m2, a2)
+        n0 = min(n0, a0)
+        n1 = min(n1, a1)
+        n2 = min(n2, a2)
+    for j in range(nh):
+        e = e0 if j == 0 else (e1 if j == 1 else e2)
+        mx = m0 if j == 0 else (m1 if j == 1 else m2)
+        z = np.float32(0.0)
+        if m > 0:
+            for jj in range(m):
+                z += _exp_neg(e[jj] - mx)
+        stat[3 * j] = mx
+        stat[3 * j + 1] = n0 if j == 0 else (n1 if j == 1 else n2)
+        stat[3 * j + 2] = z
 
 
 @njit(cache=True)
@@ -535,8 +589,9 @@ def _prob_normalise(sidx, kvh, G, nch, LUTU, P, W, lut, ustat, logzs, temps, cf,
                     pbase, pshift):
     """Probability mode, one KV head of one row (its scan units are sidx*nch ... sidx*nch + nch-1):
     log Z_g per query head over all valid positions (the units' parts plus the sinks and the window,
-    scored here) into logzs[sidx*G + g], and the bucket map of p: base and shift of its float32 bit
-    pattern between a lower and an upper bound of p over the candidates."""
+    scored here through unit 0's byte tables of the integer levels, times the row's effective temperatures
+    `temps`) into logzs[sidx*G + g], and the bucket map of p: base and shift of its float32 bit pattern
+    between a lower and an upper bound of p over the candidates."""
     u0 = sidx * nch
     plo = -np.inf
     hi_sum = 0.0
@@ -788,7 +843,7 @@ def _prange_only() -> ParallelOptions:
 def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0, csb, csh, N, W, start,
                    sink, window, critical, Hkv, per_query, hamming, nthreads, mode,
                    k8f, k8s, k8b0, k8sb, k8sh, keep, pool_temps, k_min, pool_cap, qbits, low, v8f, v8s,
-                   prob_temps, ws16, ws32, wsf, ws64, out):
+                   prob_temps, prob_lbits, ws16, ws32, wsf, ws64, out):
     """Returns (status, need16, need32, needf, need64, idx_offset, Lmax).
 
     Re-rank stage (keep > 0): the scan selects `critical` candidates (fewer if the row has fewer), which
@@ -812,7 +867,8 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     Probability group score (prob_temps non-empty: one float32 temperature per query head; kv_head grouping,
     asymmetric scorer, no bit planes or pooling): each query head g of a KV head is scanned on its own,
     its estimated log-probability is t_g * s_g - log Z_g (Z_g over all the row's valid positions, sinks and
-    window included), and the KV head ranks its candidates by p = sum_g exp(.) (a function of the logits
+    window included; s_g the exact integer score of the projection rounded to prob_lbits-bit levels,
+    `_prob_query`, and t_g the temperature times the rounding step; three heads per packed table look-up), and the KV head ranks its candidates by p = sum_g exp(.) (a function of the logits
     alone, so equal codes tie exactly whatever the chunking) -- what
     `DashKVPolicy.probability_estimate` computes. Buckets are the float32 bit patterns of p (monotone),
     shifted to fit the bins; the boundary bucket is ranked by the stored p (stable).
@@ -954,6 +1010,14 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                 qshifts[sidx] = sh
 
         ustat = np.zeros(U * G * 3 if prob else 0, np.float64)  # probability mode: (max, min, exp-sum)
+        # probability mode: every query head's integer levels and effective temperature (tiny, serial)
+        plev = (1 << (prob_lbits - 1)) - 1 if prob else 1
+        qlev = np.zeros((B if prob else 0, Hq, bbits), np.float32)
+        teff = np.zeros(B * Hq if prob else 0, np.float32)
+        if prob:
+            for bh in range(B * Hq):
+                delta = _prob_query(qp, bh // Hq, bh % Hq, bbits, plev, qlev[bh // Hq, bh % Hq])
+                teff[bh] = np.float32(np.float64(prob_temps[bh % Hq]) * delta)
         logzs = np.zeros(BS * G if prob else 0, np.float32)
         pbase = np.zeros(BS if prob else 0, np.int64)
         pshift = np.zeros(BS if prob else 0, np.int64)
@@ -972,12 +1036,18 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                 cu = cf[cw:cw + m * W]
             if ncand[b] > 0 and prob:  # each query head's logits, their max, min and exp-sum in this unit
                 sidx = b * Hkv + kvh
+                lt = lut[u * LUTU:(u + 1) * LUTU]  # float tables (the normaliser scores sinks and window)
                 for g in range(G):
-                    lt = lut[u * LUTU + g * P * 256:u * LUTU + (g + 1) * P * 256]
-                    _build_lut(qp, b, kvh * G + g, 1, P, lt)
-                    off = (sidx * G + g) * maxcand + (lo - clo[b])
-                    _prob_unit(cu, m, W, lt, prob_temps[kvh * G + g], pbuf[off:off + m],
-                               ustat[(u * G + g) * 3:(u * G + g + 1) * 3])
+                    _build_lut(qlev, b, kvh * G + g, 1, P, lt[g * P * 256:(g + 1) * P * 256])
+                lp = np.empty(P * 256, np.int64)
+                scratch = np.empty(m, np.float32)
+                for g0 in range(0, G, 3):
+                    nh = min(3, G - g0)
+                    _pack_tables(lt, g0, nh, P, plev, lp)
+                    h0 = b * Hq + kvh * G + g0
+                    _prob_unit_packed(cu, m, W, lp, nh, 64 * W * plev, teff[h0:h0 + nh], pbuf,
+                                      (sidx * G + g0) * maxcand + (lo - clo[b]), maxcand,
+                                      ustat[(u * G + g0) * 3:(u * G + g0 + nh) * 3], scratch)
             elif ncand[b] > 0:
                 buf = sbuf[u * _BLOCK:(u + 1) * _BLOCK]
                 ib = ibuf[u * _BLOCK:(u + 1) * _BLOCK] if qbits > 0 else ibuf[0:0]
@@ -1003,7 +1073,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
             for sidx in range(BS):
                 b = sidx // S
                 if ncand[b] > 0:
-                    _prob_normalise(sidx, sidx % Hkv, G, nch, LUTU, P, W, lut, ustat, logzs, prob_temps,
+                    _prob_normalise(sidx, sidx % Hkv, G, nch, LUTU, P, W, lut, ustat, logzs, teff[b * Hq:(b + 1) * Hq],
                                     cf, cb0 + b * csb + (sidx % Hkv) * csh, st[b], sink, N, window, top,
                                     pbase, pshift)
             for u in prange(U):
@@ -1733,7 +1803,7 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     args = (q, qp, float(scaling), kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cfu, cb0, csb, csh, N, W, st,
             int(sink), int(window), int(critical), Hkv, per_query, scorer == "hamming", nthreads, _mode,
             k8f, k8s, k8b0, k8sb, k8sh, int(keep), pool_temps, int(k_min), int(pool_cap), qbits, lowprec,
-            v8f, v8s, prob_temps)
+            v8f, v8s, prob_temps, probability_level_bits(W) if prob_temps.size else 1)
     with _PARALLEL_LOCK if parallel else _NO_LOCK:
         res = kernel(*args, ws[0], ws[1], ws[2], ws[3], out.numpy())
         if res[0] != 0:
