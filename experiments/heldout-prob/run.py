@@ -4,6 +4,8 @@ compared under the score decoding uses by default:
 
     .venv/bin/python experiments/heldout-prob/run.py shipped   # src/dashkv/data/encoders/smollm2-135m-b64
     .venv/bin/python experiments/heldout-prob/run.py stop20    # experiments/encoders-stop20 (make.sh first)
+    .venv/bin/python experiments/heldout-prob/run.py recreated # EXTRA="--init simhash --key-levels 1"
+        # scripts/calibrate_default.sh 64 experiments/encoders-stop20/recreated  (the stop-20 recipe today)
 
 Writes experiments/heldout-prob/<name>/report{,_code}.json and recall{,_code}.png; prints the summary.
 """
@@ -14,7 +16,8 @@ from dashkv.calibrate import essays_dir, evaluate, heldout_code_files, load_text
 from dashkv.encoders import HashEncoders
 from dashkv.models import load_model
 
-SETS = {"shipped": "src/dashkv/data/encoders/smollm2-135m-b64", "stop20": "experiments/encoders-stop20"}
+SETS = {"shipped": "src/dashkv/data/encoders/smollm2-135m-b64", "stop20": "experiments/encoders-stop20",
+        "recreated": "experiments/encoders-stop20/recreated"}  # recreated: the stop-20 recipe re-run today
 
 name = sys.argv[1]
 out = Path(__file__).parent / name
