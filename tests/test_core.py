@@ -219,12 +219,12 @@ def test_short_contexts_decode_densely_by_default():
 
 
 def test_half_precision_kv_has_its_own_measured_crossover():
-    """bf16/fp16 dense decoding is cheaper, so selection starts later (8192; 5120 with the summed score); an
+    """bf16/fp16 dense decoding is cheaper, so selection starts later (5120, both group scores); an
     explicit min_context overrides both defaults; the plan memo keeps the two element sizes apart."""
     cfg = DashKVConfig(budget="1/16")
-    assert cfg.dense_context(2) == 8192 and cfg.dense_context(4) == 2560
+    assert cfg.dense_context(2) == 5120 and cfg.dense_context(4) == 2560
     assert not cfg.plan(4096, element_bytes=4).dense
-    assert cfg.plan(4096, element_bytes=2).dense and not cfg.plan(8193, element_bytes=2).dense
+    assert cfg.plan(4096, element_bytes=2).dense and not cfg.plan(5121, element_bytes=2).dense
     assert not cfg.plan(4096, element_bytes=4).dense  # the memo did not answer for the other dtype
     fixed = DashKVConfig(budget="1/16", min_context=2000)
     assert fixed.dense_context(2) == fixed.dense_context(4) == 2000

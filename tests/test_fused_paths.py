@@ -143,7 +143,7 @@ def test_codes_wait_for_min_context_then_cover_every_key():
 @pytest.mark.parametrize("dtype,dense", [(torch.bfloat16, True), (torch.float32, False)])
 def test_default_min_context_follows_the_kv_dtype(dtype, dense):
     """With the default config a 3K context decodes densely from a bf16 cache (its measured crossover is
-    8192) and selects from an fp32 one (2560): no key is encoded on the dense side."""
+    5120) and selects from an fp32 one (2560): no key is encoded on the dense side."""
     model = tiny_model("llama", dtype=dtype)
     cfg = DashKVConfig(budget=1 / 16, sink=4, window=8, k_min=4, dense_layers=())
     ids = torch.randint(3, 500, (1, 3000), generator=torch.Generator().manual_seed(5))

@@ -44,8 +44,8 @@ def _add_dashkv_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=64, help="recent tokens always attended (default: %(default)s)")
     p.add_argument("--min-context", type=int, default=None,
                    help="contexts up to this many tokens decode densely, where selection cannot pay off "
-                        "(default: measured per K/V dtype and group score: float32 2560, bfloat16/float16 8192; "
-                        "1536 / 5120 with --group-score sum)")
+                        "(default: measured per K/V dtype and group score: float32 2560 (1536 with "
+                        "--group-score sum), bfloat16/float16 5120)")
     p.add_argument("--rerank", type=int, default=None,
                    help="re-rank stage: re-score this many times the exact tier's candidates from int8 keys "
                         "(charged to the budget at their bytes; 0 = off; default: the configuration's)")

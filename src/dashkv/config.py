@@ -48,7 +48,9 @@ def parse_budget(value: str | float | int) -> float | int:
 # scans cost more). bf16 with the probability score: dense was faster at every measured length up to
 # the default model's 8K context (batch 1), so the default is that context.
 MIN_CONTEXT_DEFAULTS: dict[tuple[int, str], int] = {(4, "sum"): 1536, (4, "probability"): 2560,
-                                                    (2, "sum"): 5120, (2, "probability"): 8192}
+                                                    (2, "sum"): 5120, (2, "probability"): 5120}
+
+
 def resolve_bits(bits: int | None, encoders: str | None) -> int:
     """A command's code length: --bits if given, else its --encoders directory's own (`HashEncoders.
     stored_bits`), else DashKVConfig's default (64). One rule for generate, demo, bench, eval and serve."""
@@ -88,8 +90,8 @@ class DashKVConfig:
     min_context:     contexts up to this many tokens are decoded densely: below it selection costs more
                      than it saves. None (default): measured per K/V dtype and group score
                      (`MIN_CONTEXT_DEFAULTS`): float32 2560 (1536 with group_score="sum"), bfloat16/float16
-                     8192 (5120 with "sum") (docs/RESULTS.md §1: where selection overtakes dense decoding
-                     on the model's own cache, default model, batch 1).
+                     5120 (docs/RESULTS.md §1: where selection overtakes dense decoding on the model's own
+                     cache, default model, batch 1).
     rerank:          re-rank stage: the code scan keeps `rerank` x the exact tier's size of candidates, which
                      are re-scored from an int8 copy of the keys (q·k, softmax per query head, summed over
                      the group) and the best of them form the exact tier (0 = off). Each re-scored key is
@@ -233,8 +235,8 @@ class DashKVConfig:
     def dense_context(self, element_bytes: int = 4) -> int:
         """Contexts up to this many tokens decode densely: `min_context`, or where it is None the default
         measured for K/V of this element size and this group score (`MIN_CONTEXT_DEFAULTS`: float32 2560 /
-        1536 with the summed score, bfloat16/float16 8192 / 5120). Half-precision dense decoding is cheaper,
-        and the probability score's scans cost more, so selection pays later (docs/DECISIONS.md)."""
+        1536 with the summed score, bfloat16/float16 5120). Half-precision dense decoding is cheaper, so
+        selection pays later (docs/RESULTS.md §1, docs/DECISIONS.md)."""
         if self.min_context is not None:
             return self.min_context
         size = int(element_bytes) if int(element_bytes) in (2, 4) else 4
