@@ -25,6 +25,7 @@ from dashkv.codes import (PROB_FIELD_BITS, asymmetric_scores, probability_level_
                           quantise_query, quantised_scores)
 from dashkv.config import DashKVConfig
 from dashkv.kernels.cpu import dashkv_decode_cpu
+from dashkv.selection import build_selection
 from dashkv.models import tiny_model
 
 
@@ -52,7 +53,7 @@ def reference_probabilities(q_proj, codes, temps, start):
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**31 - 1), batch=st.sampled_from([1, 3]), g=st.sampled_from([1, 3, 4]),
+@given(seed=st.integers(0, 2**31 - 1), batch=st.sampled_from([1, 3]), g=st.sampled_from([1, 2, 3, 4, 5]),
        hkv=st.sampled_from([1, 2, 3]), words=st.sampled_from([1, 2]), n=st.integers(40, 2500), ties=st.booleans(),
        fixed=st.sampled_from([(4, 64), (0, 0), (2, 7)]), crit_frac=st.floats(0.01, 0.4), parallel=st.booleans(),
        temp_hi=st.sampled_from([0.3, 1.5, 6.0]))
@@ -193,3 +194,24 @@ def test_probability_temperatures_follow_the_encoders_weights():
     with torch.no_grad():
         enc.layers[str(layer)].log_scale.add_(1.0)
     np.testing.assert_allclose(policy.probability_temperatures(layer), first * np.e, rtol=1e-6)
+
+
+def test_hamming_scorer_with_the_probability_score_ranks_by_its_own_scores():
+    """Integer query levels exist for the asymmetric scorer only: a Hamming (SimHash) policy asked for the
+    probability score keeps softmax over its Hamming similarities (reference path), as before."""
+    from dashkv.encoders import HashEncoders
+    from dashkv.selection import DashKVPolicy, LayerState
+
+    shape = {"model_type": "llama", "num_layers": 1, "num_q_heads": 4, "num_kv_heads": 2, "head_dim": 16}
+    enc = HashEncoders.simhash(shape, 64, [0], seed=0)
+    cfg = DashKVConfig(min_context=0, budget=1 / 4, sink=2, window=4, k_min=2, dense_layers=(),
+                       scorer="hamming", group_score="probability")
+    pol = DashKVPolicy(cfg, enc)
+    gen = torch.Generator().manual_seed(3)
+    keys, query = torch.randn(1, 2, 300, 16, generator=gen), torch.randn(1, 4, 16, generator=gen)
+    state = LayerState(0, pol.encode_keys(0, keys))
+    plan = cfg.plan(300)
+    got = pol.select(state, query, keys, plan, 0.25, None)
+    want_scores = pol.probability_estimate(state, pol.per_head_scores(state, query), 2, None)
+    want = build_selection(want_scores, plan, None, None, cfg)
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.exact, want.exact)

@@ -191,7 +191,8 @@ def probability_logits(proj: torch.Tensor, temps: torch.Tensor, k_words: torch.T
     levels = quantise_query(proj.float(), lbits)
     delta = p64.abs().amax(-1) / ((1 << (lbits - 1)) - 1)  # (B, Hq) float64
     teff = (temps.double().to(delta.device)[None, :] * delta).float()
-    s = asymmetric_scores(levels.float().reshape(b, hkv, hq // hkv, bits), k_words[:, :, None])
+    # float64 tables: exact whatever the matmul precision (TF32 would round the 15-bit levels on CUDA)
+    s = asymmetric_scores(levels.double().reshape(b, hkv, hq // hkv, bits), k_words[:, :, None]).float()
     return s.reshape(b, hq, n) * teff[..., None]
 
 

@@ -45,8 +45,8 @@ def parse_budget(value: str | float | int) -> float | int:
 # Measured crossovers (docs/RESULTS.md §1, `scripts/bench_speed.sh`): the context from which DASH-KV's
 # selecting step beats dense decoding on its own cache, by K/V element size (float32: 4, bf16/fp16: 2)
 # and what a KV head's set ranks by (`DashKVConfig.effective_group_score`: the probability score's G
-# scans cost more). bf16 with the probability score: dense was faster at every measured length up to
-# the default model's 8K context (batch 1), so the default is that context.
+# scans cost more). bf16: 5120 for both scores since stop 23 (the packed probability scan costs about
+# what the summed scan did; on a CPU without AMX dense bf16 decoding was far slower than selecting).
 MIN_CONTEXT_DEFAULTS: dict[tuple[int, str], int] = {(4, "sum"): 1536, (4, "probability"): 2560,
                                                     (2, "sum"): 5120, (2, "probability"): 5120}
 

@@ -70,9 +70,10 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
             from .kernels.cpu import dense_decode_torch  # for this one-query shape on the CPU
 
             return dense_decode_torch(query[:, :, 0], keys, values, scaling, start)[:, :, None].to(query.dtype)
-        if fast:  # half precision: SDPA, the unmodified model's own kernel and rounding, with each KV head's
-            # query heads as its query rows (B, Hkv, G, d): on a CPU without AMX, SDPA's enable_gqa path is
-            # 6-7x slower per layer in bf16 (3.9 ms against 0.55 at 8K; docs/RESULTS.md §1)
+        if fast:  # half precision: SDPA with each KV head's query heads as its query rows (B, Hkv, G, d), the
+            # layout transformers itself uses when a mask is given (StaticCache's path); without a mask it
+            # calls enable_gqa, which on a CPU without AMX is 6-7x slower per layer in bf16 (3.9 ms against
+            # 0.55 at 8K; docs/RESULTS.md §1) and may differ from this layout in the last bf16 bit
             hq = query.shape[1]
             mask = None if valid is None else valid[:, None, None, :]
             out = F.scaled_dot_product_attention(query.reshape(b, hkv, hq // hkv, -1), keys, values, attn_mask=mask,

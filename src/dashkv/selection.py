@@ -531,9 +531,9 @@ class DashKVPolicy(SelectionPolicy):
                 scores = self.rerank_scores(state, query, scores, plan, scaling, start)
             return build_selection(scores, plan, start, None, self.config)
         per_head = self.per_head_scores(state, query)
-        if self.config.scores_by_probability and not self.config.spatial_vote:
+        if self.config.scores_by_probability and self.config.scorer == "asymmetric" and not self.config.spatial_vote:
             scores = self.probability_scores(state, query, keys.shape[1], start)
-        elif self.config.scores_by_probability:  # the vote changes the float scores (reference path only)
+        elif self.config.scores_by_probability:  # Hamming scores, or voted ones (reference path only)
             scores = self.probability_estimate(state, per_head, keys.shape[1], start)
         else:
             scores = self.grouped(per_head, keys.shape[1])

@@ -537,7 +537,7 @@ def _pack_tables(lt, g0, nh, P, lev, lp):
 
 @njit(cache=True, fastmath=True)
 def _prob_unit_packed(cu, m, W, lp, nh, off, teff, pe, o0, stride, stat, scratch):
-    """Query heads g0 .. g0+nh-1 (nh <= 3) over one scan unit's m codes, one look-up per code byte: the
+    """nh <= 3 query heads (the fields of the packed tables lp) over one scan unit's m codes, one look-up per code byte: the
     packed tables lp give every head's exact integer score s_j (field j, minus the offset `off`); the logits
     float32(s_j) * teff[j] go to pe[o0 + j*stride : ... + m], stat[3j:3j+3] = (max, min, sum exp(logit -
     max)) per head (scratch[0:m] takes the rows of absent heads)."""
@@ -870,7 +870,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     window included; s_g the exact integer score of the projection rounded to prob_lbits-bit levels,
     `_prob_query`, and t_g the temperature times the rounding step; three heads per packed table look-up), and the KV head ranks its candidates by p = sum_g exp(.) (a function of the logits
     alone, so equal codes tie exactly whatever the chunking) -- what
-    `DashKVPolicy.probability_estimate` computes. Buckets are the float32 bit patterns of p (monotone),
+    `DashKVPolicy.probability_scores` computes. Buckets are the float32 bit patterns of p (monotone),
     shifted to fit the bins; the boundary bucket is ranked by the stored p (stable).
     ws64[:B*S] receives the number of tokens read per selecting head. mode 0: the whole step; 1: stop
     after the selection (scan + select, for timing); 2: stop after the scan.
@@ -1706,8 +1706,9 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     `return_lowprec_counts` appends (B, Hs) int64: the rows of each head read from the 8-bit copies.
 
     Probability group score: `prob_temps` (Hq,) -- each query head's temperature (calibrated logit scale
-    / b) -- ranks each KV head's candidates by the summed estimated probabilities of its query heads (one
-    scan per query head; `DashKVPolicy.probability_estimate` is the reference). kv_head grouping and the
+    / b) -- ranks each KV head's candidates by the summed estimated probabilities of its query heads
+    (integer query levels, three heads per packed table look-up; `DashKVPolicy.probability_scores` is the
+    reference). kv_head grouping and the
     asymmetric scorer; combines with the re-rank stage and the 8-bit tier, not with pooled budgets or
     `query_bits`.
 
