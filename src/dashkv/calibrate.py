@@ -917,9 +917,11 @@ def _evaluate_layers(caps, layer_ids, positions, methods, groupings, plans_cfg, 
                 else:
                     per_head = pol.per_head_scores(LayerState(li, codes[name][:, :, :n]), q)
                 for gname in groupings:
+                    if gname == "kv_head_prob" and pol is None and "kv_head" in groupings:
+                        continue  # the oracle's probability score is its sum: its kv_head rows, copied below
                     if gname == "query_head":
                         scores = per_head
-                    elif gname == "kv_head" or pol is None:  # the oracle's probability score is its sum
+                    elif gname == "kv_head" or pol is None:
                         scores = per_head.reshape(s, hkv, grp, n).sum(2)
                     elif name == "learned-asymmetric":
                         scores = pol.probability_scores(LayerState(li, codes[name][:, :, :n]), q, hkv)
@@ -943,6 +945,9 @@ def _evaluate_layers(caps, layer_ids, positions, methods, groupings, plans_cfg, 
                             frac = allowed.sum(-1).float() / n
                         a = acc.setdefault((name, gname, blabel), [])
                         a.append(torch.stack([rec, err, frac]))
+        if "kv_head_prob" in groupings and "kv_head" in groupings and "oracle" in methods:
+            for blabel in plans_cfg:
+                acc[("oracle", "kv_head_prob", blabel)] = acc[("oracle", "kv_head", blabel)]
         for (name, gname, blabel), vals_ in acc.items():
             t = torch.stack(vals_)  # (P, 3, S, Hq)
             per_head = t.mean((0, 2))  # (3, Hq)

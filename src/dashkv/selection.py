@@ -530,8 +530,12 @@ class DashKVPolicy(SelectionPolicy):
             if plan.rerank > 0:
                 scores = self.rerank_scores(state, query, scores, plan, scaling, start)
             return build_selection(scores, plan, start, None, self.config)
-        per_head = self.per_head_scores(state, query)
-        if self.config.scores_by_probability and self.config.scorer == "asymmetric" and not self.config.spatial_vote:
+        integer_levels = (self.config.scores_by_probability and self.config.scorer == "asymmetric"
+                          and not self.config.spatial_vote)
+        # the float per-head scores, unless only the integer-level probability score needs the codes
+        # (pooled budgets do not combine with it; the adaptive tiers' masses do need them)
+        per_head = None if integer_levels and not self.config.adaptive else self.per_head_scores(state, query)
+        if integer_levels:
             scores = self.probability_scores(state, query, keys.shape[1], start)
         elif self.config.scores_by_probability:  # Hamming scores, or voted ones (reference path only)
             scores = self.probability_estimate(state, per_head, keys.shape[1], start)

@@ -212,6 +212,15 @@ def _build_lut(qp, b, h0, nh, P, lt):
     return a
 
 
+@njit(cache=True, inline="always")
+def _level(x, delta, lev):
+    """The integer level of a float32 query value: floor(x / delta + 0.5) in float64, clamped to +-lev; 0
+    where delta is 0 (an all-zero projection). `dashkv.codes.quantise_query` is the reference."""
+    if delta > 0.0:
+        return min(max(np.int64(np.floor(np.float64(x) / delta + 0.5)), -lev), lev)
+    return np.int64(0)
+
+
 @njit(cache=True)
 def _build_planes(qp, b, h0, nh, W, L, pw):
     """Bit planes of the selecting head's integer query levels -> pw[0:W*L]; returns (offset, shift).
@@ -238,10 +247,7 @@ def _build_planes(qp, b, h0, nh, W, L, pw):
     neg = 0
     tot = 0
     for j in range(bb):
-        qv = 0
-        if delta > 0.0:
-            qv = np.int64(np.floor(np.float64(v[j]) / delta + 0.5))
-            qv = min(max(qv, -lev), lev)
+        qv = _level(v[j], delta, lev)
         tot += abs(qv)
         if qv < 0:
             neg -= qv
@@ -515,11 +521,7 @@ def _prob_query(qp, b, h, bbits, lev, qrow):
         amax = max(amax, abs(np.float64(qp[b, h, j])))
     delta = amax / lev
     for j in range(bbits):
-        qv = 0
-        if delta > 0.0:
-            qv = np.int64(np.floor(np.float64(qp[b, h, j]) / delta + 0.5))
-            qv = min(max(qv, -lev), lev)
-        qrow[j] = np.float32(qv)
+        qrow[j] = np.float32(_level(qp[b, h, j], delta, lev))
     return delta
 
 
