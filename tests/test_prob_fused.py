@@ -215,3 +215,34 @@ def test_hamming_scorer_with_the_probability_score_ranks_by_its_own_scores():
     want_scores = pol.probability_estimate(state, pol.per_head_scores(state, query), 2, None)
     want = build_selection(want_scores, plan, None, None, cfg)
     assert torch.equal(got.indices, want.indices) and torch.equal(got.exact, want.exact)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), words=st.sampled_from([1, 2, 4]), nh=st.sampled_from([1, 2, 3]))
+def test_packed_tables_are_the_float_tables_packed(seed, words, nh):
+    """`_prob_tables` builds the packed tables in int64 directly; reference: each head's exact float byte
+    tables (`_build_lut`), offset by 8*lev and packed field by field. Extremes included (all +-lev)."""
+    from dashkv.kernels.cpu import _build_lut, _prob_packed_exact, _prob_tables
+
+    rng = np.random.default_rng(seed)
+    lev = (1 << (probability_level_bits(words) - 1)) - 1
+    P = 8 * words
+    qlev = np.round(rng.uniform(-lev, lev, (1, nh + 1, 64 * words))).astype(np.float32)
+    qlev[0, 0, :8] = lev
+    qlev[0, 0, 8:16] = -lev
+    got = np.empty(P * 256, np.int64)
+    _prob_tables(qlev, 0, 1, nh, P, lev, got)
+    want = np.zeros(P * 256, np.int64)
+    for j in range(nh):
+        lt = np.empty(P * 256, np.float32)
+        _build_lut(qlev, 0, 1 + j, 1, P, lt)
+        want |= (lt.astype(np.int64) + 8 * lev) << (PROB_FIELD_BITS * j)
+    assert np.array_equal(got, want)
+    codes = rng.integers(0, 2**63, (50, words), dtype=np.uint64)
+    for j in range(nh):
+        lt = np.empty(P * 256, np.float32)
+        _build_lut(qlev, 0, 1 + j, 1, P, lt)
+        for c in codes:
+            bits = np.unpackbits(c.view(np.uint8), bitorder="little").astype(np.float64) * 2 - 1
+            exact = float((bits * qlev[0, 1 + j].astype(np.float64)).sum())
+            assert _prob_packed_exact(c, words, got, j, 64 * words * lev) == exact

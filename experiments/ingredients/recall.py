@@ -12,6 +12,7 @@ rows per step, the re-rank stage's int8 keys counted at their bytes):
   learned+rerankR                ... with the int8 re-rank stage (R x the exact tier re-scored)
   learned+rerank4+pooled
   learned+prob[+rerank4]         ... ranked by the query heads' estimated probabilities summed (group_score)
+  learned+prob+pooled            ... and per-head budgets pooled by those probabilities (the oracle's rule)
 Rows: one JSON line per (layer, method, budget); summary.json and summary.md with the means.
 """
 
@@ -21,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -32,14 +34,26 @@ from dashkv.config import DashKVConfig, rerank_read_cost
 from dashkv.encoders import HashEncoders
 from dashkv.hf import default_encoders
 from dashkv.models import load_model, model_shape
-from dashkv.selection import DashKVPolicy, LayerState, OraclePolicy, SimHashPolicy
+from dashkv.selection import DashKVPolicy, LayerState, OraclePolicy, SimHashPolicy, build_selection
 
 METHODS = ["oracle", "oracle+pooled", "simhash", "learned", "learned+pooled", "learned+rerank2",
-           "learned+rerank4", "learned+rerank8", "learned+rerank4+pooled", "learned+prob", "learned+prob+rerank4"]
+           "learned+rerank4", "learned+rerank8", "learned+rerank4+pooled", "learned+prob", "learned+prob+rerank4",
+           "learned+prob+pooled"]
+
+
+class _ProbPooledPolicy(DashKVPolicy):
+    """Prototype: the probability group score with pooled per-head budgets by that same estimate (the
+    oracle's pooling rule, `pooled_exact_slots`, fed the estimated probabilities)."""
+
+    def select(self, state, query, keys, plan, scaling, start):
+        scores = self.probability_scores(state, query, keys.shape[1], start)
+        return build_selection(scores, plan, start, None, SimpleNamespace(head_budget="pooled", adaptive=False, k_min=self.config.k_min))
 
 
 def policy_for(name: str, budget: float, enc: HashEncoders, simenc: HashEncoders):
     kw = dict(bits=enc.bits, budget=budget, min_context=0)
+    if name == "learned+prob+pooled":
+        return _ProbPooledPolicy(DashKVConfig(**kw, group_score="probability"), enc)
     if "pooled" in name:
         kw["head_budget"] = "pooled"
     if "prob" in name:  # one set per KV head ranked by the summed estimated probabilities (group_score)

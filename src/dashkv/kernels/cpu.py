@@ -526,15 +526,40 @@ def _prob_query(qp, b, h, bbits, lev, qrow):
 
 
 @njit(cache=True)
-def _pack_tables(lt, g0, nh, P, lev, lp):
-    """lp[0:P*256] (int64) = the byte tables of query heads g0 .. g0+nh-1 (lt, exact integers, one P*256
-    table per head), each offset by 8*lev to be non-negative and packed PROB_FIELD_BITS bits per head."""
-    off = 8 * lev
-    for i in range(P * 256):
-        acc = np.int64(0)
+def _prob_tables(qlev, b, h0, nh, P, lev, lp):
+    """lp[0:P*256] (int64) = the byte tables of query heads h0 .. h0+nh-1 (row b of the integer levels qlev),
+    each entry offset by 8*lev to be non-negative and packed PROB_FIELD_BITS bits per head.
+
+    Built packed, by the doubling of `_build_lut`: integer addition is linear in the fields, and every
+    intermediate entry is itself a table entry, inside its field, so no carry or borrow crosses fields."""
+    for p in range(P):
+        tb = lp[p * 256:(p + 1) * 256]
+        z = np.int64(0)
         for j in range(nh):
-            acc |= (np.int64(lt[(g0 + j) * P * 256 + i]) + off) << np.int64(_PROB_FIELD * j)
-        lp[i] = acc
+            v = np.int64(8 * lev)
+            for t in range(8):
+                v -= np.int64(qlev[b, h0 + j, 8 * p + t])
+            z += v << np.int64(_PROB_FIELD * j)  # byte 0: every sign -1
+        tb[0] = z
+        for t in range(8):  # entries with bit t set = entries without it + 2 q_t, every field at once
+            dlt = np.int64(0)
+            for j in range(nh):
+                dlt += (np.int64(2) * np.int64(qlev[b, h0 + j, 8 * p + t])) << np.int64(_PROB_FIELD * j)
+            step = 1 << t
+            for x in range(step):
+                tb[step + x] = tb[x] + dlt
+
+
+@njit(cache=True)
+def _prob_packed_exact(cu, W, lp, j, off):
+    """Integer score of one code (words cu[0:W]) for field j of the packed tables lp: what
+    `_prob_unit_packed` computes for it, bit for bit."""
+    acc = np.int64(0)
+    for w in range(W):
+        x = cu[w]
+        for t in range(8):
+            acc += lp[w * 2048 + t * 256 + np.intp((x >> np.uint64(8 * t)) & np.uint64(255))]
+    return ((acc >> np.int64(_PROB_FIELD * j)) & np.int64((1 << _PROB_FIELD) - 1)) - off
 
 
 @njit(cache=True, fastmath=True)
@@ -587,11 +612,11 @@ def _prob_unit_packed(cu, m, W, lp, nh, off, teff, pe, o0, stride, stat, scratch
 
 
 @njit(cache=True)
-def _prob_normalise(sidx, kvh, G, nch, LUTU, P, W, lut, ustat, logzs, temps, cf, cbase, s0, sink, N, window, top,
-                    pbase, pshift):
+def _prob_normalise(sidx, kvh, G, nch, PLUT, P, W, plut, off, ustat, logzs, temps, cf, cbase, s0, sink, N, window,
+                    top, pbase, pshift):
     """Probability mode, one KV head of one row (its scan units are sidx*nch ... sidx*nch + nch-1):
     log Z_g per query head over all valid positions (the units' parts plus the sinks and the window,
-    scored here through unit 0's byte tables of the integer levels, times the row's effective temperatures
+    scored here through unit 0's packed tables of the integer levels, times the row's effective temperatures
     `temps`) into logzs[sidx*G + g], and the bucket map of p: base and shift of its float32 bit pattern
     between a lower and an upper bound of p over the candidates."""
     u0 = sidx * nch
@@ -601,7 +626,7 @@ def _prob_normalise(sidx, kvh, G, nch, LUTU, P, W, lut, ustat, logzs, temps, cf,
     fixed = np.empty(nfix, np.float64)
     for g in range(G):
         t = np.float32(temps[kvh * G + g])
-        lt = lut[u0 * LUTU + g * P * 256:u0 * LUTU + (g + 1) * P * 256]  # unit 0 always has candidates
+        lp = plut[u0 * PLUT + (g // 3) * P * 256:u0 * PLUT + (g // 3 + 1) * P * 256]  # unit 0 has candidates
         mx = -np.inf
         mn = np.inf
         for c in range(nch):
@@ -613,7 +638,7 @@ def _prob_normalise(sidx, kvh, G, nch, LUTU, P, W, lut, ustat, logzs, temps, cf,
         for r in range(nfix):
             pos = s0 + r if r < sink else N - window + (r - sink)
             o = cbase + pos * W
-            fixed[r] = np.float64(_asym_exact(cf[o:o + W], W, lt) * t)
+            fixed[r] = np.float64(np.float32(_prob_packed_exact(cf[o:o + W], W, lp, g % 3, off)) * t)
             mx = max(mx, fixed[r])
         z = 0.0
         for c in range(nch):
@@ -933,8 +958,10 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     rpp = -(-Lmax // npart)
     prob = prob_temps.size > 0
     LUTU = NS * P * 256 if (anyscan and not hamming and qbits == 0) else 0  # byte tables per scan unit
+    PLUT = 0
     if prob and anyscan:
-        LUTU = G * P * 256  # one table per query head
+        LUTU = 0
+        PLUT = ((G + 2) // 3) * P * 256  # packed int64 tables per scan unit, three query heads each
 
     # ---- workspace layout ----
     n16 = BS * maxcand if anyscan else 1
@@ -953,7 +980,8 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     o_pe = o_qs + B * Hq * d
     nf = o_pe + (BS * G * maxcand if (prob and anyscan) else 0)  # probability mode: per query head, then p
     o_cnt = 2 * BS  # after lens and the 8-bit tier's row counts
-    n64 = o_cnt + 2 * U * NS + 4 * BS + 16
+    o_plut = o_cnt + 2 * U * NS + 4 * BS + 16
+    n64 = o_plut + U * PLUT
     if ws16.size < n16 or ws32.size < n32 or wsf.size < nf or ws64.size < n64:
         return 1, n16, n32, nf, n64, o_idx, Lmax
 
@@ -979,6 +1007,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     ngt = ws64[o2 + BS:o2 + 2 * BS]
     neq = ws64[o2 + 2 * BS:o2 + 3 * BS]
     lexact = ws64[o2 + 3 * BS:o2 + 4 * BS]  # rows [0, lexact) exact, [lexact, lens) from the 8-bit copies
+    plut = ws64[o_plut:n64]  # probability mode: the packed tables of each scan unit
 
     # scaled queries
     for bh in range(B * Hq):
@@ -1038,14 +1067,11 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                 cu = cf[cw:cw + m * W]
             if ncand[b] > 0 and prob:  # each query head's logits, their max, min and exp-sum in this unit
                 sidx = b * Hkv + kvh
-                lt = lut[u * LUTU:(u + 1) * LUTU]  # float tables (the normaliser scores sinks and window)
-                for g in range(G):
-                    _build_lut(qlev, b, kvh * G + g, 1, P, lt[g * P * 256:(g + 1) * P * 256])
-                lp = np.empty(P * 256, np.int64)
-                scratch = np.empty(m, np.float32)
+                scratch = np.empty(m if G % 3 else 0, np.float32)  # rows of the absent heads of a last group
                 for g0 in range(0, G, 3):
                     nh = min(3, G - g0)
-                    _pack_tables(lt, g0, nh, P, plev, lp)
+                    lp = plut[u * PLUT + (g0 // 3) * P * 256:u * PLUT + (g0 // 3 + 1) * P * 256]
+                    _prob_tables(qlev, b, kvh * G + g0, nh, P, plev, lp)
                     h0 = b * Hq + kvh * G + g0
                     _prob_unit_packed(cu, m, W, lp, nh, 64 * W * plev, teff[h0:h0 + nh], pbuf,
                                       (sidx * G + g0) * maxcand + (lo - clo[b]), maxcand,
@@ -1075,7 +1101,8 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
             for sidx in range(BS):
                 b = sidx // S
                 if ncand[b] > 0:
-                    _prob_normalise(sidx, sidx % Hkv, G, nch, LUTU, P, W, lut, ustat, logzs, teff[b * Hq:(b + 1) * Hq],
+                    _prob_normalise(sidx, sidx % Hkv, G, nch, PLUT, P, W, plut, 64 * W * plev, ustat, logzs,
+                                    teff[b * Hq:(b + 1) * Hq],
                                     cf, cb0 + b * csb + (sidx % Hkv) * csh, st[b], sink, N, window, top,
                                     pbase, pshift)
             for u in prange(U):
