@@ -408,7 +408,7 @@ def test_overrides_equal_to_the_defaults_are_not_overrides(tiny_lm):
     plan = validate_plan(_args(d, methods="dense,simhash_asym", group_score="sum", query_bits=4))
     assert plan.config_overrides == {"query_bits": 4}
     with pytest.raises(ValueError, match="head_budget|group_score"):
-        DashKVConfig(group_score="probability", head_budget="pooled")
+        DashKVConfig(group_score="probability", head_budget="pooled", rerank=4)
 
 
 def test_resume_refuses_rows_of_another_sample_count(tmp_path):

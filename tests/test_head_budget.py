@@ -128,8 +128,9 @@ def test_fused_pooled_budgets_match_the_reference(grouping, scorer, seed):
     assert counts.max() > counts.min()  # and they really moved between heads
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_pooled_generate_fused_equals_reference(family):
+@pytest.mark.parametrize("family, group_score", [("llama", None), ("gemma3_text", None), ("llama", "sum"),
+                                                 ("gemma3_text", "sum")])
+def test_pooled_generate_fused_equals_reference(family, group_score):
     from test_fused_paths import SPARSE, _generate
 
     from dashkv.models import tiny_model
@@ -138,7 +139,8 @@ def test_pooled_generate_fused_equals_reference(family):
     ids = torch.randint(3, 500, (2, 900), generator=torch.Generator().manual_seed(6))
     mask = torch.ones_like(ids)
     mask[1, :200] = 0
-    cfg = DashKVConfig(**{**SPARSE.to_dict(), "head_budget": "pooled"})
+    cfg = DashKVConfig(**{**SPARSE.to_dict(), "head_budget": "pooled", "group_score": group_score})
+    assert cfg.effective_group_score == (group_score or "probability")
     fused, frac_fused = _generate(model, ids, True, mask, config=cfg)
     ref, frac_ref = _generate(model, ids, False, mask, config=cfg)
     assert torch.equal(fused, ref)

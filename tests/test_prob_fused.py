@@ -228,8 +228,8 @@ def test_packed_tables_are_the_float_tables_packed(seed, words, nh):
     lev = (1 << (probability_level_bits(words) - 1)) - 1
     P = 8 * words
     qlev = np.round(rng.uniform(-lev, lev, (1, nh + 1, 64 * words))).astype(np.float32)
-    qlev[0, 0, :8] = lev
-    qlev[0, 0, 8:16] = -lev
+    qlev[0, 1, :8] = lev  # the first head packed: one byte table all +lev, the next all -lev
+    qlev[0, 1, 8:16] = -lev
     got = np.empty(P * 256, np.int64)
     _prob_tables(qlev, 0, 1, nh, P, lev, got)
     want = np.zeros(P * 256, np.int64)
@@ -238,7 +238,8 @@ def test_packed_tables_are_the_float_tables_packed(seed, words, nh):
         _build_lut(qlev, 0, 1 + j, 1, P, lt)
         want |= (lt.astype(np.int64) + 8 * lev) << (PROB_FIELD_BITS * j)
     assert np.array_equal(got, want)
-    codes = rng.integers(0, 2**63, (50, words), dtype=np.uint64)
+    codes = rng.integers(0, 2**64, (50, words), dtype=np.uint64, endpoint=False)
+    codes[0], codes[1] = 0, np.iinfo(np.uint64).max  # every sign -1 / +1
     for j in range(nh):
         lt = np.empty(P * 256, np.float32)
         _build_lut(qlev, 0, 1 + j, 1, P, lt)
@@ -246,3 +247,57 @@ def test_packed_tables_are_the_float_tables_packed(seed, words, nh):
             bits = np.unpackbits(c.view(np.uint8), bitorder="little").astype(np.float64) * 2 - 1
             exact = float((bits * qlev[0, 1 + j].astype(np.float64)).sum())
             assert _prob_packed_exact(c, words, got, j, 64 * words * lev) == exact
+
+
+def _stub_policy(temps, q_proj, bits, **config):
+    """A DashKVPolicy whose query projection and temperatures are given arrays (no encoders)."""
+    from dashkv.selection import DashKVPolicy
+
+    pol = DashKVPolicy.__new__(DashKVPolicy)
+    pol.config = DashKVConfig(bits=bits, **config)
+    pol._probability_temperatures = lambda layer_idx: torch.from_numpy(temps)
+    pol.query_projection = lambda layer_idx, q: q_proj
+    return pol
+
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_kernel_pools_the_probability_score_as_the_reference(chunk):
+    """Pooled per-head budgets with the probability score: the kernel's exact-tier size per KV head equals
+    `DashKVPolicy.pooled_probability_selection`'s (one bucket map per row, the same water-filling) on 60
+    fixed random cases (sharp and flat temperatures, left padding, G = 1..5, serial and parallel); the
+    sets agree up to near-ties of p inside a head (float32 polynomial exp against torch's), and the row's
+    total is what the fixed split would read."""
+    from dataclasses import replace
+
+    from dashkv.selection import LayerState
+
+    for seed in range(15 * chunk, 15 * chunk + 15):
+        rng = np.random.default_rng(seed)
+        batch, g, hkv, words = int(rng.choice([1, 3])), int(rng.integers(1, 6)), int(rng.choice([2, 3, 4])), int(rng.choice([1, 2]))
+        n = int(rng.integers(60, 2500))
+        query, q_proj, keys, values, codes, start = make_inputs(seed, batch, g, hkv, words, 16, n, seed % 3 == 0)
+        sink, window = [(4, 16), (0, 0), (2, 7)][seed % 3]
+        critical = max(1, int(rng.uniform(0.01, 0.3) * n))
+        temps = rng.uniform(0.05, [0.3, 1.5, 6.0][seed % 3], g * hkv).astype(np.float32)
+        out, idx = dashkv_decode_cpu(query, q_proj, keys, values, codes, sink=sink, window=window,
+                                     critical=critical, scaling=0.25, start=start, return_indices=True,
+                                     prob_temps=temps, pool_temps=np.ones(hkv), k_min=min(4, critical),
+                                     pool_cap=4, parallel=bool(seed % 2))
+        got = indices_to_mask(idx, n)
+        pol = _stub_policy(temps, q_proj, 64 * words, k_min=4, head_budget="pooled")
+        plan = replace(pol.config.plan(n), sink=sink, window=window, critical=critical, lowprec=0, rerank=0)
+        sel = pol.pooled_probability_selection(LayerState(0, codes=codes), query, plan, start)
+        want = torch.zeros(batch, hkv, n, dtype=torch.bool).scatter_(-1, sel.indices, sel.exact)
+        assert torch.equal(got.sum(-1), want.sum(-1)), seed
+        p = reference_probabilities(q_proj, codes, temps, start)
+        for b, h in (want ^ got).any(-1).nonzero().tolist():  # only near-ties at a head's boundary
+            swapped = (want ^ got)[b, h].nonzero().flatten()
+            kth = p[b, h][want[b, h] & got[b, h]].min() if (want[b, h] & got[b, h]).any() else p[b, h, swapped].max()
+            assert ((p[b, h, swapped] - kth).abs() <= 1e-5 * kth).all() or (p[b, h, swapped] < 1e-30).all(), seed
+        s0 = torch.zeros(batch, dtype=torch.long) if start is None else start
+        ncand = (n - window - s0 - sink).clamp(min=0)
+        fixed = (torch.arange(n)[None, :] >= s0[:, None]).sum(-1).clamp(max=sink + window)
+        assert torch.equal(got.sum((-1, -2)),
+                           hkv * (fixed + torch.minimum(ncand, torch.full_like(ncand, critical)))), seed
+        torch.testing.assert_close(out, masked_attention(query, keys, values, got.repeat_interleave(g, 1), 0.25),
+                                   atol=1e-4, rtol=1e-4)

@@ -104,12 +104,15 @@ def test_policy_select_applies_successor_pooling():
 
 
 def test_the_default_group_score_resolves_where_it_combines():
-    """None ranks by probability with the asymmetric scorer and a fixed head budget; the options measured
-    with the sum keep it, and baselines (no code scan) keep the sum's dense threshold."""
+    """None ranks by probability with the asymmetric scorer (pooled head budgets too, unless pooled after a
+    re-rank or with the 8-bit tier); the options measured with the sum keep it, and baselines (no code scan)
+    keep the sum's dense threshold."""
     from dashkv.selection import make_policy
 
     assert DashKVConfig().effective_group_score == "probability"
-    for kw in (dict(scorer="hamming"), dict(head_budget="pooled"), dict(query_bits=4), dict(adaptive=True),
+    assert DashKVConfig(head_budget="pooled").effective_group_score == "probability"
+    for kw in (dict(scorer="hamming"), dict(head_budget="pooled", rerank=4),
+               dict(head_budget="pooled", lowprec_fraction=0.5), dict(query_bits=4), dict(adaptive=True),
                dict(temporal=0.25), dict(spatial_vote=0.5), dict(successors=1), dict(grouping="query_head")):
         assert DashKVConfig(**kw).effective_group_score == "sum", kw
     assert DashKVConfig(group_score="probability", adaptive=True).effective_group_score == "probability"

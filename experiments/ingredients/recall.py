@@ -8,7 +8,9 @@ rows per step, the re-rank stage's int8 keys counted at their bytes):
   oracle / oracle+pooled         exact top-k by attention probability, fixed or pooled per-head budgets
   simhash                        random hyperplanes, Hamming scan
   learned                        the shipped encoders (today's default)
-  learned+pooled                 ... with per-head budgets pooled by estimated probability
+  learned+pooled                 ... with per-head budgets pooled by estimated probability (since stop 24 the
+                                 probability score's buckets, one map per row: the fused kernel's rule)
+  learned+sum+pooled             ... pooled by the summed score's histogram (the rule before stop 24)
   learned+rerankR                ... with the int8 re-rank stage (R x the exact tier re-scored)
   learned+rerank4+pooled
   learned+prob[+rerank4]         ... ranked by the query heads' estimated probabilities summed (group_score)
@@ -38,7 +40,7 @@ from dashkv.selection import DashKVPolicy, LayerState, OraclePolicy, SimHashPoli
 
 METHODS = ["oracle", "oracle+pooled", "simhash", "learned", "learned+pooled", "learned+rerank2",
            "learned+rerank4", "learned+rerank8", "learned+rerank4+pooled", "learned+prob", "learned+prob+rerank4",
-           "learned+prob+pooled"]
+           "learned+prob+pooled", "learned+sum+pooled"]
 
 
 class _ProbPooledPolicy(DashKVPolicy):
@@ -56,6 +58,8 @@ def policy_for(name: str, budget: float, enc: HashEncoders, simenc: HashEncoders
         return _ProbPooledPolicy(DashKVConfig(**kw, group_score="probability"), enc)
     if "pooled" in name:
         kw["head_budget"] = "pooled"
+    if "sum" in name:
+        kw["group_score"] = "sum"
     if "prob" in name:  # one set per KV head ranked by the summed estimated probabilities (group_score)
         kw["group_score"] = "probability"
     if "rerank" in name:

@@ -118,9 +118,11 @@ class DashKVConfig:
                      top-k ranks by; a sharp (retrieval) head is then not drowned by diffuse ones. G scans;
                      fused in the CPU kernel (asymmetric scorer), torch reference path elsewhere (CUDA
                      too: "sum" runs the Triton kernel). None (default): "probability" wherever it
-                     combines (asymmetric scorer, fixed head budget, no query_bits, none of adaptive /
-                     spatial_vote / temporal / successors, which were measured with the sum), else "sum"
-                     (`effective_group_score`); measured in docs/DECISIONS.md.
+                     combines (asymmetric scorer, no query_bits, none of adaptive / spatial_vote /
+                     temporal / successors, which were measured with the sum; with pooled head budgets
+                     no rerank or 8-bit tier), else "sum" (`effective_group_score`); measured in
+                     docs/DECISIONS.md. With head_budget="pooled" the heads of a layer share the exact
+                     tier by these same probabilities (fused on the CPU).
     successors:      successor pooling: each candidate's score is the best of its own and its `successors`
                      predecessors', so a selected token brings the next ones with it (copying a span:
                      the token after the one attended to is what the next step reads). 0 = off; torch
@@ -208,9 +210,13 @@ class DashKVConfig:
         if self.group_score not in (None, "sum", "probability"):
             raise bad("group_score", "must be None (the default: probability where it combines), 'sum' or "
                                      "'probability'")
-        if self.head_budget == "pooled" and (self.group_score == "probability" or self.successors):
-            raise bad("head_budget", "'pooled' bins the summed scores; it does not combine with "
-                                     "group_score='probability' or successors")
+        if self.head_budget == "pooled" and self.successors:
+            raise bad("head_budget", "'pooled' does not combine with successors")
+        if self.head_budget == "pooled" and self.group_score == "probability" and (
+                self.rerank or self.adaptive or self.lowprec_fraction or self.spatial_vote or self.temporal):
+            raise bad("head_budget", "'pooled' with group_score='probability' pools the probability estimates of "
+                                     "the code scan; it does not combine with rerank, adaptive, lowprec_fraction, "
+                                     "spatial_vote or temporal (use group_score='sum' for those)")
         if not isinstance(self.successors, int) or isinstance(self.successors, bool) or not 0 <= self.successors <= 16:
             raise bad("successors", "must be an integer in [0, 16] (0 disables successor pooling)")
         if any(i < 0 for i in self.dense_layers):
@@ -283,15 +289,17 @@ class DashKVConfig:
     @property
     def effective_group_score(self) -> str:
         """What a KV head's candidate set ranks by in this configuration: "probability" or "sum" (`group_score`
-        None resolves to probability with the asymmetric scorer, a fixed head budget, no query_bits and none
-        of the reference-path options measured with the sum (adaptive, spatial_vote, temporal, successors);
+        None resolves to probability with the asymmetric scorer, no query_bits, none of the reference-path
+        options measured with the sum (adaptive, spatial_vote, temporal, successors) and, with pooled head
+        budgets, neither rerank nor the 8-bit tier (pooled by the re-scored probabilities instead);
         per-query-head sets have no group to combine, "sum" is then the plain score)."""
         if self.grouping != "kv_head":
             return "sum"
         if self.group_score is not None:
             return self.group_score
-        combines = (self.scorer == "asymmetric" and self.head_budget == "fixed" and self.query_bits is None
-                    and not (self.adaptive or self.spatial_vote or self.temporal or self.successors))
+        combines = (self.scorer == "asymmetric" and self.query_bits is None
+                    and not (self.adaptive or self.spatial_vote or self.temporal or self.successors)
+                    and (self.head_budget == "fixed" or not (self.rerank or self.lowprec_fraction)))
         return "probability" if combines else "sum"
 
     @property

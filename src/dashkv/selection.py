@@ -172,31 +172,36 @@ def pooled_exact_slots(top_vals: torch.Tensor, top_ok: torch.Tensor, mean_k: int
     return base | take.reshape(b, hs, k)
 
 
-def pooled_counts(buckets: torch.Tensor, candidate: torch.Tensor, mids: torch.Tensor, temps: torch.Tensor,
-                  mean_k: int, k_min: int, cap: int) -> torch.Tensor:
+def pooled_counts(buckets: torch.Tensor, candidate: torch.Tensor, mids: torch.Tensor | None, temps,
+                  mean_k: int, k_min: int, cap: int, nbins: int | None = None) -> torch.Tensor:
     """Reference of the fused kernel's pooled budgets (`kernels.cpu._pool_counts`), in plain loops.
 
     buckets (B, Hs, N) int: each token's score bucket; candidate (B, N) bool; mids (B, Hs, nbins) float64:
     the score at each bucket's middle; temps (Hs,). Estimated log-probability of a token of head s in
     bucket t: temps[s] * mids[s, t] - log Z_s. Each head keeps its best min(k_min, cap) tokens; the rest of
     the row's Hs x mean_k go bucket by bucket to the highest estimate of any head (ties: lower head),
-    at most `cap` per head. Returns (B, Hs) int64: tokens selected per head.
+    at most `cap` per head. Returns (B, Hs) int64: tokens selected per head. mids None: the buckets of all
+    heads share one map, monotone in the estimate, and the bucket index is the estimate (`nbins` buckets;
+    the probability group score's pooled budgets, `_pool_greedy`).
     """
     b_, hs, _ = buckets.shape
-    nbins = mids.shape[-1]
+    nbins = mids.shape[-1] if mids is not None else int(nbins)
     out = torch.zeros(b_, hs, dtype=torch.int64)
     for b in range(b_):
         cand = candidate[b]
         if not bool(cand.any()):
             continue
         hist = [torch.bincount(buckets[b, x][cand].long(), minlength=nbins).tolist() for x in range(hs)]
-        mid = mids[b].tolist()
-        logz = []
-        for x in range(hs):
-            vals = [temps[x] * mid[x][t] for t in range(nbins) if hist[x][t] > 0]
-            m = max(vals)
-            logz.append(m + math.log(sum(h * math.exp(temps[x] * mid[x][t] - m)
-                                         for t, h in enumerate(hist[x]) if h > 0)))
+        if mids is None:
+            mid, temps, logz = [list(range(nbins))] * hs, [1.0] * hs, [0.0] * hs
+        else:
+            mid = mids[b].tolist()
+            logz = []
+            for x in range(hs):
+                vals = [temps[x] * mid[x][t] for t in range(nbins) if hist[x][t] > 0]
+                m = max(vals)
+                logz.append(m + math.log(sum(h * math.exp(temps[x] * mid[x][t] - m)
+                                             for t, h in enumerate(hist[x]) if h > 0)))
         counts, extra, ptr = [], 0, []
         for x in range(hs):
             f = min(k_min, cap)
@@ -524,6 +529,59 @@ class DashKVPolicy(SelectionPolicy):
         exact[..., fixed:] &= slot[None, None, :] < counts[..., None].to(exact.device)
         return Selection(indices=first.indices, exact=exact)
 
+    def pooled_probability_selection(self, state: LayerState, query: torch.Tensor, plan: StepPlan,
+                                     start: torch.Tensor | None) -> Selection:
+        """Pooled per-head budgets by the probability group score, exactly as the fused kernel spends them:
+        each KV head's p = sum_g exp(logit_g - log Z_g) (float32, as the kernel stores it), bucketed by
+        its float32 bit pattern in one map per row (the bounds the kernel derives from each head's
+        smallest and largest candidate logit, the widest of the row's heads), exact-tier sizes by
+        `pooled_counts` over those buckets, then each head's best by p (stable: lower position first)."""
+        from .kernels import NBINS_ASYM
+
+        hkv = state.codes.shape[1]
+        temps = self._probability_temperatures(state.layer_idx)
+        logits = probability_logits(self.query_projection(state.layer_idx, query).float(), temps, state.codes)
+        b, hq, n = logits.shape
+        g = hq // hkv
+        st = torch.zeros(b, dtype=torch.long) if start is None else start.cpu().long()
+        pos = torch.arange(n)
+        valid = pos[None, :] >= st[:, None]
+        candidate = (pos[None, :] >= st[:, None] + plan.sink) & (pos[None, :] < n - plan.window)
+        lg = logits.double().masked_fill(~valid[:, None, :], float("-inf"))
+        logz = torch.logsumexp(lg, -1)  # (B, Hq) float64, as the kernel's normaliser
+        logz32 = logz.float().double()  # what the kernel stores and forms p with
+        # the kernel's exponential stops at e^-87 (`_exp_neg`): below it every estimate is the same tiny
+        # constant, one bucket, never a spread of denormals
+        terms = torch.exp((lg - logz32[..., None]).clamp_min(-87.0)).masked_fill(~valid[:, None, :], 0.0)
+        p = terms.reshape(b, hkv, g, n).sum(2).float()  # (B, Hkv, N)
+        top = NBINS_ASYM - 1
+        buckets = torch.zeros(b, hkv, n, dtype=torch.long)
+        for i in range(b):
+            if not bool(candidate[i].any()):
+                continue
+            cl = logits[i][:, candidate[i]].double()  # (Hq, C)
+            lo = (cl.amin(-1) - logz[i]).reshape(hkv, g).amax(-1)  # every candidate's p is at least this term
+            hi = torch.exp(cl.amax(-1) - logz[i]).reshape(hkv, g).sum(-1)  # and at most this sum
+            lo_bits = min(int(np.float32(math.exp(float(x)) * 0.5).view(np.int32)) for x in lo)
+            hi_bits = max(int(np.float32(min(float(x) * 2.0, 1e30)).view(np.int32)) for x in hi)
+            shift = 0
+            while (hi_bits - lo_bits) >> shift > top:
+                shift += 1
+            bits = p[i].contiguous().view(torch.int32).long()
+            buckets[i] = ((bits - lo_bits) >> shift).clamp(0, top)
+        cap = torch.clamp(n - plan.window - st - plan.sink, min=0)
+        counts = torch.stack([pooled_counts(buckets[i:i + 1], candidate[i:i + 1], None, None, plan.critical,
+                                            min(self.config.k_min, plan.critical),
+                                            int(min(POOL_CAP * plan.critical, int(cap[i]))), nbins=NBINS_ASYM)[0]
+                              for i in range(b)])
+        kmax = max(1, int(counts.max()))
+        first = build_selection(p.double(), replace(plan, critical=kmax, lowprec=0), start, stable=True)
+        slot = torch.arange(kmax)
+        fixed = plan.sink + plan.window
+        exact = first.exact.clone()
+        exact[..., fixed:] &= slot[None, None, :] < counts[..., None].to(exact.device)
+        return Selection(indices=first.indices, exact=exact)
+
     def select(self, state, query, keys, plan, scaling, start):
         if self.config.query_bits:  # the config admits only the fixed exact tier (+ re-rank) here
             scores = self.quantised_scan_scores(state, query)
@@ -535,6 +593,8 @@ class DashKVPolicy(SelectionPolicy):
         # the float per-head scores, unless only the integer-level probability score needs the codes
         # (pooled budgets do not combine with it; the adaptive tiers' masses do need them)
         per_head = None if integer_levels and not self.config.adaptive else self.per_head_scores(state, query)
+        if integer_levels and self.config.head_budget == "pooled":  # the config admits nothing else with it
+            return self.pooled_probability_selection(state, query, plan, start)
         if integer_levels:
             scores = self.probability_scores(state, query, keys.shape[1], start)
         elif self.config.scores_by_probability:  # Hamming scores, or voted ones (reference path only)

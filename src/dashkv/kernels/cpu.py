@@ -530,8 +530,9 @@ def _prob_tables(qlev, b, h0, nh, P, lev, lp):
     """lp[0:P*256] (int64) = the byte tables of query heads h0 .. h0+nh-1 (row b of the integer levels qlev),
     each entry offset by 8*lev to be non-negative and packed PROB_FIELD_BITS bits per head.
 
-    Built packed, by the doubling of `_build_lut`: integer addition is linear in the fields, and every
-    intermediate entry is itself a table entry, inside its field, so no carry or borrow crosses fields."""
+    Built packed, by the doubling of `_build_lut`: int64 addition is exact and linear, so each entry is
+    sum_j F_j * 2^(21 j) with F_j head j's offset table entry, in [0, 16*lev] -- inside its field, so the
+    value is the field-by-field packing (the increments' fields may be negative; the entries' never are)."""
     for p in range(P):
         tb = lp[p * 256:(p + 1) * 256]
         z = np.int64(0)
@@ -613,12 +614,12 @@ def _prob_unit_packed(cu, m, W, lp, nh, off, teff, pe, o0, stride, stat, scratch
 
 @njit(cache=True)
 def _prob_normalise(sidx, kvh, G, nch, PLUT, P, W, plut, off, ustat, logzs, temps, cf, cbase, s0, sink, N, window,
-                    top, pbase, pshift):
+                    top, pbase, pshift, phi):
     """Probability mode, one KV head of one row (its scan units are sidx*nch ... sidx*nch + nch-1):
     log Z_g per query head over all valid positions (the units' parts plus the sinks and the window,
     scored here through unit 0's packed tables of the integer levels, times the row's effective temperatures
     `temps`) into logzs[sidx*G + g], and the bucket map of p: base and shift of its float32 bit pattern
-    between a lower and an upper bound of p over the candidates."""
+    between a lower and an upper bound of p over the candidates (the upper bound's bits into phi[sidx])."""
     u0 = sidx * nch
     plo = -np.inf
     hi_sum = 0.0
@@ -658,6 +659,7 @@ def _prob_normalise(sidx, kvh, G, nch, PLUT, P, W, plut, off, ustat, logzs, temp
         shift += 1
     pbase[sidx] = lo_bits
     pshift[sidx] = shift
+    phi[sidx] = hi_bits
 
 
 @njit(cache=True, fastmath=True)
@@ -691,15 +693,13 @@ def _bucket_mid(t, hamming, span, af, sf):
 
 @njit(cache=True)
 def _pool_counts(htot, S, nbins, hamming, span, afs, sfs, temps, mean_k, k_min, capn, out):
-    """Water-filling of one batch row's S x mean_k exact tokens over its S selecting heads.
+    """Water-filling of one batch row's S x mean_k exact tokens over its S selecting heads (`_pool_greedy`),
+    by summed-score buckets.
 
     htot[s*nbins + t]: candidates of head s in score bucket t. A token's estimated log-probability is
-    temps[s] * mid_s(t) - log Z_s (Z_s over all of head s's candidates, bucket midpoints). Every head
-    keeps its best k_min; the rest go, bucket by bucket, to the highest estimated probability of any
-    head (ties: the lower head), a head taking at most capn. out[s] = tokens head s selects.
+    temps[s] * mid_s(t) - log Z_s (Z_s over all of head s's candidates, bucket midpoints).
     """
-    top = nbins - 1
-    logz = np.empty(S)
+    est = np.zeros(S * nbins)
     for x in range(S):
         m = -np.inf
         for t in range(nbins):
@@ -710,7 +710,20 @@ def _pool_counts(htot, S, nbins, hamming, span, afs, sfs, temps, mean_k, k_min, 
             h = htot[x * nbins + t]
             if h > 0:
                 z += h * math.exp(temps[x] * _bucket_mid(t, hamming, span, afs[x], sfs[x]) - m)
-        logz[x] = m + math.log(z) if z > 0.0 else 0.0
+        logz = m + math.log(z) if z > 0.0 else 0.0
+        for t in range(nbins):
+            if htot[x * nbins + t] > 0:
+                est[x * nbins + t] = temps[x] * _bucket_mid(t, hamming, span, afs[x], sfs[x]) - logz
+    _pool_greedy(htot, S, nbins, est, mean_k, k_min, capn, out)
+
+
+@njit(cache=True)
+def _pool_greedy(htot, S, nbins, est, mean_k, k_min, capn, out):
+    """Every head keeps its best k_min (capped at capn); the rest of the row's S x mean_k go, bucket by bucket,
+    to the highest estimate est[s*nbins + t] of any head (ties: the lower head), a head taking at most capn.
+    out[s] = tokens head s selects. With the probability score the buckets of all heads share one map,
+    monotone in p, and est is the bucket index itself."""
+    top = nbins - 1
     ptr = np.empty(S, np.int64)
     left = np.zeros(S, np.int64)
     extra = 0
@@ -738,7 +751,7 @@ def _pool_counts(htot, S, nbins, hamming, span, afs, sfs, temps, mean_k, k_min, 
         bu = -np.inf
         for x in range(S):
             if ptr[x] >= 0 and out[x] < capn:
-                u = temps[x] * _bucket_mid(ptr[x], hamming, span, afs[x], sfs[x]) - logz[x]
+                u = est[x * nbins + ptr[x]]
                 if best < 0 or u > bu:
                     best = x
                     bu = u
@@ -1052,6 +1065,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
         logzs = np.zeros(BS * G if prob else 0, np.float32)
         pbase = np.zeros(BS if prob else 0, np.int64)
         pshift = np.zeros(BS if prob else 0, np.int64)
+        phi = np.zeros(BS if prob else 0, np.int64)
         # ---- phase 1 (parallel): byte tables, scan, bucket histogram per unit ----
         for u in prange(U):
             b = u // (Hkv * nch)
@@ -1104,7 +1118,21 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                     _prob_normalise(sidx, sidx % Hkv, G, nch, PLUT, P, W, plut, 64 * W * plev, ustat, logzs,
                                     teff[b * Hq:(b + 1) * Hq],
                                     cf, cb0 + b * csb + (sidx % Hkv) * csh, st[b], sink, N, window, top,
-                                    pbase, pshift)
+                                    pbase, pshift, phi)
+            if pooled:  # one bucket map per row, so that a bucket means the same p in every head of the row
+                for b in range(B):
+                    if ncand[b] > 0:
+                        lo_bits = pbase[b * S]
+                        hi_bits = phi[b * S]
+                        for x in range(1, S):
+                            lo_bits = min(lo_bits, pbase[b * S + x])
+                            hi_bits = max(hi_bits, phi[b * S + x])
+                        shift = 0
+                        while (hi_bits - lo_bits) >> shift > top:
+                            shift += 1
+                        for x in range(S):
+                            pbase[b * S + x] = lo_bits
+                            pshift[b * S + x] = shift
             for u in prange(U):
                 b = u // (Hkv * nch)
                 kvh = (u // nch) % Hkv
@@ -1135,9 +1163,16 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                         hc = hist[((u0 + c) * NS + ns) * nbins:((u0 + c) * NS + ns + 1) * nbins]
                         for t in range(nbins):
                             htot[x * nbins + t] += hc[t]
-                _pool_counts(htot, S, nbins, hamming, Gq * bbits, afs[b * S:(b + 1) * S], sfs[b * S:(b + 1) * S],
-                             pool_temps, crit[b], min(k_min, crit[b]),
-                             min(pool_cap * crit[b], ncand[b]), crit_s[b * S:(b + 1) * S])
+                if prob:  # the buckets share the row's map, monotone in p: the bucket is the estimate
+                    est = np.empty(S * nbins)
+                    for i in range(S * nbins):
+                        est[i] = np.float64(i % nbins)
+                    _pool_greedy(htot, S, nbins, est, crit[b], min(k_min, crit[b]),
+                                 min(pool_cap * crit[b], ncand[b]), crit_s[b * S:(b + 1) * S])
+                else:
+                    _pool_counts(htot, S, nbins, hamming, Gq * bbits, afs[b * S:(b + 1) * S], sfs[b * S:(b + 1) * S],
+                                 pool_temps, crit[b], min(k_min, crit[b]),
+                                 min(pool_cap * crit[b], ncand[b]), crit_s[b * S:(b + 1) * S])
 
         # ---- phase 2 (serial, small): threshold bucket and write offsets per selecting head ----
         for sidx in range(BS):
@@ -1737,9 +1772,10 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     Probability group score: `prob_temps` (Hq,) -- each query head's temperature (calibrated logit scale
     / b) -- ranks each KV head's candidates by the summed estimated probabilities of its query heads
     (integer query levels, three heads per packed table look-up; `DashKVPolicy.probability_scores` is the
-    reference). kv_head grouping and the
-    asymmetric scorer; combines with the re-rank stage and the 8-bit tier, not with pooled budgets or
-    `query_bits`.
+    reference). kv_head grouping and the asymmetric scorer; combines with the re-rank stage, the 8-bit
+    tier and pooled budgets (`pool_temps` then only says "pooled", its values unused: the p of a row's
+    heads share one bucket map and are pooled bucket by bucket, `DashKVPolicy.pooled_probability_selection`
+    is the reference), not with `query_bits`.
 
     `query_bits` 4 or 8: the bit-plane scan of the integer query levels (`DashKVConfig.query_bits`;
     asymmetric scorer, not with pooled budgets); None: float32 byte tables.
@@ -1782,10 +1818,9 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
         pool_temps = _NO_TEMPS
     if prob_temps is not None:
         prob_temps = np.ascontiguousarray(np.asarray(prob_temps, dtype=np.float32).reshape(-1))
-        if (prob_temps.size != Hq or grouping != "kv_head" or scorer != "asymmetric" or qbits
-                or pool_temps.size):
+        if prob_temps.size != Hq or grouping != "kv_head" or scorer != "asymmetric" or qbits:
             raise ValueError(f"the probability group score needs one temperature per query head ({Hq}), "
-                             "grouping='kv_head', the asymmetric scorer, and neither query_bits nor pooled budgets "
+                             "grouping='kv_head', the asymmetric scorer, and no query_bits "
                              f"(got {prob_temps.size} temperatures, grouping={grouping!r}, scorer={scorer!r})")
         if not np.all(np.isfinite(prob_temps)):
             raise ValueError("prob_temps must be finite")
