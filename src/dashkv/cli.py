@@ -69,7 +69,7 @@ def _add_query_bits(p: argparse.ArgumentParser) -> None:
                    help="what one candidate set per KV head ranks by: sum of its query heads' scores (one scan), "
                         "or each head's estimated attention probability summed (as oracle top-k; one scan per "
                         "query head; fused on the CPU) (default: the configuration's: probability, or sum where "
-                        "pooled budgets or --query-bits need it)")
+                        "--query-bits or pooled budgets after --rerank / with the 8-bit tier need it)")
     p.add_argument("--successors", type=int, default=None, metavar="S",
                    help="successor pooling: a candidate scores the best of itself and its S predecessors, so "
                         "a selected token brings the next S along (copying spans); torch reference path "
