@@ -240,6 +240,19 @@ def pooled_counts(buckets: torch.Tensor, candidate: torch.Tensor, mids: torch.Te
     return out
 
 
+def selection_with_counts(scores: torch.Tensor, counts: torch.Tensor, plan: StepPlan,
+                          start: torch.Tensor | None) -> Selection:
+    """Sinks ∪ window ∪ each head's best counts[b, h] candidates by `scores` (stable: lower position first):
+    the pooled budgets' selection once their per-head sizes are known."""
+    kmax = max(1, int(counts.max()))
+    first = build_selection(scores, replace(plan, critical=kmax, lowprec=0), start, stable=True)
+    slot = torch.arange(kmax)
+    fixed = plan.sink + plan.window
+    exact = first.exact.clone()
+    exact[..., fixed:] &= slot[None, None, :] < counts[..., None].to(exact.device)
+    return Selection(indices=first.indices, exact=exact)
+
+
 class TemporalCarry:
     """What one decode step's DASH-KV layer leaves for the next one (distance calibration Δ_temporal): the
     log of its attention, mean over its query heads, on the tokens it read (the floor elsewhere).
@@ -521,13 +534,7 @@ class DashKVPolicy(SelectionPolicy):
         counts = torch.stack([pooled_counts(buckets[i:i + 1], candidate[i:i + 1], mids[i:i + 1], temps.tolist(),
                                             plan.critical, min(self.config.k_min, plan.critical),
                                             int(min(POOL_CAP * plan.critical, int(cap[i]))))[0] for i in range(b)])
-        kmax = max(1, int(counts.max()))
-        first = build_selection(scores, replace(plan, critical=kmax, lowprec=0), start, stable=True)
-        slot = torch.arange(kmax)
-        fixed = plan.sink + plan.window
-        exact = first.exact.clone()
-        exact[..., fixed:] &= slot[None, None, :] < counts[..., None].to(exact.device)
-        return Selection(indices=first.indices, exact=exact)
+        return selection_with_counts(scores, counts, plan, start)
 
     def pooled_probability_selection(self, state: LayerState, query: torch.Tensor, plan: StepPlan,
                                      start: torch.Tensor | None) -> Selection:
@@ -574,13 +581,7 @@ class DashKVPolicy(SelectionPolicy):
                                             min(self.config.k_min, plan.critical),
                                             int(min(POOL_CAP * plan.critical, int(cap[i]))), nbins=NBINS_ASYM)[0]
                               for i in range(b)])
-        kmax = max(1, int(counts.max()))
-        first = build_selection(p.double(), replace(plan, critical=kmax, lowprec=0), start, stable=True)
-        slot = torch.arange(kmax)
-        fixed = plan.sink + plan.window
-        exact = first.exact.clone()
-        exact[..., fixed:] &= slot[None, None, :] < counts[..., None].to(exact.device)
-        return Selection(indices=first.indices, exact=exact)
+        return selection_with_counts(p.double(), counts, plan, start)
 
     def select(self, state, query, keys, plan, scaling, start):
         if self.config.query_bits:  # the config admits only the fixed exact tier (+ re-rank) here

@@ -613,6 +613,15 @@ def _prob_unit_packed(cu, m, W, lp, nh, off, teff, pe, o0, stride, stat, scratch
 
 
 @njit(cache=True)
+def _bits_shift(lo_bits, hi_bits, top):
+    """The smallest shift that maps the float32 bit patterns lo_bits .. hi_bits into buckets 0 .. top."""
+    shift = 0
+    while (hi_bits - lo_bits) >> shift > top:
+        shift += 1
+    return shift
+
+
+@njit(cache=True)
 def _prob_normalise(sidx, kvh, G, nch, PLUT, P, W, plut, off, ustat, logzs, temps, cf, cbase, s0, sink, N, window,
                     top, pbase, pshift, phi):
     """Probability mode, one KV head of one row (its scan units are sidx*nch ... sidx*nch + nch-1):
@@ -654,9 +663,7 @@ def _prob_normalise(sidx, kvh, G, nch, PLUT, P, W, plut, off, ustat, logzs, temp
         hi_sum += math.exp(cmax - logz)  # and at most the sum of each head's largest
     lo_bits = np.int64(_float32_bits_as_int32(np.float32(math.exp(plo) * 0.5)))  # rounding margin
     hi_bits = np.int64(_float32_bits_as_int32(np.float32(min(hi_sum * 2.0, 1e30))))
-    shift = 0
-    while (hi_bits - lo_bits) >> shift > top:
-        shift += 1
+    shift = _bits_shift(lo_bits, hi_bits, top)
     pbase[sidx] = lo_bits
     pshift[sidx] = shift
     phi[sidx] = hi_bits
@@ -1127,9 +1134,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                         for x in range(1, S):
                             lo_bits = min(lo_bits, pbase[b * S + x])
                             hi_bits = max(hi_bits, phi[b * S + x])
-                        shift = 0
-                        while (hi_bits - lo_bits) >> shift > top:
-                            shift += 1
+                        shift = _bits_shift(lo_bits, hi_bits, top)
                         for x in range(S):
                             pbase[b * S + x] = lo_bits
                             pshift[b * S + x] = shift
@@ -1151,6 +1156,9 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
 
         # ---- phase 1b (serial, pooled budgets only): exact-tier size per selecting head ----
         if pooled:
+            bucket_est = np.empty(S * nbins if prob else 0)  # probability mode: the estimate is the bucket
+            for i in range(bucket_est.size):
+                bucket_est[i] = np.float64(i % nbins)
             for b in range(B):
                 if ncand[b] <= 0:
                     continue
@@ -1164,10 +1172,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                         for t in range(nbins):
                             htot[x * nbins + t] += hc[t]
                 if prob:  # the buckets share the row's map, monotone in p: the bucket is the estimate
-                    est = np.empty(S * nbins)
-                    for i in range(S * nbins):
-                        est[i] = np.float64(i % nbins)
-                    _pool_greedy(htot, S, nbins, est, crit[b], min(k_min, crit[b]),
+                    _pool_greedy(htot, S, nbins, bucket_est, crit[b], min(k_min, crit[b]),
                                  min(pool_cap * crit[b], ncand[b]), crit_s[b * S:(b + 1) * S])
                 else:
                     _pool_counts(htot, S, nbins, hamming, Gq * bbits, afs[b * S:(b + 1) * S], sfs[b * S:(b + 1) * S],
