@@ -214,10 +214,10 @@ def test_fused_append_on_a_deep_copied_cache_writes_the_copy():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("extra", [dict(lowprec_fraction=0.5), dict(rerank=4)])
+@pytest.mark.parametrize("extra", [dict(lowprec_fraction=0.5), dict(rerank=4), dict(rerank=2, rerank_bits=4)])
 def test_fused_append_writes_the_int8_copies_as_quantize_does(dtype, extra, monkeypatch):
-    """With the re-rank stage or the 8-bit tier the cache keeps int8 copies of K (and V): the one-call
-    append writes them value for value as `QuantizedRows.quantize` (the general path) does."""
+    """With the re-rank stage or the 8-bit tier the cache keeps int8 (or packed int4) copies of K (and V):
+    the one-call append writes them value for value as `QuantizedRows.quantize` (the general path) does."""
     from dashkv import cache as cache_mod
     from dashkv.kernels import cpu
 
@@ -243,6 +243,6 @@ def test_fused_append_writes_the_int8_copies_as_quantize_does(dtype, extra, monk
     seq_ref, ref = run(False)
     assert torch.equal(seq_fast, seq_ref)
     for f, r in zip(fast, ref):
-        assert set(f) == set(r) and {"k8", "k8s"} <= set(f)
+        assert set(f) == set(r) and ({"k4", "k4s"} if extra.get("rerank_bits") == 4 else {"k8", "k8s"}) <= set(f)
         for name in f:
             assert torch.equal(f[name], r[name]), name

@@ -12,6 +12,9 @@ rows per step, the re-rank stage's int8 keys counted at their bytes):
                                  probability score's buckets, one map per row: the fused kernel's rule)
   learned+sum+pooled             ... pooled by the summed score's histogram (the rule before stop 24)
   learned+rerankR                ... with the int8 re-rank stage (R x the exact tier re-scored)
+  learned+prob+rerankRiB[c]      ... the probability score re-ranked from a B-bit copy of the keys (prototype:
+                                 levels +-(2^(B-1) - 1), one float32 scale per key, charged (d B / 8 + 4) bytes
+                                 per key; "c": channels first divided by their RMS over the first half, the prefill)
   learned+rerank4+pooled
   learned+prob[+rerank4]         ... ranked by the query heads' estimated probabilities summed (group_score)
   learned+prob+pooled            ... and per-head budgets pooled by those probabilities (the oracle's rule)
@@ -63,7 +66,7 @@ def policy_for(name: str, budget: float, enc: HashEncoders, simenc: HashEncoders
     if "prob" in name:  # one set per KV head ranked by the summed estimated probabilities (group_score)
         kw["group_score"] = "probability"
     if "rerank" in name:
-        kw["rerank"] = int(name.split("rerank")[1].split("+")[0])
+        kw["rerank"] = int(name.split("rerank")[1].split("+")[0].split("i")[0])
     cfg = DashKVConfig(**kw)
     if name.startswith("oracle"):
         return OraclePolicy(cfg)
@@ -106,6 +109,11 @@ def main(argv=None) -> int:
     caps = capture_qkv(model, seqs, layers, positions=positions, keep_values=True, desc="capture")
     budgets = [float(eval(b)) for b in a.budgets.split(",")]
     cost = rerank_read_cost(shape.head_dim, 4)
+
+    def low_bits(m: str):
+        """(bits, per-channel) of a method's low-bit re-rank copy, or None for the int8 one."""
+        tail = m.split("rerank")[1].split("+")[0] if "rerank" in m else ""
+        return (int(tail.split("i")[1].rstrip("c")), tail.endswith("c")) if "i" in tail else None
     rows = []
     with open(out / "rows.jsonl", "w") as f:
         for li in layers:
@@ -116,6 +124,17 @@ def main(argv=None) -> int:
             pols = {(m, b): policy_for(m, b, enc, simenc) for m in methods for b in budgets}
             codes = {"learned": enc.encode_keys(li, k_all), "simhash": simenc.encode_keys(li, k_all)}
             k8 = QuantizedRows.quantize(k_all)
+            lows = {}
+            for m in methods:
+                lb = low_bits(m)
+                if lb and lb not in lows:
+                    top = 2 ** (lb[0] - 1) - 1
+                    chan = (k_all[:, :, : a.seq_len // 2].pow(2).mean(2, keepdim=True).sqrt().clamp_min(1e-6)
+                            if lb[1] else torch.ones(1))  # from the first half: the prefill, before any decode position
+                    kn = k_all / chan
+                    sc = kn.abs().amax(-1, keepdim=True).clamp_min(1e-12) / top
+                    # dequantised rows stored as float "q" with scale = the per-key scale x per-channel one
+                    lows[lb] = QuantizedRows(q=torch.round(kn / sc).clamp(-top, top) * chan, scale=sc)
             acc = {}
             for pi, pos in enumerate(positions.tolist()):
                 n = pos + 1
@@ -126,8 +145,10 @@ def main(argv=None) -> int:
                 o_dense = torch.einsum("shgn,shnd->shgd", p_true.reshape(s, hkv, hq // hkv, n), vals).reshape(s, hq, d)
                 for (m, b), pol in pols.items():
                     c = codes["simhash" if m == "simhash" else "learned"][:, :, :n]
-                    state = LayerState(li, codes=c, keys8=QuantizedRows(k8.q[:, :, :n], k8.scale[:, :, :n]))
-                    plan = pol.config.plan(n, cost)
+                    lb = low_bits(m)
+                    kq = lows[lb] if lb else k8
+                    state = LayerState(li, codes=c, keys8=QuantizedRows(kq.q[:, :, :n], kq.scale[:, :, :n]))
+                    plan = pol.config.plan(n, (d * lb[0] / 8 + 4) / (2 * d * 4) if lb else cost)
                     sel = pol.select(state, q, keys, plan, cap.scaling, None)
                     allowed = torch.zeros(s, sel.heads, n, dtype=torch.bool).scatter_(-1, sel.indices, sel.exact)
                     allowed = allowed.repeat_interleave(hq // sel.heads, dim=1)

@@ -18,23 +18,51 @@ NEG_INF = float("-inf")
 
 @dataclass
 class QuantizedRows:
-    """Symmetric per-token int8 copy of K or V: x ≈ q * scale, |x - q*scale| <= scale/2 = max|x|/254."""
+    """Symmetric per-token copy of K or V at 8 or 4 bits: x ≈ q * scale, |x - q*scale| <= scale/2.
 
-    q: torch.Tensor  # (B, H, N, d) int8
+    8 bits: q (B, H, N, d) int8 in +-127, scale = max|x| / 127. 4 bits (the re-rank stage's keys, half
+    the bytes): levels in +-7, scale = max|x| / 7, packed two per byte into q (B, H, N, d/2) int8:
+    element 2i in the low nibble, 2i+1 in the high one, each stored as level + 8 (1..15).
+    """
+
+    q: torch.Tensor  # (B, H, N, d) int8, or (B, H, N, d/2) packed nibbles with bits=4
     scale: torch.Tensor  # (B, H, N, 1) float32
+    bits: int = 8
 
     @classmethod
-    def quantize(cls, x: torch.Tensor) -> "QuantizedRows":
-        scale = x.float().abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127.0
-        q = torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8)
-        return cls(q=q, scale=scale)
+    def quantize(cls, x: torch.Tensor, bits: int = 8) -> "QuantizedRows":
+        if bits not in (4, 8):
+            raise ValueError(f"QuantizedRows: bits={bits!r} is invalid: must be 8 or 4")
+        top = 127.0 if bits == 8 else 7.0
+        scale = x.float().abs().amax(-1, keepdim=True).clamp_min(1e-12) / top
+        q = torch.round(x.float() / scale).clamp(-top, top)
+        if bits == 8:
+            return cls(q=q.to(torch.int8), scale=scale)
+        if x.shape[-1] % 2:
+            raise ValueError(f"QuantizedRows: 4-bit rows need an even row length, got {x.shape[-1]}")
+        nib = (q + 8).to(torch.uint8)
+        packed = nib[..., 0::2] | (nib[..., 1::2] << 4)
+        return cls(q=packed.view(torch.int8), scale=scale, bits=4)
+
+    def levels(self, q: torch.Tensor | None = None) -> torch.Tensor:
+        """The integer levels (float32) of q (default: all rows), unpacked for 4 bits."""
+        q = self.q if q is None else q
+        if self.bits == 8:
+            return q.float()
+        u = q.view(torch.uint8)
+        lo, hi = (u & 15).float() - 8.0, (u >> 4).float() - 8.0
+        return torch.stack((lo, hi), -1).flatten(-2)
+
+    def prefix(self, n: int) -> "QuantizedRows":
+        """The first n tokens' rows (a view)."""
+        return QuantizedRows(self.q[:, :, :n], self.scale[:, :, :n], self.bits)
 
     def dequantize(self) -> torch.Tensor:
-        return self.q.float() * self.scale
+        return self.levels() * self.scale
 
     def gather(self, idx: torch.Tensor) -> torch.Tensor:
         """Dequantised rows at idx (shaped as `gather_rows` takes): only the read rows are converted."""
-        return gather_rows(self.q, idx).float() * gather_rows(self.scale, idx)
+        return self.levels(gather_rows(self.q, idx)) * gather_rows(self.scale, idx)
 
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -171,7 +171,8 @@ class DashKVLayer(DynamicLayer):
         self.keys, self.values = view.get("k"), view.get("v")
         self.state.codes = view.get("codes")
         self.lowprec = None
-        self.state.keys8 = QuantizedRows(view["k8"], view["k8s"]) if "k8" in view else None
+        self.state.keys8 = (QuantizedRows(view["k8"], view["k8s"]) if "k8" in view else
+                            QuantizedRows(view["k4"], view["k4s"], bits=4) if "k4" in view else None)
         if "v8" in view:
             self.lowprec = (self.state.keys8, QuantizedRows(view["v8"], view["v8s"]))
         self.state.buffer_views = self._buffer_views()
@@ -181,7 +182,7 @@ class DashKVLayer(DynamicLayer):
         k, v, c = self._buffers.get("k"), self._buffers.get("v"), self._buffers.get("codes")
         if c is None or k.device.type != "cpu":
             return None
-        int8 = {name: (self._buffers[name], self._buffers[name + "s"]) for name in ("k8", "v8")
+        int8 = {name: (self._buffers[name], self._buffers[name + "s"]) for name in ("k8", "v8", "k4")
                 if name in self._buffers}
         if self._views is None or not self._views.matches(k, v, c, int8):
             try:
@@ -196,9 +197,9 @@ class DashKVLayer(DynamicLayer):
         when the layer keeps exactly K, V and codes with room to spare; False = take the general path."""
         views, policy = self._buffer_views(), self.ctx.policy  # re-checked: a deep-copied cache has stale ones
         t = key_states.shape[2]
-        extra = set(self._buffers) - {"k", "v", "codes"}  # the int8 copies (re-rank stage, 8-bit tier)
+        extra = set(self._buffers) - {"k", "v", "codes"}  # the int8 / int4 copies (re-rank stage, 8-bit tier)
         if (views is None or t > 8 or self.coded != self.length or "codes" not in self._buffers
-                or not extra <= {"k8", "k8s", "v8", "v8s"}
+                or not extra <= {"k8", "k8s", "v8", "v8s", "k4", "k4s"}
                 or self.length + t > self._capacity() or key_states.dtype != self._buffers["k"].dtype
                 or value_states.dtype != key_states.dtype or key_states.device.type != "cpu"
                 or key_states.shape[:2] != self._buffers["k"].shape[:2]
@@ -216,9 +217,9 @@ class DashKVLayer(DynamicLayer):
         if extra:
             from .kernels.cpu import append_int8_cpu
 
-            for name, x in (("k8", key_states), ("v8", value_states)):
+            for name, x in (("k8", key_states), ("v8", value_states), ("k4", key_states)):
                 if name in self._buffers:
-                    append_int8_cpu(views.int8[name], self.length, x)
+                    append_int8_cpu(views.int8[name], self.length, x, bits=4 if name == "k4" else 8)
         self.length += t
         self.coded = self.length
         self._publish()
@@ -231,8 +232,12 @@ class DashKVLayer(DynamicLayer):
                 self.length + key_states.shape[2] > policy.config.dense_context(key_states.element_size()):
             parts["codes"] = policy.encode_keys(self.layer_idx, key_states)
         if policy is not None and (policy.config.lowprec_fraction > 0 or policy.config.rerank > 0):
-            k8 = QuantizedRows.quantize(key_states)  # the low-precision tier's keys, and the re-rank stage's
-            parts.update(k8=k8.q, k8s=k8.scale)
+            bits = 8 if policy.config.lowprec_fraction > 0 else policy.config.rerank_bits
+            k8 = QuantizedRows.quantize(key_states, bits)  # the low-precision tier's keys, and the re-rank stage's
+            if bits == 8:
+                parts.update(k8=k8.q, k8s=k8.scale)
+            else:
+                parts.update(k4=k8.q, k4s=k8.scale)
         if policy is not None and policy.config.lowprec_fraction > 0:
             v8 = QuantizedRows.quantize(value_states)
             parts.update(v8=v8.q, v8s=v8.scale)

@@ -70,6 +70,9 @@ def _add_query_bits(p: argparse.ArgumentParser) -> None:
                         "or each head's estimated attention probability summed (as oracle top-k; one scan per "
                         "query head; fused on the CPU) (default: the configuration's: probability, or sum where "
                         "--query-bits or pooled budgets after --rerank / with the 8-bit tier need it)")
+    p.add_argument("--rerank-bits", type=int, choices=(8, 4), default=None,
+                   help="precision of the re-rank stage's key copy: 8 (int8) or 4 (two levels per byte, half "
+                        "the bytes, so a larger exact tier) (default: the configuration's, 8; with dashkv eval it applies to the dashkv_rerank rows)")
     p.add_argument("--successors", type=int, default=None, metavar="S",
                    help="successor pooling: a candidate scores the best of itself and its S predecessors, so "
                         "a selected token brings the next S along (copying spans); torch reference path "

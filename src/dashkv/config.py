@@ -97,6 +97,9 @@ class DashKVConfig:
                      the group) and the best of them form the exact tier (0 = off). Each re-scored key is
                      charged to the budget at its bytes: an int8 key row (d + 4 bytes) against a full K+V
                      row (2·d·element bytes), so the exact tier shrinks to keep the budget.
+    rerank_bits:     precision of the re-rank stage's key copy: 8 (int8, d + 4 bytes per key) or 4 (two levels
+                     per byte, d/2 + 4 bytes: half the bytes, so the exact tier gives up less; measured in
+                     docs/RESULTS.md §3). Not with the 8-bit tier, which reads int8 keys.
     head_budget:     "fixed": every selecting head gets the same exact tier; "pooled": a layer's exact
                      tokens are shared by its heads at the same mean, by estimated attention probability
                      (concentrated heads give their tail to diffuse ones; DASH-KV and oracle top-k).
@@ -145,6 +148,7 @@ class DashKVConfig:
     spatial_vote: float = 0.0
     temporal: float = 0.0
     rerank: int = 0
+    rerank_bits: int = 8
     head_budget: HeadBudget = "fixed"
     query_bits: int | None = None
     successors: int = 0
@@ -189,6 +193,11 @@ class DashKVConfig:
             raise bad("grouping", "must be 'kv_head' or 'query_head'")
         if not isinstance(self.rerank, int) or isinstance(self.rerank, bool) or not 0 <= self.rerank <= 64:
             raise bad("rerank", "must be an integer in [0, 64] (0 disables the re-rank stage)")
+        if self.rerank_bits not in (4, 8) or isinstance(self.rerank_bits, bool):
+            raise bad("rerank_bits", "must be 8 (int8 keys) or 4 (two levels per byte)")
+        if self.rerank_bits == 4 and self.lowprec_fraction > 0:
+            raise bad("rerank_bits", "4 does not combine with lowprec_fraction > 0 (the 8-bit tier reads int8 "
+                                     "keys); use rerank_bits=8 or lowprec_fraction=0")
         if self.head_budget not in ("fixed", "pooled"):
             raise bad("head_budget", "must be 'fixed' or 'pooled'")
         if not (isinstance(self.spatial_vote, (int, float)) and math.isfinite(self.spatial_vote)):
@@ -317,7 +326,7 @@ class DashKVConfig:
         """The configuration of a command line (`dashkv demo/generate/bench decode`): the options
         `_add_dashkv_args` defines, each falling back to the field's default when a command lacks it; --bits
         not given: the code length of the --encoders directory, if any (`HashEncoders.stored_bits`)."""
-        names = ("bits", "budget", "sink", "window", "min_context", "rerank", "head_budget", "temporal",
+        names = ("bits", "budget", "sink", "window", "min_context", "rerank", "rerank_bits", "head_budget", "temporal",
                  "query_bits", "lowprec_fraction", "successors", "group_score")
         values = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
         if "bits" not in extra:
@@ -362,6 +371,7 @@ class StepPlan:
                 + self.rerank * self.rerank_cost)
 
 
-def rerank_read_cost(head_dim: int, element_bytes: int) -> float:
-    """Cost of re-scoring one key from its int8 copy (d bytes + a float32 scale), in full K+V rows."""
-    return (head_dim + 4) / (2 * head_dim * element_bytes)
+def rerank_read_cost(head_dim: int, element_bytes: int, bits: int = 8) -> float:
+    """Cost of re-scoring one key from its int8 / int4 copy (d·bits/8 bytes + a float32 scale), in full
+    K+V rows."""
+    return (head_dim * bits / 8 + 4) / (2 * head_dim * element_bytes)

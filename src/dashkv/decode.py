@@ -59,7 +59,7 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
     """
     b, hkv, n, _ = keys.shape
     config = policy.config if policy is not None else None
-    plan = (config.plan(n, rerank_read_cost(keys.shape[-1], keys.element_size()), keys.element_size())
+    plan = (config.plan(n, rerank_read_cost(keys.shape[-1], keys.element_size(), config.rerank_bits), keys.element_size())
             if config is not None else None)
     valid = None if start is None else valid_positions(n, start, b, device=keys.device)
     if policy is None or plan.dense:
@@ -86,6 +86,9 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
     if kernel is not None:
         options = {}  # what this configuration adds to the kernel call
         if plan.rerank:  # the scan picks plan.rerank candidates, the int8 keys keep plan.critical of them
+            if state.keys8 is None or state.keys8.bits != config.rerank_bits:
+                raise ValueError(f"DashKVConfig.rerank_bits={config.rerank_bits} needs the cache's key copy at "
+                                 f"those bits (LayerState.keys8: {None if state.keys8 is None else state.keys8.bits})")
             options = dict(critical=plan.rerank, keep=plan.critical, keys8=(state.keys8.q, state.keys8.scale))
         elif plan.lowprec:  # three tiers: exact, the 8-bit copies, skipped
             if lowprec is None:

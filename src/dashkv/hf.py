@@ -453,7 +453,6 @@ MAX_SPARSE_CHUNK = 16
 def _decode_rows(layer: DashKVLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
                  start: torch.Tensor | None) -> torch.Tensor:
     """Row i of a q-token chunk attends to the first n - q + 1 + i cached tokens (causal)."""
-    from .attention import QuantizedRows
     from .selection import LayerState
 
     ctx, state = layer.ctx, layer.state
@@ -463,11 +462,10 @@ def _decode_rows(layer: DashKVLayer, query: torch.Tensor, key: torch.Tensor, val
         m = n - q_len + 1 + i
         view = LayerState(layer_idx=state.layer_idx, stats=state.stats,  # the same statistics, updated in place
                           codes=None if state.codes is None else state.codes[:, :, :m],
-                          keys8=None if state.keys8 is None else
-                          QuantizedRows(state.keys8.q[:, :, :m], state.keys8.scale[:, :, :m]))
+                          keys8=None if state.keys8 is None else state.keys8.prefix(m))
         low = None
         if layer.lowprec is not None:
-            low = tuple(QuantizedRows(r.q[:, :, :m], r.scale[:, :, :m]) for r in layer.lowprec)
+            low = tuple(r.prefix(m) for r in layer.lowprec)
         outs.append(decode_step(ctx.policy, view, query[:, :, i:i + 1], key[:, :, :m], value[:, :, :m], scaling,
                                 start=start, lowprec=low, fast=ctx.fast, stats=ctx.stats))
     return torch.cat(outs, dim=2)

@@ -66,7 +66,7 @@ class LayerState:
 
     layer_idx: int
     codes: torch.Tensor | None = None  # (B, Hkv, N, W) packed key codes, kept by the cache
-    keys8: Any = None  # QuantizedRows (B, Hkv, N, d) int8 keys for the re-rank stage, kept by the cache
+    keys8: Any = None  # QuantizedRows (B, Hkv, N, d) int8 (or packed int4) keys for the re-rank stage, kept by the cache
     buffer_views: Any = None  # the cache's kernels.cpu.BufferViews of its K/V/code buffers (CPU), or None
     carry: Any = None  # the cache's TemporalCarry, shared by its layers (cross-layer momentum), or None
     stats: dict[str, Any] = field(default_factory=dict)
@@ -627,6 +627,9 @@ class DashKVPolicy(SelectionPolicy):
         the same quantity oracle top-k ranks by, restricted to the candidates."""
         if state.keys8 is None:
             raise ValueError("DashKVConfig.rerank needs the cache's int8 key copy (LayerState.keys8)")
+        if state.keys8.bits != self.config.rerank_bits:
+            raise ValueError(f"DashKVConfig.rerank_bits={self.config.rerank_bits} but the cache keeps "
+                             f"{state.keys8.bits}-bit keys (LayerState.keys8): a cache serves one configuration")
         if self.config.scorer == "hamming":  # integer scores tie often: lower position first, as the kernel
             n = scores.shape[-1]
             scores = scores.double() - torch.arange(n, dtype=torch.float64, device=scores.device) / (n + 1)

@@ -361,7 +361,7 @@ def validate_plan(args: Any) -> EvalPlan:
         try:
             DashKVConfig(**overrides)
         except ValueError as e:
-            raise ValueError(f"--query-bits / --lowprec-fraction / --successors / --group-score: {e}") from None
+            raise ValueError(f"--query-bits / --lowprec-fraction / --successors / --group-score / --rerank-bits: {e}") from None
     if qbits and "dashkv_rerank" not in all_methods and not any(m in ("dashkv", "simhash_asym") for m in all_methods):
         raise ValueError("--query-bits changes the asymmetric code scan only: add dashkv, dashkv_rerank or "
                          "simhash_asym to --methods")
@@ -763,7 +763,8 @@ def _check_same_encoders(rows: list[dict[str, Any]], digests: dict[str, str | No
 
 #: configuration fields `dashkv eval` may override for every method (`--query-bits ...`), with their types:
 #: rows made with other values are other methods in the tables, and a sweep keeps one set of them
-OVERRIDE_FIELDS = {"query_bits": int, "lowprec_fraction": float, "successors": int, "group_score": str}
+OVERRIDE_FIELDS = {"query_bits": int, "lowprec_fraction": float, "successors": int, "group_score": str,
+                   "rerank_bits": int}
 
 
 #: What DASH-KV's candidate sets ranked by before `group_score` defaulted to None (probability where it

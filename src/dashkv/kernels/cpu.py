@@ -786,16 +786,24 @@ def _rerank_rows(qs, h0, Gq, d, k8f, k8s, base, cand, keep):
     m = cand.size
     lg = np.empty(Gq * m, np.float32)
     kx = np.empty(d, np.float32)
+    w = k8f.shape[1]  # d int8 levels, or d/2 bytes of packed 4-bit ones (level + 8 per nibble)
+    packed = w != d
     for r in range(min(m, _PREFETCH)):
-        _prefetch(k8f, (base + np.intp(cand[r])) * d)
+        _prefetch(k8f, (base + np.intp(cand[r])) * w)
     for r in range(m):
         if r + _PREFETCH < m:
-            _prefetch(k8f, (base + np.intp(cand[r + _PREFETCH])) * d)
+            _prefetch(k8f, (base + np.intp(cand[r + _PREFETCH])) * w)
         row = base + np.intp(cand[r])
         kr = k8f[row]
         sc8 = k8s[row]
-        for i in range(d):  # widen once, scaled: every head's dot then reads float32
-            kx[i] = np.float32(kr[i]) * sc8
+        if packed:  # unpack and widen once, scaled: every head's dot then reads float32
+            for i in range(w):
+                x = np.int32(kr[i])
+                kx[2 * i] = np.float32((x & 15) - 8) * sc8
+                kx[2 * i + 1] = np.float32(((x >> 4) & 15) - 8) * sc8
+        else:
+            for i in range(d):
+                kx[i] = np.float32(kr[i]) * sc8
         for g in range(Gq):
             qr = qs[h0 + g]
             s = np.float32(0.0)
@@ -1525,11 +1533,36 @@ def _append_int8(qf, qb0, qsb, qsh, sf, pos, x):
                     qr[i] = np.int8(min(max(v, np.float32(-127.0)), np.float32(127.0)))
 
 
-def append_int8_cpu(rows8: tuple, pos: int, x: torch.Tensor) -> None:
-    """Append T tokens' rows (B, H, T, d) to an int8 copy: rows8 = (`_rows` of the int8 buffer, `_rows` of
-    its scales buffer), both laid out as the cache's K buffer (the fused append's int8 part)."""
+@njit(cache=True)
+def _append_int4(qf, qb0, qsb, qsh, sf, pos, x):
+    """`_append_int8` for the packed 4-bit copy (`QuantizedRows.quantize(x, 4)`, value for value): scale =
+    max(max|row|, 1e-12) / 7, levels round-half-even(row / scale) clamped to +-7, stored as level + 8,
+    element 2i in the low nibble of byte i and 2i+1 in its high nibble."""
+    B, H, T, d = x.shape
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                row = qb0 + b * qsb + h * qsh + pos + t
+                amax = np.float32(0.0)
+                for i in range(d):
+                    amax = max(amax, abs(_f32(x[b, h, t, i])))
+                sc = max(amax, np.float32(1e-12)) / np.float32(7.0)
+                sf[row] = sc
+                qr = qf[row]
+                for i in range(d // 2):
+                    lo = np.int32(min(max(np.rint(_f32(x[b, h, t, 2 * i]) / sc), np.float32(-7.0)), np.float32(7.0)))
+                    hi = np.int32(min(max(np.rint(_f32(x[b, h, t, 2 * i + 1]) / sc), np.float32(-7.0)),
+                                      np.float32(7.0)))
+                    byte = (lo + 8) | ((hi + 8) << 4)
+                    qr[i] = np.int8(byte - 256 if byte > 127 else byte)
+
+
+def append_int8_cpu(rows8: tuple, pos: int, x: torch.Tensor, bits: int = 8) -> None:
+    """Append T tokens' rows (B, H, T, d) to an int8 (or, bits=4, packed int4) copy: rows8 = (`_rows` of the
+    int8 buffer, `_rows` of its scales buffer), both laid out as the cache's K buffer (the fused append's
+    int8 part)."""
     (qf, qsb, qsh, qb0), (sf, _, _, _) = rows8
-    _append_int8(qf, qb0, qsb, qsh, sf.reshape(-1), int(pos), _np(x.detach()))
+    (_append_int4 if bits == 4 else _append_int8)(qf, qb0, qsb, qsh, sf.reshape(-1), int(pos), _np(x.detach()))
 
 
 class BufferViews:
@@ -1760,7 +1793,7 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     and counts (B, Hs) int64, the number of positions read.
 
     Re-rank stage: with `keep` > 0 and keys8 = (int8 keys (B, Hkv, N, d), float32 scales (B, Hkv, N, 1))
-    (`QuantizedRows`), the scan picks `critical` candidates and the `keep` most probable of them under
+    (`QuantizedRows`; or packed 4-bit keys (B, Hkv, N, d/2), `QuantizedRows.quantize(k, 4)`), the scan picks `critical` candidates and the `keep` most probable of them under
     the int8 keys are attended (see `DashKVPolicy.rerank_scores`, the reference).
 
     Pooled per-head budgets: `pool_temps` (Hs,) float -- the temperature turning each selecting head's
@@ -1858,7 +1891,11 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     kernel, nthreads = (_dashkv_kernel, numba.get_num_threads()) if parallel else (_dashkv_kernel_serial, 1)
     v8f, v8s = _NO_K8, _NO_K8S
     if keep > 0 or lowprec > 0:
-        (k8f, k8sb, k8sh, k8b0), (k8s, ssb, ssh, sb0) = _int8_rows(views, "k8", keys8)
+        width = keys8[0].shape[-1]
+        if width not in (d, d // 2) or (width != d and (d % 2 or lowprec > 0)):
+            raise ValueError(f"keys8: rows of {width} bytes for head dim {d}: int8 keys have d, packed 4-bit "
+                             "keys d/2 (the re-rank stage only; the 8-bit tier reads int8 keys)")
+        (k8f, k8sb, k8sh, k8b0), (k8s, ssb, ssh, sb0) = _int8_rows(views, "k8" if width == d else "k4", keys8)
         if (ssb, ssh, sb0) != (k8sb, k8sh, k8b0) or keys8[0].shape[:3] != keys.shape[:3]:
             raise ValueError("keys8: the int8 keys and their scales must share the cache's layout")
         k8s = k8s.reshape(-1)
