@@ -16,6 +16,8 @@ times, round-robin in the same loop (so every method sees the same machine noise
 - `dashkv_serial`: the single-threaded schedule that decoding inside `generate` uses;
 - `dashkv_q8`, `dashkv_q4`: the serial schedule with the bit-plane scan of 8- or 4-bit query levels
   (`query_bits`);
+- `dashkv_prob_rr8`, `dashkv_prob_rr4`: the serial probability-score schedule with the re-rank stage
+  (`rerank=3`, int8 or packed int4 key copy), its exact tier shrunk so the reads stay equal;
 - `sdpa`: `torch.nn.functional.scaled_dot_product_attention(q, K, V, enable_gqa=True)` -- torch's own
   GQA path, no K/V copy (repeat_interleave would add a full K/V copy per call);
 - `dense_torch`: plain `matmul + softmax + matmul` on (B, Hkv, G, d) queries (no K/V copy);
@@ -40,7 +42,8 @@ import torch
 
 SHAPES = {"smollm2": (9, 3, 64), "d128": (32, 8, 128)}  # (query heads, KV heads, head dim)
 METHODS = ("dashkv", "dashkv_select", "dashkv_hamming", "dashkv_serial", "dashkv_q8", "dashkv_q4", "dashkv_prob",
-           "dashkv_prob_serial", "sdpa", "dense_torch", "dense_numba")
+           "dashkv_prob_serial", "dashkv_prob_rr8", "dashkv_prob_rr4", "sdpa", "dense_torch", "dense_numba")
+RERANK = 3  # the re-rank rows' candidate factor (the best measured at int4, docs/RESULTS.md §3)
 # dashkv_q8/_q4: the bit-plane scan (`DashKVConfig.query_bits`), 1 thread; dashkv_prob(_serial): the default
 # group score (summed per-head probabilities); dashkv, dashkv_serial, ...: the summed score
 
@@ -84,7 +87,8 @@ def bench_kernel(ns=(4096, 16384, 65536, 262144), bits=(64, 128), budget=1 / 16,
     import numba
     import torch.nn.functional as F
 
-    from .config import DashKVConfig
+    from .attention import QuantizedRows
+    from .config import DashKVConfig, rerank_read_cost
     from .kernels.cpu import dashkv_decode_cpu, dense_decode_cpu, dense_decode_torch, threading_info, warmup
 
     torch.set_num_threads(threads)
@@ -109,6 +113,14 @@ def bench_kernel(ns=(4096, 16384, 65536, 262144), bits=(64, 128), budget=1 / 16,
                 scaling = d ** -0.5
                 kw = dict(sink=plan.sink, window=plan.window, critical=plan.critical, scaling=scaling)
                 temps = np.full(hq, 16.0 / b, np.float32)  # a calibrated-like logit scale (16) / b
+                rr = {}
+                for rb in (8, 4):  # the re-rank stage at equal reads: fewer exact rows, RERANK x candidates
+                    rplan = DashKVConfig(bits=b, budget=budget, sink=sink, window=window, min_context=0,
+                                         rerank=RERANK, rerank_bits=rb).plan(n, rerank_read_cost(d, keys.element_size(), rb),
+                                                                             keys.element_size())
+                    kq = QuantizedRows.quantize(keys, rb)
+                    rr[rb] = dict(sink=rplan.sink, window=rplan.window, critical=rplan.rerank, keep=rplan.critical,
+                                  keys8=(kq.q, kq.scale), scaling=scaling, prob_temps=temps)
                 fns = {
                     "dashkv": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, parallel=True, **kw),
                     "dashkv_select": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, _mode=1,
@@ -121,6 +133,8 @@ def bench_kernel(ns=(4096, 16384, 65536, 262144), bits=(64, 128), budget=1 / 16,
                                                              prob_temps=temps, **kw),
                     "dashkv_prob_serial": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes,
                                                                     prob_temps=temps, **kw),
+                    "dashkv_prob_rr8": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, **rr[8]),
+                    "dashkv_prob_rr4": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, **rr[4]),
                     # the bit-plane scan, on the calling thread (the schedule `generate` uses)
                     "dashkv_q8": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, query_bits=8, **kw),
                     "dashkv_q4": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, query_bits=4, **kw),
@@ -153,6 +167,7 @@ def bench_kernel(ns=(4096, 16384, 65536, 262144), bits=(64, 128), budget=1 / 16,
                     "best_dense_over_dashkv_q8": round(med[best_name] / med["dashkv_q8"], 2),
                     "best_dense_over_dashkv_prob": round(med[best_name] / med["dashkv_prob"], 2),
                     "best_dense_over_dashkv_q4": round(med[best_name] / med["dashkv_q4"], 2),
+                    "rr4_over_prob_serial": round(med["dashkv_prob_rr4"] / med["dashkv_prob_serial"], 3),
                     "dense_bytes": dense_bytes, "dashkv_bytes": dash_bytes,
                     "dashkv_gbps": round(dash_bytes / med["dashkv"] / 1e6, 2),
                     "sdpa_gbps": round(dense_bytes / med["sdpa"] / 1e6, 2),
@@ -163,7 +178,7 @@ def bench_kernel(ns=(4096, 16384, 65536, 262144), bits=(64, 128), budget=1 / 16,
                 rows.append(row)
                 if progress:
                     print(format_table([row], header=len(rows) == 1), file=sys.stderr, flush=True)
-                del query, q_proj, keys, values, codes, fns
+                del query, q_proj, keys, values, codes, fns, rr
     if json_path:
         with open(json_path, "w") as f:
             json.dump(rows, f, indent=1)
@@ -176,7 +191,8 @@ _COLS = [
     ("dashkv_attention_ms", "attn", "{:.3f}"), ("dashkv_hamming_ms", "hamming", "{:.3f}"),
     ("dashkv_serial_ms", "1 thread", "{:.3f}"), ("dashkv_q8_ms", "1 thr q8", "{:.3f}"),
     ("dashkv_q4_ms", "1 thr q4", "{:.3f}"), ("dashkv_prob_ms", "prob", "{:.3f}"),
-    ("dashkv_prob_serial_ms", "1 thr prob", "{:.3f}"),
+    ("dashkv_prob_serial_ms", "1 thr prob", "{:.3f}"), ("dashkv_prob_rr8_ms", "+rr8", "{:.3f}"),
+    ("dashkv_prob_rr4_ms", "+rr4", "{:.3f}"),
     ("sdpa_ms", "sdpa ms", "{:.3f}"), ("dense_torch_ms", "mm+sm", "{:.3f}"), ("dense_numba_ms", "numba", "{:.3f}"),
     ("sdpa_over_dashkv", "sdpa/dkv", "{:.1f}x"), ("best_dense_over_dashkv", "best/dkv", "{:.1f}x"),
     ("best_dense_over_dashkv_q4", "best/q4", "{:.1f}x"), ("best_dense_over_dashkv_prob", "best/prob", "{:.1f}x"),
