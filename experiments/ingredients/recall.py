@@ -16,6 +16,8 @@ rows per step, the re-rank stage's int8 keys counted at their bytes):
                                  levels +-(2^(B-1) - 1), one float32 scale per key, charged (d B / 8 + 4) bytes
                                  per key; "c": channels first divided by their RMS over the first half, the prefill)
   learned+rerank4+pooled
+  learned+prob+rerankRiB+pooled  ... the probability score's candidates re-ranked, then the exact tier pooled over
+                                 the layer's heads by the re-scored probabilities (prototype, stop 27)
   learned+prob[+rerank4]         ... ranked by the query heads' estimated probabilities summed (group_score)
   learned+prob+pooled            ... and per-head budgets pooled by those probabilities (the oracle's rule)
 Rows: one JSON line per (layer, method, budget); summary.json and summary.md with the means.
@@ -55,8 +57,21 @@ class _ProbPooledPolicy(DashKVPolicy):
         return build_selection(scores, plan, start, None, SimpleNamespace(head_budget="pooled", adaptive=False, k_min=self.config.k_min))
 
 
+class _ProbRerankPooledPolicy(DashKVPolicy):
+    """Prototype: the probability score's top R x k candidates re-scored from the low-bit keys, then the
+    exact tier pooled over the row's heads by those re-scored probabilities (`pooled_exact_slots`)."""
+
+    def select(self, state, query, keys, plan, scaling, start):
+        scores = self.probability_scores(state, query, keys.shape[1], start)
+        scores = self.rerank_scores(state, query, scores, plan, scaling, start)
+        return build_selection(scores, plan, start, None, SimpleNamespace(head_budget="pooled", adaptive=False, k_min=self.config.k_min))
+
+
 def policy_for(name: str, budget: float, enc: HashEncoders, simenc: HashEncoders):
     kw = dict(bits=enc.bits, budget=budget, min_context=0)
+    if name.startswith("learned+prob+rerank") and name.endswith("+pooled"):
+        r = int(name.split("rerank")[1].split("+")[0].split("i")[0])
+        return _ProbRerankPooledPolicy(DashKVConfig(**kw, group_score="probability", rerank=r), enc)
     if name == "learned+prob+pooled":
         return _ProbPooledPolicy(DashKVConfig(**kw, group_score="probability"), enc)
     if "pooled" in name:

@@ -12,6 +12,11 @@ import os
 import sys
 from pathlib import Path
 
+# torch's OpenMP workers spin for libgomp's default 300000 rounds (milliseconds) after every op, holding the
+# cores the fused kernel's batch-row threads need: bounded here, before anything imports torch (libgomp
+# reads it once, at load). Measured neutral for torch's own decode steps (docs/kernels.md).
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
 EPILOG = """\
 examples:
   dashkv demo                                   # needle in ~4K tokens, unmodified vs DASH-KV

@@ -1635,7 +1635,7 @@ def _serial(dispatcher, name: str):
     g = pytypes.FunctionType(f.__code__, f.__globals__, name, f.__defaults__, f.__closure__)
     g.__qualname__ = name
     g.__doc__ = f.__doc__
-    return njit(cache=True)(g)
+    return njit(cache=True, nogil=True)(g)  # nogil: batch rows may run on several Python threads at once
 
 
 _dashkv_kernel_serial = _serial(_dashkv_kernel, "_dashkv_kernel_serial")
@@ -1672,7 +1672,8 @@ def threading_info() -> dict:
     except ValueError:
         layer = "not started"
     return {"numba_threads": numba.config.NUMBA_NUM_THREADS, "numba_layer": layer,
-            "torch_threads": torch.get_num_threads(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "")}
+            "torch_threads": torch.get_num_threads(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", ""),
+            "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", ""), "row_threads": row_threads()}
 
 
 _init_threads()
@@ -1687,6 +1688,73 @@ def _workspace() -> list:
         ws = _tls.ws = [np.empty(1, np.uint16), np.empty(1, np.int32), np.empty(1, np.float32),
                         np.empty(1, np.int64)]
     return ws
+
+
+def row_threads() -> int:
+    """How many threads one serial kernel call splits its batch rows over (`set_row_threads`; default:
+    torch's thread count, so that batch decoding uses the cores torch's matmuls use)."""
+    return _ROW_THREADS[0] or max(1, torch.get_num_threads())
+
+
+def set_row_threads(n: int | None) -> None:
+    """Split a serial kernel call's batch rows over n threads (the calling one plus n - 1 workers kept
+    for the process; rows are independent, so the result is the same for every n). None: torch's thread
+    count; 1: every row on the calling thread."""
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 64):
+        raise ValueError(f"row threads must be None or an integer in [1, 64], got {n!r}")
+    _ROW_THREADS[0] = n or 0
+
+
+_ROW_THREADS = [int(os.environ.get("DASHKV_ROW_THREADS", "0") or 0)]
+_ROW_POOL: list = [None, 0]  # (executor, workers)
+_ROW_POOL_LOCK = threading.Lock()
+
+
+def _omp_spin_unbounded() -> bool:
+    """Whether torch's OpenMP workers spin on after each op for libgomp's default (300000 rounds, several
+    ms here): they then hold the cores the row threads need, and splitting rows buys nothing (measured,
+    docs/kernels.md "Batch rows on threads"). The environment is read once, when torch loads libgomp."""
+    policy = os.environ.get("OMP_WAIT_POLICY", "").lower()
+    return "GOMP_SPINCOUNT" not in os.environ and policy != "passive" and "OpenMP" in torch.__config__.parallel_info()
+
+
+def _warn_spin_once() -> None:
+    if _SPIN_CHECKED[0]:
+        return
+    _SPIN_CHECKED[0] = True
+    if _omp_spin_unbounded():
+        from .._logging import get_logger, warn_once
+
+        warn_once(get_logger(__name__), "omp-spin",
+                  "dashkv: batch rows run on %d threads, but torch's OpenMP workers spin for milliseconds after "
+                  "each op and hold those cores; set GOMP_SPINCOUNT=10000 before torch is imported (the dashkv "
+                  "command does) for the measured ~1.2x faster batch decode step", row_threads())
+
+
+_SPIN_CHECKED = [False]
+
+
+def _row_pool(workers: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _ROW_POOL_LOCK:
+        if _ROW_POOL[1] < workers:
+            old = _ROW_POOL[0]
+            _ROW_POOL[:] = [ThreadPoolExecutor(workers, thread_name_prefix="dashkv-rows"), workers]
+            if old is not None:
+                old.shutdown(wait=False)
+        return _ROW_POOL[0]
+
+
+def _run_rows(kernel, args, out: np.ndarray, counts: int = 0) -> np.ndarray | None:
+    """One kernel call on this thread's workspace, grown and repeated if it was too small; returns a copy
+    of the first `counts` entries of its counts (ws64: tokens read, then 8-bit-tier rows, per head)."""
+    ws = _workspace()
+    res = kernel(*args, ws[0], ws[1], ws[2], ws[3], out)
+    if res[0] != 0:
+        _grow(ws, res[1:5])
+        res = kernel(*args, ws[0], ws[1], ws[2], ws[3], out)
+    return ws[3][:counts].copy() if counts else None
 
 
 def _grow(ws: list, sizes) -> None:
@@ -1913,12 +1981,40 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
             int(sink), int(window), int(critical), Hkv, per_query, scorer == "hamming", nthreads, _mode,
             k8f, k8s, k8b0, k8sb, k8sh, int(keep), pool_temps, int(k_min), int(pool_cap), qbits, lowprec,
             v8f, v8s, prob_temps, probability_level_bits(W) if prob_temps.size else 1)
+    extras = return_indices or return_counts or return_lowprec_counts
+    parts = 1 if parallel or return_indices or _mode else min(B, row_threads())
+    if parts > 1:  # batch rows are independent: contiguous slices of them on the row pool, the first here
+        bounds = [B * i // parts for i in range(parts + 1)]
+        outn = out.numpy()
+
+        def rows(b0: int, b1: int) -> tuple:
+            a = list(args)
+            a[0], a[1], a[17] = q[b0:b1], qp[b0:b1], st[b0:b1]
+            a[4], a[8], a[12] = kb0 + b0 * ksb, vb0 + b0 * vsb, cb0 + b0 * csb
+            if keep > 0 or lowprec > 0:
+                a[28] = k8b0 + b0 * k8sb
+            return tuple(a)
+        hs = Hq if per_query else Hkv
+        nc = (2 if return_lowprec_counts else 1) if extras else 0  # count arrays to copy out per part
+        pool = _row_pool(parts - 1)
+        _warn_spin_once()
+        futures = [pool.submit(_run_rows, kernel, rows(bounds[i], bounds[i + 1]), outn[bounds[i]:bounds[i + 1]],
+                               nc * (bounds[i + 1] - bounds[i]) * hs) for i in range(1, parts)]
+        got = [_run_rows(kernel, rows(0, bounds[1]), outn[:bounds[1]], nc * bounds[1] * hs)]
+        got += [f.result() for f in futures]
+        if not extras:
+            return out
+        halves = [torch.from_numpy(c).reshape(nc, -1, hs) for c in got]  # (read, 8-bit rows) per part's rows
+        extra = [torch.cat([h[0] for h in halves])] if return_counts else []
+        if return_lowprec_counts:
+            extra.append(torch.cat([h[1] for h in halves]))
+        return (out, *extra)
     with _PARALLEL_LOCK if parallel else _NO_LOCK:
         res = kernel(*args, ws[0], ws[1], ws[2], ws[3], out.numpy())
         if res[0] != 0:
             _grow(ws, res[1:5])
             res = kernel(*args, ws[0], ws[1], ws[2], ws[3], out.numpy())
-    if not (return_indices or return_counts or return_lowprec_counts):
+    if not extras:
         return out
     hs = Hq if per_query else Hkv
     lens = torch.from_numpy(ws[3][:B * hs].copy()).reshape(B, hs)
