@@ -1,5 +1,5 @@
 """Batch rows split over threads (`set_row_threads`): the serial kernel runs contiguous slices of the
-batch on a small worker pool. Rows are independent, so every split gives the same selection and counts;
+batch (of a single row's KV heads) on a small worker pool. Rows are independent, so every split gives the same selection and counts;
 the outputs agree to float32 rounding (the attention's split into parts depends on the rows per call)."""
 
 from __future__ import annotations
@@ -18,9 +18,25 @@ from dashkv.models import tiny_model
 
 
 @pytest.fixture(autouse=True)
-def _restore_row_threads():
+def _split_small_calls_too(monkeypatch, request):
+    """The tests' calls are small: split them anyway (the size rule has its own test)."""
+    if "size_rule" not in request.node.name:
+        monkeypatch.setattr(cpu, "_SPLIT_MIN_CODES_ROWS", 0)
+        monkeypatch.setattr(cpu, "_SPLIT_MIN_CODES_HEADS", 0)
     yield
     cpu.set_row_threads(None)
+
+
+def test_size_rule_keeps_small_calls_on_the_calling_thread(monkeypatch):
+    calls = []
+    real = cpu._row_pool
+    monkeypatch.setattr(cpu, "_row_pool", lambda n: calls.append(n) or real(n))
+    cpu.set_row_threads(2)
+    for batch, hkv, n, split in ((4, 3, 4096, False), (4, 3, 8192, True), (1, 3, 32768, False), (1, 4, 40000, True)):
+        query, q_proj, keys, values, codes, _ = make_inputs(0, batch, 3, hkv, 1, 8, n, starts=False)
+        calls.clear()
+        cpu.dashkv_decode_cpu(query, q_proj, keys, values, codes, sink=4, window=16, critical=64, scaling=0.3)
+        assert bool(calls) == split, (batch, hkv, n)
 
 
 def _options(kind, keys, values, hq, hkv):
@@ -44,9 +60,10 @@ def _options(kind, keys, values, hq, hkv):
 
 @pytest.mark.parametrize("kind", ["plain", "hamming-query-head", "probability", "pooled", "rerank8", "rerank4",
                                   "lowprec"])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_every_row_split_gives_the_same_selection(kind, seed):
-    query, q_proj, keys, values, codes, start = make_inputs(seed, 5, 3, 2, 1, 16, 900 + 37 * seed)
+@pytest.mark.parametrize("seed, batch, hkv", [(0, 5, 2), (1, 5, 2), (2, 1, 4), (3, 1, 3)])
+def test_every_row_split_gives_the_same_selection(kind, seed, batch, hkv):
+    """Batch rows split over threads, or (one row) its KV heads."""
+    query, q_proj, keys, values, codes, start = make_inputs(seed, batch, 3, hkv, 1, 16, 900 + 37 * seed)
     opts = _options(kind, keys, values, query.shape[1], keys.shape[1])
     kw = dict(sink=4, window=16, critical=60, scaling=0.25, start=start, return_counts=True, **opts)
     runs = []

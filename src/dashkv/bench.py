@@ -16,6 +16,9 @@ times, round-robin in the same loop (so every method sees the same machine noise
 - `dashkv_serial`: the single-threaded schedule that decoding inside `generate` uses;
 - `dashkv_q8`, `dashkv_q4`: the serial schedule with the bit-plane scan of 8- or 4-bit query levels
   (`query_bits`);
+- `dashkv_prob_split`: the probability score on the schedule decoding uses: the serial compile with a
+  call's rows (one row: its KV heads, when large enough) split over the benchmark's threads
+  (`set_row_threads`); every other serial column runs on one thread;
 - `dashkv_prob_rr8`, `dashkv_prob_rr4`: the serial probability-score schedule with the re-rank stage
   (`rerank=3`, int8 or packed int4 key copy), its exact tier shrunk so the reads stay equal;
 - `sdpa`: `torch.nn.functional.scaled_dot_product_attention(q, K, V, enable_gqa=True)` -- torch's own
@@ -42,7 +45,7 @@ import torch
 
 SHAPES = {"smollm2": (9, 3, 64), "d128": (32, 8, 128)}  # (query heads, KV heads, head dim)
 METHODS = ("dashkv", "dashkv_select", "dashkv_hamming", "dashkv_serial", "dashkv_q8", "dashkv_q4", "dashkv_prob",
-           "dashkv_prob_serial", "dashkv_prob_rr8", "dashkv_prob_rr4", "sdpa", "dense_torch", "dense_numba")
+           "dashkv_prob_serial", "dashkv_prob_split", "dashkv_prob_rr8", "dashkv_prob_rr4", "sdpa", "dense_torch", "dense_numba")
 RERANK = 3  # the re-rank rows' candidate factor (the best measured at int4, docs/RESULTS.md §3)
 # dashkv_q8/_q4: the bit-plane scan (`DashKVConfig.query_bits`), 1 thread; dashkv_prob(_serial): the default
 # group score (summed per-head probabilities); dashkv, dashkv_serial, ...: the summed score
@@ -77,6 +80,17 @@ def _time_round_robin(fns: dict, repeats: int, warmup: int = 3) -> dict:
     return times
 
 
+def _with_row_threads(n: int, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with the serial kernel's rows / heads split over n threads (1 elsewhere)."""
+    from .kernels.cpu import set_row_threads
+
+    set_row_threads(n)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        set_row_threads(1)
+
+
 def bench_kernel(ns=(4096, 16384, 65536, 262144), bits=(64, 128), budget=1 / 16, shapes=("smollm2", "d128"),
                  repeats: int | None = None, json_path: str | None = None, progress: bool = True,
                  threads: int = 2, sink: int = 4, window: int = 64, dtype: str = "float32") -> list[dict]:
@@ -93,6 +107,9 @@ def bench_kernel(ns=(4096, 16384, 65536, 262144), bits=(64, 128), budget=1 / 16,
 
     torch.set_num_threads(threads)
     numba.set_num_threads(threads)
+    from .kernels.cpu import row_threads, set_row_threads
+    saved_row_threads = row_threads()
+    set_row_threads(1)  # the "1 thread" columns stay on one thread; "prob split" sets its own
     kv_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     t_ready = warmup((kv_dtype,), parallel=True)
     env = threading_info()
@@ -133,6 +150,9 @@ def bench_kernel(ns=(4096, 16384, 65536, 262144), bits=(64, 128), budget=1 / 16,
                                                              prob_temps=temps, **kw),
                     "dashkv_prob_serial": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes,
                                                                     prob_temps=temps, **kw),
+                    # the schedule decoding uses: serial compile, a row's KV heads on `threads` threads
+                    "dashkv_prob_split": lambda: _with_row_threads(threads, dashkv_decode_cpu, query, q_proj, keys,
+                                                                   values, codes, prob_temps=temps, **kw),
                     "dashkv_prob_rr8": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, **rr[8]),
                     "dashkv_prob_rr4": lambda: dashkv_decode_cpu(query, q_proj, keys, values, codes, **rr[4]),
                     # the bit-plane scan, on the calling thread (the schedule `generate` uses)
@@ -167,6 +187,7 @@ def bench_kernel(ns=(4096, 16384, 65536, 262144), bits=(64, 128), budget=1 / 16,
                     "best_dense_over_dashkv_q8": round(med[best_name] / med["dashkv_q8"], 2),
                     "best_dense_over_dashkv_prob": round(med[best_name] / med["dashkv_prob"], 2),
                     "best_dense_over_dashkv_q4": round(med[best_name] / med["dashkv_q4"], 2),
+                    "best_dense_over_dashkv_prob_split": round(med[best_name] / med["dashkv_prob_split"], 2),
                     "rr4_over_prob_serial": round(med["dashkv_prob_rr4"] / med["dashkv_prob_serial"], 3),
                     "dense_bytes": dense_bytes, "dashkv_bytes": dash_bytes,
                     "dashkv_gbps": round(dash_bytes / med["dashkv"] / 1e6, 2),
@@ -179,6 +200,7 @@ def bench_kernel(ns=(4096, 16384, 65536, 262144), bits=(64, 128), budget=1 / 16,
                 if progress:
                     print(format_table([row], header=len(rows) == 1), file=sys.stderr, flush=True)
                 del query, q_proj, keys, values, codes, fns, rr
+    set_row_threads(saved_row_threads)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(rows, f, indent=1)
@@ -192,10 +214,11 @@ _COLS = [
     ("dashkv_serial_ms", "1 thread", "{:.3f}"), ("dashkv_q8_ms", "1 thr q8", "{:.3f}"),
     ("dashkv_q4_ms", "1 thr q4", "{:.3f}"), ("dashkv_prob_ms", "prob", "{:.3f}"),
     ("dashkv_prob_serial_ms", "1 thr prob", "{:.3f}"), ("dashkv_prob_rr8_ms", "+rr8", "{:.3f}"),
-    ("dashkv_prob_rr4_ms", "+rr4", "{:.3f}"),
+    ("dashkv_prob_rr4_ms", "+rr4", "{:.3f}"), ("dashkv_prob_split_ms", "prob split", "{:.3f}"),
     ("sdpa_ms", "sdpa ms", "{:.3f}"), ("dense_torch_ms", "mm+sm", "{:.3f}"), ("dense_numba_ms", "numba", "{:.3f}"),
     ("sdpa_over_dashkv", "sdpa/dkv", "{:.1f}x"), ("best_dense_over_dashkv", "best/dkv", "{:.1f}x"),
     ("best_dense_over_dashkv_q4", "best/q4", "{:.1f}x"), ("best_dense_over_dashkv_prob", "best/prob", "{:.1f}x"),
+    ("best_dense_over_dashkv_prob_split", "best/split", "{:.1f}x"),
     ("dashkv_gbps", "dkv GB/s", "{:.1f}"), ("sdpa_gbps", "sdpa GB/s", "{:.1f}"), ("best_dense_gbps", "best GB/s", "{:.1f}"),
 ]
 

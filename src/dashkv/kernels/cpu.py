@@ -1732,6 +1732,12 @@ def _warn_spin_once() -> None:
 
 
 _SPIN_CHECKED = [False]
+# Below these many (row, KV head, position) codes per call a split costs more than it saves: the hand-off
+# to a worker is ~0.1 ms, and 3 KV heads split 2 + 1 (measured, 2 threads, GOMP_SPINCOUNT=10000, after
+# a matmul: rows 4 x 3 x 8192 1.42 -> 1.21 ms, 4 x 3 x 4096 0.67 -> 0.74; heads 3 x 32768 1.55 -> 1.63,
+# 3 x 65536 5.42 -> 4.13, 8 x 8192 2.30 -> 2.07, 8 x 65536 23.2 -> 11.9).
+_SPLIT_MIN_CODES_ROWS = 1 << 16
+_SPLIT_MIN_CODES_HEADS = 1 << 17
 
 
 def _row_pool(workers: int):
@@ -1982,32 +1988,53 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
             k8f, k8s, k8b0, k8sb, k8sh, int(keep), pool_temps, int(k_min), int(pool_cap), qbits, lowprec,
             v8f, v8s, prob_temps, probability_level_bits(W) if prob_temps.size else 1)
     extras = return_indices or return_counts or return_lowprec_counts
-    parts = 1 if parallel or return_indices or _mode else min(B, row_threads())
-    if parts > 1:  # batch rows are independent: contiguous slices of them on the row pool, the first here
-        bounds = [B * i // parts for i in range(parts + 1)]
+    # independent work on the row pool: contiguous slices of the batch rows, or of one row's KV heads
+    # (not with pooled budgets, which share a row's exact tier between its heads)
+    by_heads = B == 1 and pool_temps.size == 0
+    units = Hkv if by_heads else B
+    small = B * Hkv * N < (_SPLIT_MIN_CODES_HEADS if by_heads else _SPLIT_MIN_CODES_ROWS)
+    parts = 1 if parallel or return_indices or _mode or small else min(units, row_threads())
+    if parts > 1:
+        bounds = [units * i // parts for i in range(parts + 1)]
         outn = out.numpy()
+        G = Hq // Hkv
+        hs1 = G if per_query else 1  # selecting heads per KV head
 
-        def rows(b0: int, b1: int) -> tuple:
+        def piece(u0: int, u1: int) -> tuple:
             a = list(args)
-            a[0], a[1], a[17] = q[b0:b1], qp[b0:b1], st[b0:b1]
-            a[4], a[8], a[12] = kb0 + b0 * ksb, vb0 + b0 * vsb, cb0 + b0 * csb
+            if by_heads:
+                a[0], a[1] = q[:, u0 * G:u1 * G], qp[:, u0 * G:u1 * G]
+                a[4], a[8], a[12] = kb0 + u0 * ksh, vb0 + u0 * vsh, cb0 + u0 * csh
+                a[21] = u1 - u0
+                if keep > 0 or lowprec > 0:
+                    a[28] = k8b0 + u0 * k8sh
+                if prob_temps.size:
+                    a[39] = prob_temps[u0 * G:u1 * G]
+                return tuple(a), outn[:, u0 * G:u1 * G], (u1 - u0) * hs1
+            a[0], a[1], a[17] = q[u0:u1], qp[u0:u1], st[u0:u1]
+            a[4], a[8], a[12] = kb0 + u0 * ksb, vb0 + u0 * vsb, cb0 + u0 * csb
             if keep > 0 or lowprec > 0:
-                a[28] = k8b0 + b0 * k8sb
-            return tuple(a)
-        hs = Hq if per_query else Hkv
+                a[28] = k8b0 + u0 * k8sb
+            return tuple(a), outn[u0:u1], (u1 - u0) * Hkv * hs1
         nc = (2 if return_lowprec_counts else 1) if extras else 0  # count arrays to copy out per part
         pool = _row_pool(parts - 1)
         _warn_spin_once()
-        futures = [pool.submit(_run_rows, kernel, rows(bounds[i], bounds[i + 1]), outn[bounds[i]:bounds[i + 1]],
-                               nc * (bounds[i + 1] - bounds[i]) * hs) for i in range(1, parts)]
-        got = [_run_rows(kernel, rows(0, bounds[1]), outn[:bounds[1]], nc * bounds[1] * hs)]
+        futures = []
+        for i in range(1, parts):
+            a, o, n_heads = piece(bounds[i], bounds[i + 1])
+            futures.append(pool.submit(_run_rows, kernel, a, o, nc * n_heads))
+        a, o, n_heads = piece(0, bounds[1])
+        got = [_run_rows(kernel, a, o, nc * n_heads)]
         got += [f.result() for f in futures]
         if not extras:
             return out
-        halves = [torch.from_numpy(c).reshape(nc, -1, hs) for c in got]  # (read, 8-bit rows) per part's rows
-        extra = [torch.cat([h[0] for h in halves])] if return_counts else []
+        # each part's counts: (nc, its rows, its selecting heads); concatenated along rows or heads
+        shaped = [torch.from_numpy(c).reshape(nc, 1, -1) if by_heads else torch.from_numpy(c).reshape(nc, -1, Hkv * hs1)
+                  for c in got]
+        axis = 1 if by_heads else 0
+        extra = [torch.cat([c[0] for c in shaped], axis)] if return_counts else []
         if return_lowprec_counts:
-            extra.append(torch.cat([h[1] for h in halves]))
+            extra.append(torch.cat([c[1] for c in shaped], axis))
         return (out, *extra)
     with _PARALLEL_LOCK if parallel else _NO_LOCK:
         res = kernel(*args, ws[0], ws[1], ws[2], ws[3], out.numpy())
