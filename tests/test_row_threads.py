@@ -24,7 +24,7 @@ def _split_small_calls_too(monkeypatch, request):
         monkeypatch.setattr(cpu, "_SPLIT_MIN_CODES_ROWS", 0)
         monkeypatch.setattr(cpu, "_SPLIT_MIN_CODES_HEADS", 0)
     yield
-    cpu.set_row_threads(None)
+    cpu._ROW_THREADS[0] = None  # back to the default, read from the environment at the next call
 
 
 def test_size_rule_keeps_small_calls_on_the_calling_thread(monkeypatch):
@@ -135,3 +135,94 @@ def test_an_unbounded_openmp_spin_is_warned_once(monkeypatch, caplog):
             cpu.dashkv_decode_cpu(query, q_proj, keys, values, codes, sink=4, window=16, critical=20, scaling=0.25)
     hits = [r for r in caplog.records if "GOMP_SPINCOUNT" in r.getMessage()]
     assert len(hits) == (1 if cpu._omp_spin_unbounded() else 0)
+
+
+@pytest.mark.parametrize("variant", ["bfloat16", "float16", "query_bits4", "query_bits8", "buffer_view"])
+@pytest.mark.parametrize("batch, hkv", [(5, 2), (1, 3)])
+def test_splits_agree_for_half_precision_query_bits_and_buffer_views(variant, batch, hkv):
+    """The variants the main test leaves out; batch 1 with left padding (a head split with start > 0)."""
+    n = 800
+    query, q_proj, keys, values, codes, start = make_inputs(11, batch, 3, hkv, 1, 16, n)
+    if batch == 1:
+        start = torch.tensor([123])
+    kw = dict(sink=4, window=16, critical=60, scaling=0.25, start=start, return_counts=True)
+    if variant in ("bfloat16", "float16"):
+        keys, values = keys.to(getattr(torch, variant)), values.to(getattr(torch, variant))
+    elif variant.startswith("query_bits"):
+        kw["query_bits"] = int(variant[-1])
+    else:  # views [:, :, :n] of larger preallocated buffers: every head's block starts further on
+        big = [torch.zeros(batch, hkv, n + 100, t.shape[-1], dtype=t.dtype) for t in (keys, values, codes)]
+        for buf, t in zip(big, (keys, values, codes)):
+            buf[:, :, :n] = t
+        keys, values, codes = (buf[:, :, :n] for buf in big)
+    runs = []
+    for threads in (1, 2, 3):
+        cpu.set_row_threads(threads)
+        runs.append(cpu.dashkv_decode_cpu(query, q_proj, keys, values, codes, **kw))
+    for got in runs[1:]:
+        torch.testing.assert_close(got[0], runs[0][0], atol=2e-6, rtol=2e-6)
+        assert torch.equal(got[1], runs[0][1])
+
+
+@pytest.mark.parametrize("raw, ok", [("3", 3), ("", 0), ("abc", None), ("1.5", None), ("-1", None), ("0", None),
+                                     ("200", None)])
+def test_the_row_threads_environment_variable_is_checked_by_name(monkeypatch, raw, ok):
+    monkeypatch.setenv("DASHKV_ROW_THREADS", raw)
+    monkeypatch.setattr(cpu, "_ROW_THREADS", [None])
+    if ok is None:
+        with pytest.raises(ValueError, match="DASHKV_ROW_THREADS"):
+            cpu.row_threads()
+    else:
+        assert cpu.row_threads() == (ok or max(1, torch.get_num_threads()))
+
+
+def _split_call_in_child(args):
+    query, q_proj, keys, values, codes = args
+    cpu.dashkv_decode_cpu(query, q_proj, keys, values, codes, sink=4, window=16, critical=40, scaling=0.25)
+
+
+def test_a_forked_child_splits_without_hanging():
+    """A child inherits the pool object but not its threads: it must start its own."""
+    import multiprocessing
+
+    args = make_inputs(4, 4, 3, 2, 1, 16, 400, starts=False)[:5]
+    cpu.set_row_threads(2)
+    _split_call_in_child(args)  # the parent's pool exists now
+    child = multiprocessing.get_context("fork").Process(target=_split_call_in_child, args=(args,))
+    child.start()
+    child.join(60)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung and child.exitcode == 0
+
+
+def test_errors_in_any_part_reach_the_caller_after_every_part_stopped(monkeypatch):
+    import threading
+    import time
+
+    query, q_proj, keys, values, codes, _ = make_inputs(5, 4, 3, 2, 1, 16, 400, starts=False)
+    real, finished = cpu._run_rows, []
+
+    def worker_fails(kernel, args, out, counts=0):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("worker part failed")
+        return real(kernel, args, out, counts)
+
+    def caller_fails(kernel, args, out, counts=0):
+        if threading.current_thread() is threading.main_thread():
+            raise RuntimeError("caller part failed")
+        time.sleep(0.3)
+        res = real(kernel, args, out, counts)
+        finished.append(True)
+        return res
+
+    cpu.set_row_threads(2)
+    kw = dict(sink=4, window=16, critical=40, scaling=0.25)
+    monkeypatch.setattr(cpu, "_run_rows", worker_fails)
+    with pytest.raises(RuntimeError, match="worker part failed"):
+        cpu.dashkv_decode_cpu(query, q_proj, keys, values, codes, **kw)
+    monkeypatch.setattr(cpu, "_run_rows", caller_fails)
+    with pytest.raises(RuntimeError, match="caller part failed"):
+        cpu.dashkv_decode_cpu(query, q_proj, keys, values, codes, **kw)
+    assert finished == [True]  # the worker's part was waited for, not left writing into the output

@@ -34,6 +34,7 @@ import os
 import threading
 import time
 import types as pytypes
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numba
 import numpy as np
@@ -1691,23 +1692,54 @@ def _workspace() -> list:
 
 
 def row_threads() -> int:
-    """How many threads one serial kernel call splits its batch rows over (`set_row_threads`; default:
-    torch's thread count, so that batch decoding uses the cores torch's matmuls use)."""
+    """How many threads one serial kernel call splits its batch rows (or, for one row, its KV heads) over
+    (`set_row_threads`, else `DASHKV_ROW_THREADS`; default: torch's thread count, so that batch decoding
+    uses the cores torch's matmuls use)."""
+    if _ROW_THREADS[0] is None:  # read the environment at first use, so a bad value fails with its name
+        _ROW_THREADS[0] = _env_row_threads()
     return _ROW_THREADS[0] or max(1, torch.get_num_threads())
 
 
+def _env_row_threads() -> int:
+    raw = os.environ.get("DASHKV_ROW_THREADS", "").strip()
+    if not raw:
+        return 0
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if not 1 <= n <= 64:
+        raise ValueError(f"DASHKV_ROW_THREADS must be an integer in [1, 64] (or unset: torch's thread count), "
+                         f"got {raw!r}")
+    return n
+
+
 def set_row_threads(n: int | None) -> None:
-    """Split a serial kernel call's batch rows over n threads (the calling one plus n - 1 workers kept
-    for the process; rows are independent, so the result is the same for every n). None: torch's thread
-    count; 1: every row on the calling thread."""
+    """Split a serial kernel call's batch rows (or one row's KV heads) over n threads: the calling one plus
+    n - 1 workers kept for the process. Rows and heads are independent, so which tokens are selected and
+    the counts do not depend on n; the outputs agree to float rounding (~1e-7: a part's attention rows are
+    cut into as many pieces as its size asks, and the pieces' softmax sums are merged in that order).
+    None: `DASHKV_ROW_THREADS`, else torch's thread count; 1: everything on the calling thread."""
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 64):
         raise ValueError(f"row threads must be None or an integer in [1, 64], got {n!r}")
-    _ROW_THREADS[0] = n or 0
+    _ROW_THREADS[0] = n if n is not None else _env_row_threads()
 
 
-_ROW_THREADS = [int(os.environ.get("DASHKV_ROW_THREADS", "0") or 0)]
+_ROW_THREADS: list = [None]  # None: not read from the environment yet; 0: torch's thread count
 _ROW_POOL: list = [None, 0]  # (executor, workers)
 _ROW_POOL_LOCK = threading.Lock()
+
+
+def _reset_row_pool_in_child() -> None:
+    """A forked child inherits the pool object but none of its threads: submitting to it would wait
+    forever. The child starts its own pool on first use."""
+    global _ROW_POOL_LOCK
+    _ROW_POOL_LOCK = threading.Lock()
+    _ROW_POOL[:] = [None, 0]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_row_pool_in_child)
 
 
 def _omp_spin_unbounded() -> bool:
@@ -1741,14 +1773,12 @@ _SPLIT_MIN_CODES_HEADS = 1 << 17
 
 
 def _row_pool(workers: int):
-    from concurrent.futures import ThreadPoolExecutor
 
     with _ROW_POOL_LOCK:
         if _ROW_POOL[1] < workers:
-            old = _ROW_POOL[0]
+            # the old pool is dropped, not shut down: another thread may be submitting to it right now;
+            # its idle workers exit once it is garbage-collected
             _ROW_POOL[:] = [ThreadPoolExecutor(workers, thread_name_prefix="dashkv-rows"), workers]
-            if old is not None:
-                old.shutdown(wait=False)
         return _ROW_POOL[0]
 
 
@@ -1894,9 +1924,11 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     `query_bits` 4 or 8: the bit-plane scan of the integer query levels (`DashKVConfig.query_bits`;
     asymmetric scorer, not with pooled budgets); None: float32 byte tables.
 
-    `parallel=False` (what decoding uses, at every batch size) runs on the calling thread: no thread pool
-    to wake, nothing to fight torch's OpenMP threads for, safe from several Python threads at once, and
-    measured faster inside `generate` even at batch 8 (docs/kernels.md). `parallel=True` splits the step
+    `parallel=False` (what decoding uses, at every batch size) runs the serial kernel: on the calling
+    thread, or, above a measured size, with the batch rows (one row: its KV heads) cut into
+    `row_threads()` contiguous parts, one on the calling thread and the others on a small pool of Python
+    threads shared by the process (the kernel releases the GIL); nothing to fight torch's OpenMP threads
+    for, safe from several Python threads at once (docs/kernels.md "Batch rows on threads"). `parallel=True` splits the step
     over numba's threads (launches serialised by a lock): the stand-alone kernel benchmark's schedule.
     """
     _check(query, keys, values, codes)
@@ -2024,8 +2056,11 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
             a, o, n_heads = piece(bounds[i], bounds[i + 1])
             futures.append(pool.submit(_run_rows, kernel, a, o, nc * n_heads))
         a, o, n_heads = piece(0, bounds[1])
-        got = [_run_rows(kernel, a, o, nc * n_heads)]
-        got += [f.result() for f in futures]
+        try:
+            got = [_run_rows(kernel, a, o, nc * n_heads)]
+        finally:  # never return (or raise) while a worker still writes into `out`
+            wait(futures)
+        got += [f.result() for f in futures]  # a worker's exception is raised here
         if not extras:
             return out
         # each part's counts: (nc, its rows, its selecting heads); concatenated along rows or heads
