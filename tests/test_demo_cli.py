@@ -110,8 +110,8 @@ def test_bench_decode_runs_on_a_tiny_model(tmp_path, capsys):
         assert 0 < rows["dashkv"]["read_fraction_sparse_layers"] < 0.2
     assert result["floor_tokens"] == 88  # budget 1/8 of 700 tokens, rounded up
     parts = result["profile"]["parts"]
-    assert {"one-call append (K/V rows + key codes)", "fused kernel (scan, select, attend)",
-            "query projection"} <= set(parts)
+    assert {"one-call append (K/V rows + key codes)", "fused kernel (query projection, scan, select, attend)"} <= set(parts)
+    assert "query projection" not in parts  # linear query encoders are applied inside the fused call
     assert "x static" in capsys.readouterr().out
 
 

@@ -238,8 +238,8 @@ def _parts() -> list[tuple[Any, str, str, bool]]:
         (cpu, "append_coded_cpu", "one-call append (K/V rows + key codes)", True),
         (encoders.HashEncoders, "encode_keys", "key encoding (general append path)", True),
         (hf, "decode_step", "decode_step (incl. the parts below)", False),
-        (selection.DashKVPolicy, "query_projection", "query projection", False),
-        (cpu, "dashkv_decode_cpu", "fused kernel (scan, select, attend)", False),
+        (selection.DashKVPolicy, "query_projection", "query projection", False),  # absent: folded below
+        (cpu, "dashkv_decode_cpu", "fused kernel (query projection, scan, select, attend)", False),
     ]
 
 

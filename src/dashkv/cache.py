@@ -165,7 +165,9 @@ class DashKVLayer(DynamicLayer):
         k = self._buffers.get("k")
         return k.element_size() if k is not None else 4
 
-    def _publish(self) -> None:
+    def _publish(self, views: Any = None) -> None:
+        """Expose the live [:, :, :length] part of every buffer; `views`: the buffers' `BufferViews` when
+        the caller has just checked them (the decode step's append), else they are re-checked here."""
         n = self.length
         view = {name: buf[:, :, :n] for name, buf in self._buffers.items()}
         self.keys, self.values = view.get("k"), view.get("v")
@@ -175,7 +177,7 @@ class DashKVLayer(DynamicLayer):
                             QuantizedRows(view["k4"], view["k4s"], bits=4) if "k4" in view else None)
         if "v8" in view:
             self.lowprec = (self.state.keys8, QuantizedRows(view["v8"], view["v8s"]))
-        self.state.buffer_views = self._buffer_views()
+        self.state.buffer_views = views if views is not None else self._buffer_views()
 
     def _buffer_views(self):
         """The fused kernels' numpy views of the K/V/code buffers, remade only when a buffer is replaced."""
@@ -222,7 +224,7 @@ class DashKVLayer(DynamicLayer):
                     append_int8_cpu(views.int8[name], self.length, x, bits=4 if name == "k4" else 8)
         self.length += t
         self.coded = self.length
-        self._publish()
+        self._publish(views)  # the append replaced no buffer: the views checked above still hold
         return True
 
     def _parts(self, key_states: torch.Tensor, value_states: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -18,6 +18,8 @@ The level's value v_j - (2^L - 1)/2 equals sum_t 2^(t-1) * s_(j,t) with s = +-1 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _BIT_WEIGHTS = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)  # 1, 2, 4, ..., 128
@@ -161,6 +163,7 @@ def quantise_query(proj: torch.Tensor, bits: int) -> torch.Tensor:
 PROB_FIELD_BITS = 21  # bits per query head in the fused kernel's packed probability tables (3 per int64)
 
 
+@functools.lru_cache(maxsize=None)  # asked at every fused decode call
 def probability_level_bits(words: int) -> int:
     """Bits L of the probability group score's integer query levels for codes of `words` 64-bit words.
 

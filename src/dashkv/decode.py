@@ -94,7 +94,7 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
             if lowprec is None:
                 raise ValueError("the plan has a low-precision tier but no 8-bit K/V copy was given")
             options = dict(lowprec=plan.lowprec, keys8=(lowprec[0].q, lowprec[0].scale),
-                           values8=(lowprec[1].q, lowprec[1].scale), return_lowprec_counts=True)
+                           values8=(lowprec[1].q, lowprec[1].scale), return_lowprec_counts=stats is not None)
         elif config.head_budget == "pooled":  # the layer's exact tokens shared between its heads
             options = dict(pool_temps=policy.pool_temperatures(state.layer_idx, hkv).numpy(),
                            k_min=min(config.k_min, plan.critical), pool_cap=POOL_CAP)
@@ -104,13 +104,19 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
             options["prob_temps"] = policy.probability_temperatures(state.layer_idx)
         if state.buffer_views is not None and keys.device.type == "cpu":
             options["views"] = state.buffer_views  # the cache's numpy views: no per-call stride walk
-        out, idx_count, *low = kernel(
-            q, policy.query_projection(state.layer_idx, q), keys, values, state.codes,
+        folded = policy.fused_query_encoder(state.layer_idx, q) if keys.device.type == "cpu" else None
+        if folded is not None:  # the CPU kernel projects the query itself
+            options["query_encoder"] = folded
+        result = kernel(
+            q, None if folded is not None else policy.query_projection(state.layer_idx, q), keys, values,
+            state.codes,
             **{"sink": plan.sink, "window": plan.window, "critical": plan.critical, **options}, scaling=scaling,
-            grouping=config.grouping, scorer=policy.scorer, start=start, return_counts=True)
-        if stats is not None:  # 8-bit rows count at their bytes
-            read = idx_count - low[0] * (1.0 - plan.lowprec_cost) if low else idx_count
-            stats.record(state.layer_idx, n, read, keep=True, extra=plan.rerank * plan.rerank_cost)
+            grouping=config.grouping, scorer=policy.scorer, start=start, return_counts=stats is not None)
+        if stats is None:  # the counts cost a copy and a tensor per call (~10 µs): only when tracked
+            return result[:, :, None, :].to(query.dtype)
+        out, idx_count, *low = result
+        read = idx_count - low[0] * (1.0 - plan.lowprec_cost) if low else idx_count  # 8-bit rows at their bytes
+        stats.record(state.layer_idx, n, read, keep=True, extra=plan.rerank * plan.rerank_cost)
         return out[:, :, None, :].to(query.dtype)
 
     selection = policy.select(state, q, keys, plan, scaling, start)

@@ -407,6 +407,13 @@ class DashKVPolicy(SelectionPolicy):
         """(B, Hq, d) -> (B, Hq, b) real-valued projection."""
         return self.encoders.project_queries(layer_idx, query[:, :, None, :])[:, :, 0, :]
 
+    def fused_query_encoder(self, layer_idx: int, query: torch.Tensor):
+        """(weight, bias) float32 numpy arrays the fused CPU kernel applies to the (B, Hq, d) query itself,
+        or None: the projection is then `query_projection`'s (MLP encoders, a subclass's own projection)."""
+        if type(self).query_projection is not DashKVPolicy.query_projection:
+            return None
+        return self.encoders._fast_linear(layer_idx, "query", query[:, :, None, :])
+
     def per_head_scores(self, state: LayerState, query: torch.Tensor) -> torch.Tensor:
         codes = state.codes  # (B, Hkv, N, W)
         b, hq, _ = query.shape
