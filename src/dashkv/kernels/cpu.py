@@ -154,8 +154,8 @@ def _exp_neg(x):
     p = p * f + np.float32(2.402265069591007e-1)
     p = p * f + np.float32(6.931471805599453e-1)
     p = p * f + np.float32(1.0)
-    bits = np.int32((np.int64(n) + 127) << 23)
-    return p * _int32_bits_as_float32(bits)
+    bits = np.int32((np.int32(n) + np.int32(127)) << np.int32(23))  # int32 throughout: n in [-126, 0]
+    return p * _int32_bits_as_float32(bits)  # (via int64 the loops vectorised at half width: 2x slower)
 
 
 #
