@@ -202,3 +202,28 @@ def test_enable_warms_the_fused_kernels_once(monkeypatch):
     hf.enable(model, _simhash(model))
     hf.disable(model)
     assert calls == [(torch.float32,)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layers_left_dense_decode_through_the_fast_exact_path(monkeypatch, dtype):
+    """The first layers (dense_layers) decode through `decode.dense_decode`, as DASH-KV's own dense steps
+    do, not transformers' SDPA call (enable_gqa, slow in bf16 on CPUs without AMX): same answers."""
+    model = tiny_model("llama").to(dtype)
+    ids = _prompt(200, batch=2, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, :40] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+              output_logits=True)
+    ref = model.generate(ids, **kw)
+    seen = []
+    real = hf.dense_decode
+    monkeypatch.setattr(hf, "dense_decode", lambda *a, **k: seen.append(a[1].shape[2]) or real(*a, **k))
+    with hf.enable(model, _simhash(model), DashKVConfig(min_context=0, budget=1.0, dense_layers=(0, 1))):
+        out = model.generate(ids, **kw)
+    assert len(seen) == 2 * 5  # layers 0 and 1, every decode step after the prefill's token
+    atol, rtol = (1e-4, 1e-4) if dtype == torch.float32 else (0.15, 0.05)  # bf16: a few ulps of the logits
+    for a, b in zip(out.logits[:2], ref.logits[:2]):  # (the prefixes may part after a bf16 near-tie)
+        torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol)
+    if dtype == torch.float32:
+        assert torch.equal(out.sequences, ref.sequences)

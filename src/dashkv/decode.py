@@ -46,6 +46,32 @@ class StepStats:
         return self.attended / self.context if self.context else 1.0
 
 
+def dense_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
+                 start: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                 fast: bool = True) -> torch.Tensor:
+    """Exact attention (B, Hq, 1, d) of one decode query over the whole cache: every dense step, those of
+    DASH-KV's own layers (context within the budget or below `min_context`) and, inside `generate`, those
+    of the layers it leaves dense (`hf.dashkv_attention_forward`). `start` (B,) marks left padding
+    (`valid`, its (B, N) mask, if already made). `fast` False: the plain torch reference."""
+    b, hkv, n, _ = keys.shape
+    if valid is None and start is not None:
+        valid = valid_positions(n, start, b, device=keys.device)
+    if fast and keys.dtype == torch.float32:  # matmul + softmax, no K/V copy: 1.7x faster than SDPA
+        from .kernels.cpu import dense_decode_torch  # for this one-query shape on the CPU
+
+        return dense_decode_torch(query[:, :, 0], keys, values, scaling, start)[:, :, None].to(query.dtype)
+    if fast:  # half precision: SDPA with each KV head's query heads as its query rows (B, Hkv, G, d), the
+        # layout transformers itself uses when a mask is given (StaticCache's path); without a mask it
+        # calls enable_gqa, which on a CPU without AMX is 6-7x slower per layer in bf16 (3.9 ms against
+        # 0.55 at 8K; docs/RESULTS.md §1) and may differ from this layout in the last bf16 bit
+        hq = query.shape[1]
+        mask = None if valid is None else valid[:, None, None, :]
+        out = F.scaled_dot_product_attention(query.reshape(b, hkv, hq // hkv, -1), keys, values, attn_mask=mask,
+                                             scale=scaling)
+        return out.reshape(b, hq, 1, -1)
+    return dense_decode_attention(query, keys, values, scaling, valid)
+
+
 def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.Tensor,
                 keys: torch.Tensor, values: torch.Tensor, scaling: float, start: torch.Tensor | None = None,
                 lowprec: tuple[QuantizedRows, QuantizedRows] | None = None, fast: bool = True,
@@ -66,20 +92,7 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
         if stats is not None:
             stats.record(state.layer_idx, n, valid.sum(-1, keepdim=True) if valid is not None else n, keep=False,
                          rows=b)
-        if fast and keys.dtype == torch.float32:  # matmul + softmax, no K/V copy: 1.7x faster than SDPA
-            from .kernels.cpu import dense_decode_torch  # for this one-query shape on the CPU
-
-            return dense_decode_torch(query[:, :, 0], keys, values, scaling, start)[:, :, None].to(query.dtype)
-        if fast:  # half precision: SDPA with each KV head's query heads as its query rows (B, Hkv, G, d), the
-            # layout transformers itself uses when a mask is given (StaticCache's path); without a mask it
-            # calls enable_gqa, which on a CPU without AMX is 6-7x slower per layer in bf16 (3.9 ms against
-            # 0.55 at 8K; docs/RESULTS.md §1) and may differ from this layout in the last bf16 bit
-            hq = query.shape[1]
-            mask = None if valid is None else valid[:, None, None, :]
-            out = F.scaled_dot_product_attention(query.reshape(b, hkv, hq // hkv, -1), keys, values, attn_mask=mask,
-                                                 scale=scaling)
-            return out.reshape(b, hq, 1, -1)
-        return dense_decode_attention(query, keys, values, scaling, valid)
+        return dense_decode(query, keys, values, scaling, start, valid, fast)
 
     q = query[:, :, 0, :]
     kernel = _fast_kernel(policy, config, keys) if fast else None
