@@ -1,6 +1,6 @@
 """Per-call time of each piece of a DASH-KV decode step inside a real `generate` (stop 28).
 
-    .venv/bin/python experiments/insitu/parts_in_generate.py   # idle machine; SmolLM2, 3000 random tokens, 20 steps
+    .venv/bin/python experiments/insitu/parts_in_generate.py [float32|bfloat16] [tokens]   # idle machine; SmolLM2, random tokens (3000), 20 steps
 
 Each function below is wrapped by a perf_counter timer (its callees included); only decode steps count
 (timers switch on after the first generated token).
@@ -10,9 +10,11 @@ import time, torch, collections
 from dashkv.models import load_model
 from dashkv import hf, cache, encoders, selection, decode, config as cfgmod
 from dashkv.kernels import cpu
-model, tok = load_model("smollm2-135m")
+import sys
+DT = getattr(torch, sys.argv[1]) if len(sys.argv) > 1 else torch.float32
+model, tok = load_model("smollm2-135m", dtype=DT)
 torch.manual_seed(0)
-ids = torch.randint(100, 20000, (1, 3000))
+ids = torch.randint(100, 20000, (1, int(sys.argv[2]) if len(sys.argv) > 2 else 3000))
 h = hf.enable(model)
 tot=collections.defaultdict(float); cnt=collections.Counter(); on=[False]
 def wrap(owner, name):
@@ -25,7 +27,7 @@ def wrap(owner, name):
 for owner, name in [(cache.DashKVLayer,"update"),(cache.DashKVLayer,"_append_fast"),(cache.DashKVLayer,"_publish"),(cache.DashKVLayer,"_buffer_views"),
                     (cpu,"append_coded_cpu"),(encoders.HashEncoders,"_fast_linear"),(hf,"decode_step"),(selection.DashKVPolicy,"query_projection"),
                     (selection.DashKVPolicy,"probability_temperatures"),(cpu,"dashkv_decode_cpu"),(cpu,"_dashkv_kernel_serial"),(cfgmod.DashKVConfig,"plan"),
-                    (decode,"_fast_kernel"),(hf,"dashkv_attention_forward")]:
+                    (decode,"_fast_kernel"),(hf,"sdpa_attention_forward"),(decode,"dense_decode_attention"),(cpu,"dense_decode_torch")]:
     wrap(owner,name)
 class S:
     def __init__(s): s.n=0
