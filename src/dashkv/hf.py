@@ -407,22 +407,21 @@ def dashkv_attention_forward(module: Any, query: torch.Tensor, key: torch.Tensor
     The layer's cache arrives in the call's own kwargs (`LAYER_KWARG`, set by `DashKVLayer.update`);
     it carries the policy (hence the configuration) and the per-call state."""
     layer: DashKVLayer | None = kwargs.pop(LAYER_KWARG, None)
-    if (layer is None and query.shape[2] == 1 and not module.training and kwargs.get("sliding_window") is None
-            and getattr(module, _HANDLE_ATTR, None) is None and key.shape[2] > 1 and key.device.type == "cpu"
-            and query.shape[1] % key.shape[1] == 0 and not kwargs.get("output_attentions")):
-        # a decode step of a layer DASH-KV leaves dense (the first layers): the same fast exact decode as
-        # its own dense steps; transformers' SDPA call here takes enable_gqa without a mask, 8x slower in
-        # bf16 on a CPU without AMX (4.3 ms per layer at 6K, docs/RESULTS.md §1)
-        start, plain = start_from_mask(attention_mask, key.shape[2])
-        if plain:
-            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            return dense_decode(query, key, value, scale, start).transpose(1, 2).contiguous(), None
     if layer is None or module.training or kwargs.get("sliding_window") is not None:
-        if (layer is None and query.shape[2] == 1 and key.shape[2] > 1 and not module.training
-                and getattr(module, _HANDLE_ATTR, None) is not None):
+        decoding = layer is None and query.shape[2] == 1 and key.shape[2] > 1 and not module.training
+        if decoding and getattr(module, _HANDLE_ATTR, None) is not None:
             warn_once(logger, "no-layer-in-kwargs",
                       "dashkv: a managed layer's decode step got no DashKVLayer in its attention kwargs (the "
                       "model does not pass kwargs= to cache.update?); decoding densely")
+        elif (decoding and kwargs.get("sliding_window") is None and key.device.type == "cpu"
+              and query.shape[1] % key.shape[1] == 0 and not kwargs.get("output_attentions")):
+            # a decode step of a layer DASH-KV leaves dense (the first layers): the same fast exact decode
+            # as its own dense steps; transformers' SDPA call here takes enable_gqa without a mask, 8x
+            # slower in bf16 on a CPU without AMX (4.3 ms per layer at 6K, docs/RESULTS.md §1)
+            start, plain = start_from_mask(attention_mask, key.shape[2])
+            if plain:
+                scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+                return dense_decode(query, key, value, scale, start).transpose(1, 2).contiguous(), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     ctx = layer.ctx

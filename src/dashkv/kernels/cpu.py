@@ -438,7 +438,7 @@ def _attend_rows(qs, h0, Gq, d, kf, vf, kbase, vbase, rows, n, r0, lg, pm, pl, p
     Writes the part's max logit pm[a0+g], exp-sum pl[a0+g] and unnormalised sum pacc[a0+g, :].
     lg is scratch of >= Gq*n floats. Two passes (K then V): each row is read once for all Gq heads; the
     K pass scores up to four heads per load of a key element, the V pass adds four rows per pass over an
-    accumulator (2x faster for SmolLM2's 3 heads at d 64, 1.25x for Gemma's 4 at d 256; docs/kernels.md).
+    accumulator (1.24x faster for SmolLM2's 3 heads at d 64, 1.46x for Gemma's 4 at d 256; docs/kernels.md).
     """
     gather = rows.size > 0
     _clear_parts(Gq, d, pm, pl, pacc, a0)
@@ -1857,7 +1857,6 @@ _SPLIT_MIN_CODES_HEADS = 1 << 17
 
 
 def _row_pool(workers: int):
-
     with _ROW_POOL_LOCK:
         if _ROW_POOL[1] < workers:
             # the old pool is dropped, not shut down: another thread may be submitting to it right now;
