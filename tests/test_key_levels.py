@@ -21,7 +21,7 @@ def _ids(seed, rows, length=SEQ):
 
 
 def _cal(model, **kw):
-    args = dict(seq_len=SEQ, num_sequences=4, steps=15, progress=False, init="svd", key_levels=2)
+    args = dict(seq_len=SEQ, num_sequences=4, steps=15, progress=False, init="svd", key_levels=2, codes="sign")
     args.update(kw)
     return calibrate(model, None, _ids(1, 4), **args)
 

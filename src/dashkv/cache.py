@@ -210,12 +210,17 @@ class DashKVLayer(DynamicLayer):
         encoders = getattr(policy, "encoders", None)
         if encoders is None or type(policy).encode_keys is not _ENCODER_KEYS:
             return False
-        fast = encoders._fast_linear(self.layer_idx, "key", key_states)
-        if fast is None:
-            return False
-        from .kernels.cpu import append_coded_cpu
+        if encoders.kind == "pq":  # PQ codes: the compiled nearest-centroid encoder
+            from .kernels.cpu import append_pq_cpu
 
-        append_coded_cpu(views, self.length, key_states, value_states, *fast, levels=encoders.key_levels)
+            append_pq_cpu(views, self.length, key_states, value_states, *encoders.pq_key_arrays(self.layer_idx))
+        else:
+            fast = encoders._fast_linear(self.layer_idx, "key", key_states)
+            if fast is None:
+                return False
+            from .kernels.cpu import append_coded_cpu
+
+            append_coded_cpu(views, self.length, key_states, value_states, *fast, levels=encoders.key_levels)
         if extra:
             from .kernels.cpu import append_int8_cpu
 

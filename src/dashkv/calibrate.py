@@ -712,6 +712,18 @@ def _train_all(enc, caps, layer_ids, per_layer, progress, *, seed, **kw) -> None
         per_layer[str(i)] = {k: round(v, 5) for k, v in stats.items()}
         del caps[i]
 
+def _fit_pq_all(enc, caps, layer_ids, per_layer, progress, *, iters: int, seed: int) -> None:
+    from tqdm.auto import tqdm
+
+    from .pq import fit_layer
+
+    for i in tqdm(layer_ids, desc="fit PQ codes", unit="layer", disable=not progress, leave=False):
+        cap = caps.pop(i)
+        stats = fit_layer(enc.layers[str(i)], cap.keys.float(), cap.queries.float(), cap.scaling, enc.bits,
+                          iters=iters, seed=seed * 100003 + i)
+        per_layer[str(i)] = {k: round(v, 5) for k, v in stats.items()}
+
+
 def default_bits(head_dim: int) -> int:
     """The code length `dashkv calibrate` picks when --bits is not given: one 64-bit word per 64 dimensions
     of the head (64 for SmolLM2's d = 64, 256 for Gemma-3's d = 256). Measured (docs/calibration.md): on
@@ -728,8 +740,13 @@ def calibrate(model, tokenizer, texts, *, bits: int | None = None, seq_len: int 
               query_hidden: int | None = None, key_relax: str = "anneal", anneal_beta: Sequence[float] = (1.0, 10.0),
               quantization: float = 0.1, query_from: float = 0.5, group_weight: float = 0.0,
               init: str = DEFAULT_INIT, key_levels: int | None = None, model_name: str | None = None,
-              threads: int | None = 1, progress: bool = True, log: dict | None = None) -> HashEncoders:
+              threads: int | None = 1, progress: bool = True, log: dict | None = None, codes: str = "pq",
+              pq_iters: int = 20) -> HashEncoders:
     """Learn HashEncoders for `model` (frozen) from calibration text.
+
+    codes "sign": learned encoders (linear or MLP maps, sign or level codes, trained by `train_layer`);
+    "pq": product-quantised key codes (`dashkv.pq`: a query-covariance map and k-means centroids per
+    sub-space, `pq_iters` Lloyd iterations; the training options do not apply).
 
     texts: raw strings (tokenised with `tokenizer`) or pre-tokenised ids ((S, L) tensor or id lists).
     Every layer is trained independently from its own captured Q/K; deterministic for a fixed seed.
@@ -744,7 +761,17 @@ def calibrate(model, tokenizer, texts, *, bits: int | None = None, seq_len: int 
         bits = default_bits(shape["head_dim"])
         _check_args(bits, objective, query_relax, steps, depth, hidden, query_depth, query_hidden, key_relax,
                     anneal_beta, quantization, query_from, group_weight, init, key_levels)
-    key_levels = resolve_key_levels(key_levels, depth, objective)  # checked just above
+    if codes not in CODES:
+        raise CalibrationError(f"codes must be one of {CODES}, got {codes!r}")
+    if codes == "pq" and (depth != 1 or (query_depth or 1) != 1 or (key_levels or 1) != 1):
+        raise CalibrationError("codes='pq' has no MLP encoders or key levels: depth, query_depth and key_levels "
+                               "must stay 1")
+    if codes == "pq" and (not isinstance(pq_iters, int) or isinstance(pq_iters, bool) or pq_iters < 1):
+        raise CalibrationError(f"pq_iters must be an integer >= 1, got {pq_iters!r}")
+    if codes == "pq" and shape["head_dim"] % (bits // 8):
+        raise CalibrationError(f"codes='pq' cuts head_dim {shape['head_dim']} into bits / 8 = {bits // 8} "
+                               "sub-spaces: choose bits with bits / 8 dividing it")
+    key_levels = 1 if codes == "pq" else resolve_key_levels(key_levels, depth, objective)  # checked above
     dense = tuple(sorted(int(i) for i in dense_layers))
     layer_ids = sorted(int(i) for i in layers) if layers is not None else default_layers(shape, dense)
     if not layer_ids:
@@ -759,15 +786,19 @@ def calibrate(model, tokenizer, texts, *, bits: int | None = None, seq_len: int 
     caps = capture_qkv(model, seqs, layer_ids, queries_per_seq=queries_per_seq, query_from=query_from, seed=seed,
                        progress=progress, desc="capture Q/K")
     t_capture = time.perf_counter() - t0
-    enc = HashEncoders(shape, bits, layer_ids, hidden=hidden, depth=depth, kind="learned", bias=True,
-                       query_depth=query_depth, query_hidden=query_hidden, key_levels=key_levels)
     per_layer: dict[str, dict[str, float]] = {}
     with _num_threads(threads):
-        _train_all(enc, caps, layer_ids, per_layer, progress, objective=objective, steps=steps, batch=batch,
-                   lr=lr, query_relax=query_relax, depth=depth, hidden=hidden, balance=balance,
-                   decorrelation=decorrelation, query_depth=enc.query_depth, query_hidden=enc.query_hidden,
-                   key_relax=key_relax, anneal_beta=tuple(anneal_beta), quantization=quantization,
-                   group_weight=group_weight, init=init, key_levels=key_levels, seed=seed)
+        if codes == "pq":  # product-quantised key codes: fitted, not trained
+            enc = HashEncoders(shape, bits, layer_ids, kind="pq")
+            _fit_pq_all(enc, caps, layer_ids, per_layer, progress, iters=pq_iters, seed=seed)
+        else:
+            enc = HashEncoders(shape, bits, layer_ids, hidden=hidden, depth=depth, kind="learned", bias=True,
+                               query_depth=query_depth, query_hidden=query_hidden, key_levels=key_levels)
+            _train_all(enc, caps, layer_ids, per_layer, progress, objective=objective, steps=steps, batch=batch,
+                       lr=lr, query_relax=query_relax, depth=depth, hidden=hidden, balance=balance,
+                       decorrelation=decorrelation, query_depth=enc.query_depth, query_hidden=enc.query_hidden,
+                       key_relax=key_relax, anneal_beta=tuple(anneal_beta), quantization=quantization,
+                       group_weight=group_weight, init=init, key_levels=key_levels, seed=seed)
     total = time.perf_counter() - t0
     name = model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or shape["model_type"]
     enc.meta.update({
@@ -780,7 +811,9 @@ def calibrate(model, tokenizer, texts, *, bits: int | None = None, seq_len: int 
         else None, "quantization": quantization, "query_from": query_from, "group_weight": group_weight,
         "init": init if init != "svd" or depth == 1 else "simhash",  # an MLP key encoder starts random
         "key_levels": key_levels, "query_depth": enc.query_depth, "query_hidden": enc.query_hidden,
-        "layer_kl": {k: v["kl"] for k, v in per_layer.items()},
+        "layer_kl": {k: v["kl"] for k, v in per_layer.items() if "kl" in v},
+        "codes": codes, **({"pq_iters": pq_iters, "layer_qk_error": {k: v["qk_rel_error"] for k, v in per_layer.items()}}
+                           if codes == "pq" else {}),
         # what `enable` checks the model against, and past which decoding warns (encoders.check_compatible)
         "attention_fingerprint": attention_fingerprint(model, layer_ids), "calibrated_context": seq_len,
     })
@@ -802,6 +835,7 @@ def _budget_label(b: float | int) -> str:
 
 
 GROUPINGS = ("kv_head", "kv_head_prob", "query_head")  # see `evaluate`
+CODES = ("sign", "pq")  # `calibrate(codes=...)`
 
 
 def evaluate(model, tokenizer, encoders: HashEncoders, texts, *, budgets: Sequence[float | int] = DEFAULT_BUDGETS,
@@ -864,7 +898,7 @@ def evaluate_captured(encoders: HashEncoders, caps: dict[int, LayerCapture], pos
     base = DashKVConfig(bits=encoders.bits, sink=sink, window=window, min_context=0)  # measure selection at every length
     methods: dict[str, Any] = {}
     for sc in scorers:
-        if sc == "hamming" and encoders.key_levels > 1:
+        if sc == "hamming" and (encoders.key_levels > 1 or encoders.kind == "pq"):
             continue  # level codes are read by the asymmetric scorer only
         methods[f"learned-{sc}"] = DashKVPolicy(DashKVConfig(**{**base.to_dict(), "scorer": sc}), encoders)
     methods["simhash"] = SimHashPolicy(base, simenc)
@@ -1031,7 +1065,7 @@ def calibrate_command(model: str, text: list[str], bits: int | None = None, out:
                       anneal_beta: Sequence[float] = (1.0, 10.0), quantization: float = 0.1, balance: float = 0.1,
                       decorrelation: float = 0.05, queries_per_seq: int = 32, query_from: float = 0.5,
                       heldout_code: bool = False, group_weight: float = 0.0, init: str = DEFAULT_INIT,
-                      key_levels: int | None = None) -> int:
+                      key_levels: int | None = None, codes: str = "pq", pq_iters: int = 20) -> int:
     """`dashkv calibrate`: load_model -> calibrate -> save -> evaluate on held-out text -> summary.
 
     Arguments are validated (and the text read) before the model loads. Returns 0, or 2 on a user
@@ -1042,6 +1076,8 @@ def calibrate_command(model: str, text: list[str], bits: int | None = None, out:
                     anneal_beta, quantization, query_from, group_weight, init, key_levels)
         if queries_per_seq < 1:
             raise CalibrationError(f"queries_per_seq must be >= 1, got {queries_per_seq}")
+        if codes not in CODES:
+            raise CalibrationError(f"codes must be one of {CODES}, got {codes!r}")
         from .config import parse_budget
 
         budgets = [parse_budget(b) for b in budgets]
@@ -1077,7 +1113,7 @@ def calibrate_command(model: str, text: list[str], bits: int | None = None, out:
                         hidden=hidden, query_depth=query_depth, query_hidden=query_hidden, key_relax=key_relax,
                         anneal_beta=anneal_beta, quantization=quantization, balance=balance,
                         decorrelation=decorrelation, queries_per_seq=queries_per_seq, query_from=query_from,
-                        group_weight=group_weight, init=init, key_levels=key_levels,
+                        group_weight=group_weight, init=init, key_levels=key_levels, codes=codes, pq_iters=pq_iters,
                         layers=layers, dense_layers=dense_layers, model_name=model, progress=progress, log=log)
         enc.meta["model_load_seconds"] = round(t_load, 1)
         save_encoders(enc, out_path, overwrite=overwrite, fp16=fp16)  # saved before the (long) evaluation
@@ -1093,7 +1129,7 @@ def calibrate_command(model: str, text: list[str], bits: int | None = None, out:
     except (DashKVError, ValueError, FileExistsError) as e:
         print(f"dashkv calibrate: error: {e}", file=sys.stderr)
         return 2
-    print(f"encoders: {out_path} ({enc.bits} bits, {len(enc.layer_ids)} layers, objective {objective}); "
+    print(f"encoders: {out_path} ({enc.bits} bits, {len(enc.layer_ids)} layers, {'PQ codes' if codes == 'pq' else 'objective ' + objective}); "
           f"calibration {log['total_seconds']:.0f} s (capture {log['capture_seconds']:.0f} s), "
           f"model load {t_load:.0f} s")
     for suffix, report in reports.items():
@@ -1187,6 +1223,11 @@ def add_arguments(p) -> None:
                    help="bits per key direction: 1 = sign codes; L > 1 spends the --bits on bits/L directions, "
                         f"each an L-bit level (same code size and scan; linear key encoders, objective kl) "
                         f"(default: {DEFAULT_KEY_LEVELS} with a linear key encoder and kl, else 1)")
+    p.add_argument("--codes", choices=CODES, default="pq",
+                   help="key codes: 'sign' (learned maps + sign/level codes, trained) or 'pq' (product-quantised: "
+                        "a query-covariance map and k-means centroids per 8-dim sub-space, one byte each; "
+                        "the training options do not apply) (default: %(default)s)")
+    p.add_argument("--pq-iters", type=int, default=20, help="k-means iterations per sub-space with --codes pq")
     p.add_argument("--queries-per-seq", type=int, default=32, help="decode queries sampled per sequence")
     p.add_argument("--query-from", type=float, default=0.5,
                    help="decode queries are drawn from positions [query_from * seq_len, seq_len)")
@@ -1218,7 +1259,8 @@ def run_args(a) -> int:
                              key_relax=a.key_relax, anneal_beta=tuple(a.anneal_beta), quantization=a.quantization,
                              balance=a.balance, decorrelation=a.decorrelation, queries_per_seq=a.queries_per_seq,
                              query_from=a.query_from, heldout_code=a.heldout_code, group_weight=a.group_weight,
-                             init=a.init, key_levels=a.key_levels, progress=not a.quiet)
+                             init=a.init, key_levels=a.key_levels, codes=a.codes, pq_iters=a.pq_iters,
+                             progress=not a.quiet)
 
 
 if __name__ == "__main__":

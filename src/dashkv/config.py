@@ -233,6 +233,7 @@ class DashKVConfig:
 
     def __setattr__(self, name: str, value: Any) -> None:
         self.__dict__.pop("_plan_memo", None)  # a changed field invalidates the remembered plan
+        self.__dict__.pop("_reasons_memo", None)  # and `decode._configuration_reasons`' answers
         object.__setattr__(self, name, value)
 
     # ---- budget arithmetic -------------------------------------------------------------------

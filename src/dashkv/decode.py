@@ -117,11 +117,16 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
             options["prob_temps"] = policy.probability_temperatures(state.layer_idx)
         if state.buffer_views is not None and keys.device.type == "cpu":
             options["views"] = state.buffer_views  # the cache's numpy views: no per-call stride walk
-        folded = policy.fused_query_encoder(state.layer_idx, q) if keys.device.type == "cpu" else None
-        if folded is not None:  # the CPU kernel projects the query itself
-            options["query_encoder"] = folded
+        folded = None
+        if getattr(policy, "pq", False):  # PQ codes: the CPU kernel builds the query's tables itself
+            options["pq"] = policy.encoders.pq_arrays(state.layer_idx)
+        elif keys.device.type == "cpu":
+            folded = policy.fused_query_encoder(state.layer_idx, q)
+            if folded is not None:  # the CPU kernel projects the query itself
+                options["query_encoder"] = folded
         result = kernel(
-            q, None if folded is not None else policy.query_projection(state.layer_idx, q), keys, values,
+            q, None if folded is not None or "pq" in options else policy.query_projection(state.layer_idx, q),
+            keys, values,
             state.codes,
             **{"sink": plan.sink, "window": plan.window, "critical": plan.critical, **options}, scaling=scaling,
             grouping=config.grouping, scorer=policy.scorer, start=start, return_counts=stats is not None)
@@ -150,7 +155,8 @@ def decode_step(policy: SelectionPolicy | None, state: LayerState, query: torch.
     return result
 
 
-def reference_path_reasons(config: DashKVConfig, device_type: str, kv_dtype: torch.dtype) -> list[str]:
+def reference_path_reasons(config: DashKVConfig, device_type: str, kv_dtype: torch.dtype,
+                           pq: bool = False) -> list[str]:
     """Why a code-scanning step (DASH-KV, SimHash) with this configuration runs the torch reference path
     instead of a fused kernel; empty when a fused kernel serves it.
 
@@ -160,16 +166,30 @@ def reference_path_reasons(config: DashKVConfig, device_type: str, kv_dtype: tor
     scan or the 8-bit tier, one at a time, and the probability group score), Triton on CUDA (the plain
     tiers).
     """
-    reasons = _configuration_reasons(config, device_type, kv_dtype)
+    reasons = _configuration_reasons(config, device_type, kv_dtype, pq)
     if reasons:
         return reasons
     _, missing = _device_kernel(device_type)
     return [missing] if missing else []
 
 
-def _configuration_reasons(config: DashKVConfig, device_type: str, kv_dtype: torch.dtype) -> list[str]:
-    """The options (and K/V dtype) no fused kernel of this device serves."""
+def _configuration_reasons(config: DashKVConfig, device_type: str, kv_dtype: torch.dtype,
+                           pq: bool = False) -> list[str]:
+    """The options (and K/V dtype) no fused kernel of this device serves; `pq`: PQ key codes. Asked at
+    every decode step of every layer: remembered on the config (dropped when a field is set)."""
+    memo = config.__dict__.get("_reasons_memo")
+    key = (device_type, kv_dtype, pq)
+    if memo is not None and key in memo:
+        return list(memo[key])
+    reasons = _reasons(config, device_type, kv_dtype, pq)
+    config.__dict__.setdefault("_reasons_memo", {})[key] = tuple(reasons)  # not a field: eq and asdict ignore it
+    return reasons
+
+
+def _reasons(config: DashKVConfig, device_type: str, kv_dtype: torch.dtype, pq: bool) -> list[str]:
     reasons = []
+    if pq and (device_type != "cpu" or not config.scores_by_probability):
+        reasons.append("PQ key codes (fused in the CPU kernel with the probability group score)")
     if config.adaptive:
         reasons.append("adaptive=True")
     if config.spatial_vote:
@@ -234,6 +254,7 @@ def _device_kernel(device_type: str):
 def _fast_kernel(policy: SelectionPolicy, config: DashKVConfig, keys: torch.Tensor):
     """The fused kernel for this step, or None for the torch reference path (`hf.enable` warns once, with
     the same `reference_path_reasons`). Baselines (oracle, Quest, H2O, ...) have no fused kernel by design."""
-    if not policy.uses_codes or _configuration_reasons(config, keys.device.type, keys.dtype):
+    if not policy.uses_codes or _configuration_reasons(config, keys.device.type, keys.dtype,
+                                                       getattr(policy, "pq", False)):
         return None
     return _device_kernel(keys.device.type)[0]

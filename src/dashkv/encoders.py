@@ -27,7 +27,8 @@ from .errors import DashKVError
 from .fsutil import swap_into_place
 
 FORMAT = "dashkv-encoders"
-FORMAT_VERSION = 2  # the newest this version reads; 2 = multi-bit key levels (files with sign codes stay 1)
+FORMAT_VERSION = 3  # the newest this version reads; 2 = multi-bit key levels, 3 = PQ codes (sign codes stay 1)
+KINDS = ("learned", "simhash", "pq")  # pq: product-quantised key codes (`dashkv.pq`)
 MAX_KEY_LEVELS = 8
 WEIGHTS_NAME = "encoders.safetensors"
 CONFIG_NAME = "encoders.json"
@@ -154,8 +155,10 @@ class HashEncoders(nn.Module):
         if not isinstance(key_levels, int) or not 1 <= key_levels <= MAX_KEY_LEVELS or bits % key_levels:
             raise ValueError(f"key_levels must be an integer in 1..{MAX_KEY_LEVELS} dividing bits ({bits}), "
                              f"got {key_levels!r}")
-        if key_levels > 1 and kind == "simhash":
-            raise ValueError("SimHash encoders are sign codes: key_levels must be 1")
+        if key_levels > 1 and kind in ("simhash", "pq"):
+            raise ValueError(f"{kind} encoders take no key levels: key_levels must be 1")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.key_levels = key_levels
         missing = [f for f in SHAPE_FIELDS if f not in shape]
         if missing:
@@ -170,6 +173,14 @@ class HashEncoders(nn.Module):
             raise ValueError(f"layers {bad} outside the model's {self.shape['num_layers']} layers")
         self.meta: dict[str, Any] = dict(meta or {})
         s = self.shape
+        if kind == "pq":  # product-quantised key codes: maps and centroids, no MLPs
+            from .pq import PQLayer
+
+            self.hidden, self.depth, self.query_depth, self.query_hidden = 0, 1, 1, 0
+            self.layers = nn.ModuleDict({str(i): PQLayer(s["num_q_heads"], s["num_kv_heads"], s["head_dim"], bits)
+                                         for i in self.layer_ids})
+            self.requires_grad_(False)
+            return
         self.layers = nn.ModuleDict({
             str(i): LayerEncoders(s["num_q_heads"], s["num_kv_heads"], s["head_dim"], bits, hidden, depth, bias,
                                   self.query_hidden, self.query_depth, bits // key_levels)
@@ -207,10 +218,15 @@ class HashEncoders(nn.Module):
 
     def project_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
         """Real-valued key projections (B, Hkv, N, b / key_levels) — calibration uses them relaxed."""
+        self._no_projection("project_keys")
         return self.layers[str(layer_idx)].key(keys)
 
     def encode_keys(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
         """Packed key codes (B, Hkv, N, b/64) int64: computed once per token, stored in the cache."""
+        if self.kind == "pq":
+            from .pq import encode_keys
+
+            return encode_keys(self.layers[str(layer_idx)], keys)
         fast = self._fast_linear(layer_idx, "key", keys)
         if fast is not None:
             from .kernels.cpu import encode_linear_cpu
@@ -220,12 +236,55 @@ class HashEncoders(nn.Module):
 
     def project_queries(self, layer_idx: int, queries: torch.Tensor) -> torch.Tensor:
         """Real-valued query projections (B, Hq, Q, b): the asymmetric side, never stored."""
+        self._no_projection("project_queries")
         fast = self._fast_linear(layer_idx, "query", queries)
         if fast is not None:
             from .kernels.cpu import linear_heads_cpu
 
             return linear_heads_cpu(queries, *fast)
         return self.layers[str(layer_idx)].query(queries.float())
+
+    def _no_projection(self, what: str) -> None:
+        if self.kind == "pq":
+            raise ValueError(f"{what}: PQ key codes have no real-valued projection; their scores come from the "
+                             "query's tables (`dashkv.pq.query_tables`), read by the probability group score")
+
+    def query_tables(self, layer_idx: int, queries: torch.Tensor) -> torch.Tensor:
+        """PQ codes: (B, Hq, d) queries -> (B, Hq, b/8 * 256) float32 score tables (`dashkv.pq`)."""
+        if self.kind != "pq":
+            raise ValueError(f"query_tables is for PQ codes (kind='pq'); these encoders are {self.kind!r}")
+        from .pq import query_tables
+
+        return query_tables(self.layers[str(layer_idx)], queries, self.shape["num_kv_heads"])
+
+    def pq_arrays(self, layer_idx: int):
+        """PQ codes: float32 numpy (query maps transposed (Hkv, d_in, d_out), centroids (Hkv, P, s, 256)) for the fused CPU
+        kernel, which builds the tables itself; cached per layer (re-read if a tensor changed in place)."""
+        layer = self.layers[str(layer_idx)]
+        cache = self.__dict__.setdefault("_pq_arrays", {})
+        hit = cache.get(layer_idx)
+        if hit is not None and hit[0] is layer.query_map and hit[1] == layer.query_map._version \
+                and hit[2] is layer.books and hit[3] == layer.books._version:
+            return hit[4]
+        arrays = (layer.query_map.detach().float().transpose(1, 2).contiguous().numpy(),
+                  layer.books.detach().float().transpose(2, 3).contiguous().numpy())
+        cache[layer_idx] = (layer.query_map, layer.query_map._version, layer.books, layer.books._version, arrays)
+        return arrays
+
+    def pq_key_arrays(self, layer_idx: int):
+        """PQ codes: float32 numpy (key maps (Hkv, d, d), centroids (Hkv, P, 256, s), their squared norms
+        (Hkv, P, 256)) for the compiled encoder of a decode step's keys; cached like `pq_arrays`."""
+        layer = self.layers[str(layer_idx)]
+        cache = self.__dict__.setdefault("_pq_key_arrays", {})
+        hit = cache.get(layer_idx)
+        if hit is not None and hit[0] is layer.key_map and hit[1] == layer.key_map._version \
+                and hit[2] is layer.books and hit[3] == layer.books._version:
+            return hit[4]
+        books = layer.books.detach().float().contiguous()
+        arrays = (layer.key_map.detach().float().contiguous().numpy(), books.numpy(),
+                  (books * books).sum(-1).contiguous().numpy())
+        cache[layer_idx] = (layer.key_map, layer.key_map._version, layer.books, layer.books._version, arrays)
+        return arrays
 
     _FAST_MAX_TOKENS = 8  # decode steps: a compiled loop beats a batched matmul's dispatch below this
 
@@ -234,7 +293,7 @@ class HashEncoders(nn.Module):
         step's few tokens, or None (MLP encoders, long inputs, other devices: torch serves those).
         Cached per layer and side; a parameter changed in place (its version counter moved) is re-read."""
         depth = self.query_depth if side == "query" else self.depth
-        if depth != 1 or x.device.type != "cpu" or x.shape[-2] > self._FAST_MAX_TOKENS or x.dim() != 4:
+        if depth != 1 or self.kind == "pq" or x.device.type != "cpu" or x.shape[-2] > self._FAST_MAX_TOKENS or x.dim() != 4:
             return None
         cache = self.__dict__.setdefault("_fast_weights", {})
         hit = cache.get((layer_idx, side))
@@ -307,7 +366,7 @@ class HashEncoders(nn.Module):
     # ---- persistence -----------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
         return {
-            "format": FORMAT, "format_version": 1 if self.key_levels == 1 else 2, "dashkv_version": __version__,
+            "format": FORMAT, "format_version": 3 if self.kind == "pq" else 1 if self.key_levels == 1 else 2, "dashkv_version": __version__,
             "model": self.shape, "bits": self.bits, "layers": list(self.layer_ids), "hidden": self.hidden,
             "depth": self.depth, "query_hidden": self.query_hidden, "query_depth": self.query_depth,
             "kind": self.kind, "bias": self.bias, "meta": self.meta,
@@ -461,8 +520,10 @@ def _checked_fields(config: dict, path: Path) -> dict[str, Any]:
     query_depth = integer(config.get("query_depth", depth), "query_depth", 1, HeadwiseMLP.MAX_DEPTH)
     query_hidden = integer(config.get("query_hidden", hidden), "query_hidden", 1 if query_depth > 1 else 0, _MAX_DIM)
     kind = config.get("kind", "learned")
-    if kind not in ("learned", "simhash"):
-        raise bad("kind", f"{kind!r} is neither 'learned' nor 'simhash'")
+    if kind not in KINDS:
+        raise bad("kind", f"{kind!r} is not one of {', '.join(KINDS)}")
+    if kind == "pq" and shape["head_dim"] % (bits // 8):
+        raise bad("bits", f"PQ codes cut head_dim {shape['head_dim']} into bits / 8 = {bits // 8} sub-spaces")
     bias = config.get("bias", True)
     if not isinstance(bias, bool):
         raise bad("bias", f"{bias!r} is not true/false")
@@ -471,8 +532,8 @@ def _checked_fields(config: dict, path: Path) -> dict[str, Any]:
     key_levels = integer(config.get("key_levels", 1), "key_levels", 1, MAX_KEY_LEVELS)  # older files: sign codes
     if bits % key_levels:
         raise bad("key_levels", f"{key_levels} does not divide bits ({bits})")
-    if key_levels > 1 and kind == "simhash":
-        raise bad("key_levels", "SimHash encoders are sign codes (key_levels 1)")
+    if key_levels > 1 and kind in ("simhash", "pq"):
+        raise bad("key_levels", f"{kind} encoders take no key levels (key_levels 1)")
     return dict(shape=shape, bits=bits, layers=layers, hidden=hidden, depth=depth, kind=kind, bias=bias,
                 query_depth=query_depth, query_hidden=query_hidden, key_levels=key_levels)
 
@@ -482,6 +543,10 @@ def _expected_shapes(shape: dict[str, Any], bits: int, layers: list[int], hidden
     """State-dict names and shapes of encoders with these fields, computed without allocating them."""
     out: dict[str, tuple[int, ...]] = {}
     d, hq, hkv = shape["head_dim"], shape["num_q_heads"], shape["num_kv_heads"]
+    if kind == "pq":
+        from .pq import expected_shapes
+
+        return {f"layers.{i}.{k}": v for i in layers for k, v in expected_shapes(hq, hkv, d, bits).items()}
     sides = {"query": (hq, [d] + [query_hidden] * (query_depth - 1) + [bits]),
              "key": (hkv, [d] + [hidden] * (depth - 1) + [bits // key_levels])}
     for i in layers:

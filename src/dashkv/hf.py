@@ -237,7 +237,8 @@ def _warn_fallbacks(model: Any, shape: Any, policy: SelectionPolicy | None, mana
         return
     if not policy.uses_codes:
         return
-    reasons = reference_path_reasons(policy.config, device.type, getattr(model, "dtype", torch.float32))
+    reasons = reference_path_reasons(policy.config, device.type, getattr(model, "dtype", torch.float32),
+                                     getattr(policy, "pq", False))
     if reasons:
         warn_once(logger, ("reference-path", tuple(reasons)),
                   "dashkv: decode steps run the torch reference path, not the fused kernels (%s): correct but "

@@ -22,6 +22,7 @@ import torch
 from .codes import (asymmetric_scores, hamming_similarity, pack_bits, probability_logits, quantise_query,
                     quantised_scores)
 from .config import DashKVConfig, StepPlan
+from .pq import pq_probability_logits
 from .encoders import HashEncoders
 
 NEG_INF = float("-inf")
@@ -380,6 +381,7 @@ class DashKVPolicy(SelectionPolicy):
 
     name = "dashkv"
     uses_codes = True
+    pq = False  # PQ key codes (the encoders' kind), set by __init__
 
     def __init__(self, config: DashKVConfig, encoders: HashEncoders):
         super().__init__(config)
@@ -396,7 +398,12 @@ class DashKVPolicy(SelectionPolicy):
                       "query_bits=%d rounds the query side of %d-bit key levels, whose bit weights span %dx: "
                       "the scan's ranking with level codes is not measured", config.query_bits,
                       levels, 1 << (levels - 1))
+        if encoders.kind == "pq" and (config.scorer == "hamming" or config.query_bits):
+            raise ValueError("PQ key codes (encoders kind 'pq') are byte indices of centroids, read through the "
+                             "query's score tables: scorer='hamming' and query_bits, which compare sign bits, "
+                             "do not apply")
         self.encoders = encoders
+        self.pq = encoders.kind == "pq"
         self._pool_temps: dict[tuple[int, int], torch.Tensor] = {}  # see pool_temperatures
         self._prob_temps: dict[int, tuple] = {}  # see probability_temperatures
 
@@ -410,7 +417,7 @@ class DashKVPolicy(SelectionPolicy):
     def fused_query_encoder(self, layer_idx: int, query: torch.Tensor):
         """(weight, bias) float32 numpy arrays the fused CPU kernel applies to the (B, Hq, d) query itself,
         or None: the projection is then `query_projection`'s (MLP encoders, a subclass's own projection)."""
-        if type(self).query_projection is not DashKVPolicy.query_projection:
+        if self.pq or type(self).query_projection is not DashKVPolicy.query_projection:
             return None
         return self.encoders._fast_linear(layer_idx, "query", query[:, :, None, :])
 
@@ -418,6 +425,11 @@ class DashKVPolicy(SelectionPolicy):
         codes = state.codes  # (B, Hkv, N, W)
         b, hq, _ = query.shape
         hkv = codes.shape[1]
+        if self.pq:  # the estimated q . k: the query's float tables read at each code's bytes
+            from .pq import table_scores
+
+            s = table_scores(self.encoders.query_tables(state.layer_idx, query), codes).float()
+            return spatial_vote(s, self.config.spatial_vote) if self.config.spatial_vote else s
         proj = self.query_projection(state.layer_idx, query).reshape(b, hkv, hq // hkv, -1)
         if self.config.scorer == "hamming":
             s = hamming_similarity(pack_bits(proj > 0), codes[:, :, None]).float()
@@ -471,9 +483,17 @@ class DashKVPolicy(SelectionPolicy):
         query head's estimated logits from its projection rounded to integer levels
         (`dashkv.codes.probability_logits`, bit for bit the fused CPU kernel's), softmax over the valid
         positions, summed over the KV head's query heads."""
-        temps = self._probability_temperatures(state.layer_idx)
-        logits = probability_logits(self.query_projection(state.layer_idx, query).float(), temps, state.codes)
+        logits = self.estimated_logits(state, query)
         return self.grouped(torch.softmax(self._mask_left_padding(logits, start), -1), num_kv_heads)
+
+    def estimated_logits(self, state: LayerState, query: torch.Tensor) -> torch.Tensor:
+        """(B, Hq, N) float32 logits the probability group score ranks by, bit for bit the fused CPU
+        kernel's: sign codes, `probability_logits` of the query projection; PQ codes, the query's score
+        tables rounded to the same integer levels (`pq_probability_logits`)."""
+        temps = self._probability_temperatures(state.layer_idx)
+        if self.pq:
+            return pq_probability_logits(self.encoders.query_tables(state.layer_idx, query), temps, state.codes)
+        return probability_logits(self.query_projection(state.layer_idx, query).float(), temps, state.codes)
 
     @staticmethod
     def _mask_left_padding(logits: torch.Tensor, start: torch.Tensor | None) -> torch.Tensor:
@@ -489,11 +509,14 @@ class DashKVPolicy(SelectionPolicy):
     def probability_temperatures(self, layer_idx: int) -> np.ndarray:
         """(Hq,) float32: per query head, the factor turning its asymmetric score into an estimated logit
         (the calibrated logit scale / b); one array per layer, handed to the fused kernel as is."""
-        param = self.encoders.layers[str(layer_idx)].log_scale
         hit = self._prob_temps.get(layer_idx)  # (parameter, its version, temperatures): retrained = recomputed
+        if hit is not None and hit[1] == hit[0]._version and hit[3] is self.encoders.layers:
+            return hit[2]  # the module dict lookup below costs ~10 µs per layer and step: only on a miss
+        param = self.encoders.layers[str(layer_idx)].log_scale
         if hit is None or hit[0] is not param or hit[1] != param._version:
             temps = self._probability_temperatures(layer_idx).cpu().numpy()
-            hit = self._prob_temps[layer_idx] = (param, param._version, temps)
+            temps.flags.writeable = False  # handed to the kernel as is, which then checks it once
+            hit = self._prob_temps[layer_idx] = (param, param._version, temps, self.encoders.layers)
         return hit[2]
 
     def pool_temperatures(self, layer_idx: int, num_kv_heads: int) -> torch.Tensor:
@@ -553,8 +576,7 @@ class DashKVPolicy(SelectionPolicy):
         from .kernels import NBINS_ASYM
 
         hkv = state.codes.shape[1]
-        temps = self._probability_temperatures(state.layer_idx)
-        logits = probability_logits(self.query_projection(state.layer_idx, query).float(), temps, state.codes)
+        logits = self.estimated_logits(state, query)
         b, hq, n = logits.shape
         g = hq // hkv
         st = torch.zeros(b, dtype=torch.long) if start is None else start.cpu().long()

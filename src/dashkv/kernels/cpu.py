@@ -600,6 +600,53 @@ def _prob_tables(qlev, b, h0, nh, P, lev, lp):
 
 
 @njit(cache=True)
+def _pq_query(q, b, h, kvh, qmap, books, lev, row):
+    """PQ codes: row[0:P*256] = query head h's score tables (row b of q) rounded to integer levels (held
+    as float32); returns the step delta = max|table| / lev (float64). Table entry (p, c) =
+    (qmap[kvh]^T q)[p s:(p+1) s] . centroid c of sub-space p (qmap: the query map transposed), in float64,
+    rounded to float32 once:
+    `dashkv.pq.query_tables` then `pq_probability_logits`' rounding. books: (Hkv, P, s, 256), so the
+    inner loop runs over the 256 centroids (a fixed order, vectorised)."""
+    d = q.shape[2]
+    P = books.shape[1]
+    s = books.shape[2]
+    qm = np.zeros(d, np.float64)
+    for i in range(d):  # qmap is stored transposed (i, r): the inner loop runs over the outputs, vectorised
+        xi = np.float64(q[b, h, i])
+        mr = qmap[kvh, i]
+        for r in range(d):
+            qm[r] += np.float64(mr[r]) * xi
+    for p in range(P):
+        bk = books[kvh, p]
+        for c in range(256):  # sum over the sub-space's s dimensions in order, per centroid (vectorised over c)
+            acc = 0.0
+            for t in range(s):
+                acc += qm[p * s + t] * np.float64(bk[t, c])
+            row[p * 256 + c] = np.float32(acc)
+    amax = 0.0
+    for j in range(P * 256):
+        amax = max(amax, abs(np.float64(row[j])))
+    delta = amax / lev
+    inv = 1.0 / delta if delta > 0.0 else 0.0  # levels x * (1 / delta), `pq_probability_logits`' rounding
+    flev = np.float64(lev)
+    for j in range(P * 256):  # branch-free, so it vectorises (2048 entries per head at 64 bits)
+        row[j] = np.float32(min(max(np.floor(np.float64(row[j]) * inv + 0.5), -flev), flev))
+    return delta
+
+
+@njit(cache=True)
+def _pq_tables(qlev, b, h0, nh, P, lev, lp):
+    """PQ codes: lp[0:P*256] (int64) = the integer tables of query heads h0 .. h0+nh-1 (row b of qlev),
+    each entry offset by lev to be non-negative and packed PROB_FIELD_BITS bits per head, as
+    `_prob_tables` packs a sign code's (a code's P entries sum to at most 2 P lev, inside its field)."""
+    for i in range(P * 256):
+        z = np.int64(0)
+        for j in range(nh):
+            z += np.int64(qlev[b, h0 + j, i] + lev) << np.int64(_PROB_FIELD * j)
+        lp[i] = z
+
+
+@njit(cache=True)
 def _prob_packed_exact(cu, W, lp, j, off):
     """Integer score of one code (words cu[0:W]) for field j of the packed tables lp: what
     `_prob_unit_packed` computes for it, bit for bit."""
@@ -977,7 +1024,7 @@ def _prange_only() -> ParallelOptions:
 def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0, csb, csh, N, W, start,
                    sink, window, critical, Hkv, per_query, hamming, nthreads, mode,
                    k8f, k8s, k8b0, k8sb, k8sh, keep, pool_temps, k_min, pool_cap, qbits, low, v8f, v8s,
-                   prob_temps, prob_lbits, qenc_w, qenc_b, ws16, ws32, wsf, ws64, out):
+                   prob_temps, prob_lbits, qenc_w, qenc_b, pq_qmap, pq_books, ws16, ws32, wsf, ws64, out):
     """Returns (status, need16, need32, needf, need64, idx_offset, Lmax).
 
     Folded query encoder (qenc_w (Hq, d, b) non-empty, qenc_b (Hq, b)): the query's projection
@@ -1010,6 +1057,10 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     alone, so equal codes tie exactly whatever the chunking) -- what
     `DashKVPolicy.probability_scores` computes. Buckets are the float32 bit patterns of p (monotone),
     shifted to fit the bins; the boundary bucket is ranked by the stored p (stable).
+    PQ codes (pq_books (Hkv, P, s, 256) non-empty, pq_qmap (Hkv, d, d); probability group score only): each
+    code byte is a centroid index; each query head's integer levels are its score tables (`_pq_query`)
+    instead of its projection's, packed as the sign codes' tables are (`_pq_tables`); the rest of the
+    probability path is unchanged.
     ws64[:B*S] receives the number of tokens read per selecting head. mode 0: the whole step; 1: stop
     after the selection (scan + select, for timing); 2: stop after the scan.
     """
@@ -1021,6 +1072,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
     Gq = 1 if per_query else G
     P = 8 * W
     bbits = 64 * W
+    pq = pq_books.size > 0
     if qenc_w.shape[0] > 0:  # the query encoder folded into the call
         qp = np.empty((B, Hq, bbits), np.float32)
         _linear_heads(q.reshape((B, Hq, 1, d)), qenc_w, qenc_b, qp.reshape((B, Hq, 1, bbits)))
@@ -1155,13 +1207,18 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                 qshifts[sidx] = sh
 
         ustat = np.zeros(U * G * 3 if prob else 0, np.float64)  # probability mode: (max, min, exp-sum)
+        poff = P * ((1 << (prob_lbits - 1)) - 1) if pq else 64 * W * ((1 << (prob_lbits - 1)) - 1)
         # probability mode: every query head's integer levels and effective temperature (tiny, serial)
         plev = (1 << (prob_lbits - 1)) - 1 if prob else 1
-        qlev = np.zeros((B if prob else 0, Hq, bbits), np.float32)
+        qlev = np.zeros((B if prob else 0, Hq, P * 256 if pq else bbits), np.float32)
         teff = np.zeros(B * Hq if prob else 0, np.float32)
         if prob:
             for bh in range(B * Hq):
-                delta = _prob_query(qp, bh // Hq, bh % Hq, bbits, plev, qlev[bh // Hq, bh % Hq])
+                if pq:
+                    delta = _pq_query(q, bh // Hq, bh % Hq, (bh % Hq) // G, pq_qmap, pq_books, plev,
+                                      qlev[bh // Hq, bh % Hq])
+                else:
+                    delta = _prob_query(qp, bh // Hq, bh % Hq, bbits, plev, qlev[bh // Hq, bh % Hq])
                 teff[bh] = np.float32(np.float64(prob_temps[bh % Hq]) * delta)
         logzs = np.zeros(BS * G if prob else 0, np.float32)
         pbase = np.zeros(BS if prob else 0, np.int64)
@@ -1186,9 +1243,12 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
                 for g0 in range(0, G, 3):
                     nh = min(3, G - g0)
                     lp = plut[u * PLUT + (g0 // 3) * P * 256:u * PLUT + (g0 // 3 + 1) * P * 256]
-                    _prob_tables(qlev, b, kvh * G + g0, nh, P, plev, lp)
+                    if pq:
+                        _pq_tables(qlev, b, kvh * G + g0, nh, P, plev, lp)
+                    else:
+                        _prob_tables(qlev, b, kvh * G + g0, nh, P, plev, lp)
                     h0 = b * Hq + kvh * G + g0
-                    _prob_unit_packed(cu, m, W, lp, nh, 64 * W * plev, teff[h0:h0 + nh], pbuf,
+                    _prob_unit_packed(cu, m, W, lp, nh, poff, teff[h0:h0 + nh], pbuf,
                                       (sidx * G + g0) * maxcand + (lo - clo[b]), maxcand,
                                       ustat[(u * G + g0) * 3:(u * G + g0 + nh) * 3], scratch, nch == 1)
             elif ncand[b] > 0:
@@ -1216,7 +1276,7 @@ def _dashkv_kernel(q, qp, scaling, kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0
             for sidx in range(BS):
                 b = sidx // S
                 if ncand[b] > 0:
-                    _prob_normalise(sidx, sidx % Hkv, G, nch, PLUT, P, W, plut, 64 * W * plev, ustat, logzs,
+                    _prob_normalise(sidx, sidx % Hkv, G, nch, PLUT, P, W, plut, poff, ustat, logzs,
                                     teff[b * Hq:(b + 1) * Hq],
                                     cf, cb0 + b * csb + (sidx % Hkv) * csh, st[b], sink, N, window, top,
                                     pbase, pshift, phi)
@@ -1599,6 +1659,58 @@ def _append_coded(kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0, csb, csh, W, po
 
 
 @njit(cache=True)
+def _pq_encode(knew, kmap, books, norms, words):
+    """PQ codes of (B, H, T, d) keys -> words (B, H, T, P/8): per sub-space p the centroid c minimising
+    |c|^2 - 2 x.c (x = (kmap[h] k)[p s:(p+1) s], float32, ties to the lower index): `dashkv.pq.encode_keys`
+    for a decode step's few tokens."""
+    B, H, T, d = knew.shape
+    P = books.shape[1]
+    s = books.shape[3]
+    x = np.empty(d, np.float32)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                for r in range(d):
+                    acc = np.float32(0.0)
+                    for i in range(d):
+                        acc += kmap[h, r, i] * _f32(knew[b, h, t, i])
+                    x[r] = acc
+                for wd in range(words.shape[3]):
+                    words[b, h, t, wd] = np.uint64(0)
+                for p in range(P):
+                    best = np.float32(np.inf)
+                    arg = 0
+                    for c in range(256):
+                        dot = np.float32(0.0)
+                        for j in range(s):
+                            dot += x[p * s + j] * books[h, p, c, j]
+                        dist = norms[h, p, c] - np.float32(2.0) * dot
+                        if dist < best:
+                            best = dist
+                            arg = c
+                    words[b, h, t, p // 8] |= np.uint64(arg) << np.uint64(8 * (p % 8))
+
+
+@njit(cache=True)
+def _append_pq(kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0, csb, csh, W, pos, knew, vnew, kmap, books, norms,
+               words):
+    """`_append_coded` for PQ codes (`_pq_encode`)."""
+    B, H, T, d = knew.shape
+    _pq_encode(knew, kmap, books, norms, words)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                kr = kf[kb0 + b * ksb + h * ksh + pos + t]
+                vr = vf[vb0 + b * vsb + h * vsh + pos + t]
+                for i in range(d):
+                    kr[i] = knew[b, h, t, i]
+                    vr[i] = vnew[b, h, t, i]
+                c0 = cb0 + b * csb + h * csh + (pos + t) * W
+                for wd in range(W):
+                    cf[c0 + wd] = words[b, h, t, wd]
+
+
+@njit(cache=True)
 def _append_int8(qf, qb0, qsb, qsh, sf, pos, x):
     """Write the T new rows of x (B, H, T, d) as symmetric int8 at positions pos.. of an int8 buffer (rows
     view qf, row strides as `_rows` gives them) and their float32 scales into sf (same row numbering):
@@ -1711,6 +1823,27 @@ def append_coded_cpu(views: BufferViews, pos: int, keys: torch.Tensor, values: t
     cf, csb, csh, cb0 = views.codes
     _append_coded(kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0, csb, csh, views.W, int(pos),
                   _np(keys.detach()), _np(values.detach()), weight, bias, int(levels), proj, words)
+
+
+def append_pq_cpu(views: BufferViews, pos: int, keys: torch.Tensor, values: torch.Tensor, key_map: np.ndarray,
+                  books: np.ndarray, norms: np.ndarray) -> None:
+    """`append_coded_cpu` for PQ codes: key_map (H, d, d), books (H, P, 256, s), norms (H, P, 256) float32
+    (`HashEncoders.pq_key_arrays`)."""
+    B, H, T, _ = keys.shape
+    words = np.empty((B, H, T, books.shape[1] // 8), np.uint64)
+    kf, ksb, ksh, kb0 = views.k
+    vf, vsb, vsh, vb0 = views.v
+    cf, csb, csh, cb0 = views.codes
+    _append_pq(kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cf, cb0, csb, csh, views.W, int(pos),
+               _np(keys.detach()), _np(values.detach()), key_map, books, norms, words)
+
+
+def encode_pq_cpu(keys: torch.Tensor, key_map: np.ndarray, books: np.ndarray, norms: np.ndarray) -> torch.Tensor:
+    """PQ codes (B, H, T, P/8) int64 of a few keys by the compiled encoder (`append_pq_cpu`'s)."""
+    B, H, T, _ = keys.shape
+    words = np.empty((B, H, T, books.shape[1] // 8), np.uint64)
+    _pq_encode(_np(keys.detach()), key_map, books, norms, words)
+    return torch.from_numpy(words.view(np.int64))
 
 
 def _serial(dispatcher, name: str):
@@ -1890,6 +2023,9 @@ _NO_PROB = np.zeros(0, np.float32)
 _NO_QP = np.zeros((0, 0, 0), np.float32)  # q_proj when the query encoder is folded into the call
 _NO_QW = np.zeros((0, 0, 0), np.float32)  # no folded query encoder
 _NO_QB = np.zeros((0, 0), np.float32)
+_CHECKED_TEMPS: dict = {}  # id -> read-only prob_temps array already found finite (the policy's, per layer)
+_NO_PQM = np.zeros((0, 0, 0), np.float32)  # no PQ codes
+_NO_PQB = np.zeros((0, 0, 0, 0), np.float32)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -1978,7 +2114,7 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
                       pool_temps=None, k_min: int = 0, pool_cap: int = 4, views: "BufferViews | None" = None,
                       query_bits: int | None = None, lowprec: int = 0, values8=None,
                       return_lowprec_counts: bool = False, prob_temps=None, query_encoder=None,
-                      _mode: int = 0):
+                      pq=None, _mode: int = 0):
     """One DASH-KV decode step of one layer on the CPU (fused numba kernel).
 
     query (B, Hq, d) any float dtype; q_proj (B, Hq, b) float32 (the query encoder's real-valued
@@ -2017,6 +2153,11 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     heads share one bucket map and are pooled bucket by bucket, `DashKVPolicy.pooled_probability_selection`
     is the reference), not with `query_bits`.
 
+    PQ codes (`dashkv.pq`): q_proj None and `pq` = (query maps, transposed (Hkv, d_in, d_out), centroids (Hkv, P, s, 256))
+    float32 C-contiguous numpy arrays (`HashEncoders.pq_arrays`), with `prob_temps`: each code byte is a
+    centroid index and each query head's tables are built here from the query itself
+    (`pq_probability_logits` is the reference).
+
     `query_bits` 4 or 8: the bit-plane scan of the integer query levels (`DashKVConfig.query_bits`;
     asymmetric scorer, not with pooled budgets); None: float32 byte tables.
 
@@ -2035,7 +2176,23 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
         raise ValueError(f"grouping must be 'kv_head' or 'query_head', got {grouping!r}")
     if scorer not in ("asymmetric", "hamming"):
         raise ValueError(f"scorer must be 'asymmetric' or 'hamming', got {scorer!r}")
-    if q_proj is None:
+    pq_qmap, pq_books = _NO_PQM, _NO_PQB
+    if pq is not None:
+        pq_qmap, pq_books = pq
+        P = 8 * W
+        if q_proj is not None or query_encoder is not None or prob_temps is None:
+            raise ValueError("PQ codes (pq=...) take no q_proj or query_encoder, and need prob_temps: they are "
+                             "ranked by the probability group score")
+        if (not isinstance(pq_qmap, np.ndarray) or not isinstance(pq_books, np.ndarray)
+                or pq_qmap.dtype != np.float32 or pq_books.dtype != np.float32
+                or pq_qmap.shape != (Hkv, d, d) or pq_books.ndim != 4 or pq_books.shape[0] != Hkv
+                or pq_books.shape[1] != P or pq_books.shape[1] * pq_books.shape[2] != d or pq_books.shape[3] != 256
+                or not (pq_qmap.flags.c_contiguous and pq_books.flags.c_contiguous)):
+            raise ValueError(f"pq must be C-contiguous float32 numpy arrays of shapes {(Hkv, d, d)} and "
+                             f"{(Hkv, P, d // P if P else 0, 256)}, got {_describe(pq_qmap)} and {_describe(pq_books)}")
+        qenc_w, qenc_b = _NO_QW, _NO_QB
+        proj_width = 64 * W
+    elif q_proj is None:
         if query_encoder is None:
             raise ValueError("dashkv_decode_cpu needs q_proj or a query_encoder (weight, bias)")
         qenc_w, qenc_b = query_encoder
@@ -2075,13 +2232,20 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     else:
         pool_temps = _NO_TEMPS
     if prob_temps is not None:
-        prob_temps = np.ascontiguousarray(np.asarray(prob_temps, dtype=np.float32).reshape(-1))
+        if not (isinstance(prob_temps, np.ndarray) and prob_temps.dtype == np.float32 and prob_temps.ndim == 1
+                and prob_temps.flags.c_contiguous):  # (the policy's arrays already are: kept as the same object)
+            prob_temps = np.ascontiguousarray(np.asarray(prob_temps, dtype=np.float32).reshape(-1))
         if prob_temps.size != Hq or grouping != "kv_head" or scorer != "asymmetric" or qbits:
             raise ValueError(f"the probability group score needs one temperature per query head ({Hq}), "
                              "grouping='kv_head', the asymmetric scorer, and no query_bits "
                              f"(got {prob_temps.size} temperatures, grouping={grouping!r}, scorer={scorer!r})")
-        if not math.isfinite(np.add.reduce(prob_temps, dtype=np.float64)):  # NaN or inf anywhere (~5x cheaper
-            raise ValueError("prob_temps must be finite")                     # than np.isfinite().all())
+        if _CHECKED_TEMPS.get(id(prob_temps)) is not prob_temps or prob_temps.flags.writeable:
+            if not math.isfinite(np.add.reduce(prob_temps, dtype=np.float64)):  # NaN or inf anywhere (~5x
+                raise ValueError("prob_temps must be finite")                     # cheaper than isfinite().all())
+            if not prob_temps.flags.writeable:  # read-only (the policy's cached arrays): checked once
+                if len(_CHECKED_TEMPS) > 4096:
+                    _CHECKED_TEMPS.clear()
+                _CHECKED_TEMPS[id(prob_temps)] = prob_temps
     else:
         prob_temps = _NO_PROB
     per_query = grouping == "query_head"
@@ -2130,7 +2294,8 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
     args = (q, qp, float(scaling), kf, kb0, ksb, ksh, vf, vb0, vsb, vsh, cfu, cb0, csb, csh, N, W, st,
             int(sink), int(window), int(critical), Hkv, per_query, scorer == "hamming", nthreads, _mode,
             k8f, k8s, k8b0, k8sb, k8sh, int(keep), pool_temps, int(k_min), int(pool_cap), qbits, lowprec,
-            v8f, v8s, prob_temps, probability_level_bits(W) if prob_temps.size else 1, qenc_w, qenc_b)
+            v8f, v8s, prob_temps, probability_level_bits(W) if prob_temps.size else 1, qenc_w, qenc_b,
+            pq_qmap, pq_books)
     extras = return_indices or return_counts or return_lowprec_counts
     # independent work on the row pool: contiguous slices of the batch rows, or of one row's KV heads
     # (not with pooled budgets, which share a row's exact tier between its heads)
@@ -2142,7 +2307,7 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
         if qenc_w.shape[0] > 0:  # project once here: the parts take slices of the projection
             qp = np.empty((B, Hq, 64 * W), np.float32)
             _linear_heads(q.reshape(B, Hq, 1, d), qenc_w, qenc_b, qp.reshape(B, Hq, 1, 64 * W))
-            args = (args[0], qp) + args[2:-2] + (_NO_QW, _NO_QB)
+            args = (args[0], qp) + args[2:-4] + (_NO_QW, _NO_QB) + args[-2:]
         bounds = [units * i // parts for i in range(parts + 1)]
         outn = out.numpy()
         G = Hq // Hkv
@@ -2158,6 +2323,8 @@ def dashkv_decode_cpu(query: torch.Tensor, q_proj: torch.Tensor, keys: torch.Ten
                     a[28] = k8b0 + u0 * k8sh
                 if prob_temps.size:
                     a[39] = prob_temps[u0 * G:u1 * G]
+                if pq_books.size:
+                    a[43], a[44] = pq_qmap[u0:u1], pq_books[u0:u1]
                 return tuple(a), outn[:, u0 * G:u1 * G], (u1 - u0) * hs1
             a[0], a[1], a[17] = q[u0:u1], qp[u0:u1], st[u0:u1]
             a[4], a[8], a[12] = kb0 + u0 * ksb, vb0 + u0 * vsb, cb0 + u0 * csb
