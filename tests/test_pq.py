@@ -54,6 +54,7 @@ def test_codes_are_each_sub_space_nearest_centroid_and_tables_score_the_reconstr
     keys = torch.randn(2, 2, 50, 16, generator=g) * scale
     codes = encode_keys(layer, keys)
     assert codes.shape == (2, 2, 50, 1) and codes.dtype == torch.int64
+    assert torch.equal(encode_keys(layer, keys, chunk=7), codes)  # blocks that straddle the batch rows
     bytes_ = ((codes[..., None] >> torch.arange(0, 64, 8)) & 255)[..., 0, :]  # (B, Hkv, N, 8)
     books = layer.books.detach()  # (Hkv, 8, 256, 2)
     recon = torch.empty_like(keys)

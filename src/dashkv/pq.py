@@ -53,18 +53,24 @@ def expected_shapes(num_q_heads: int, num_kv_heads: int, head_dim: int, bits: in
             "books": (num_kv_heads, p, CENTROIDS, head_dim // max(p, 1)), "log_scale": (num_q_heads,)}
 
 
-def encode_keys(layer: PQLayer, keys: torch.Tensor) -> torch.Tensor:
-    """Keys (B, Hkv, N, d) -> packed codes (B, Hkv, N, b/64) int64: each sub-space's nearest centroid."""
+def encode_keys(layer: PQLayer, keys: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Keys (B, Hkv, N, d) -> packed codes (B, Hkv, N, b/64) int64: each sub-space's nearest centroid.
+
+    One batched matmul per block of `chunk` tokens (|c|^2 - 2 x.c for every sub-space and centroid, then
+    argmin; ties to the lower index): a block's (Hkv P, chunk, 256) distances stay in cache. Measured at
+    8K tokens, one layer, 2 threads: 0.06 s, against 0.37 s for one (N, P, 256) einsum (10 s of an 8K
+    prefill over 28 layers)."""
     b, hkv, n, d = keys.shape
     books = layer.books.detach().float()  # (Hkv, P, C, s)
     p, s = books.shape[1], books.shape[3]
+    minus_two_books = books.transpose(-1, -2).reshape(hkv * p, s, CENTROIDS) * -2  # exact: a power of 2
+    norms = (books * books).sum(-1).reshape(hkv * p, 1, CENTROIDS)
     mapped = torch.einsum("bhnd,hed->bhne", keys.float(), layer.key_map.detach().float())  # T k
-    sub = mapped.reshape(b, hkv, n, p, s)
-    # nearest centroid: argmin |x - c|^2 = argmin (|c|^2 - 2 x.c); ties to the lower index
-    cross = torch.einsum("bhnps,hpcs->bhnpc", sub, books)
-    dist = (books * books).sum(-1)[None, :, None] - 2 * cross  # (B, Hkv, N, P, C)
-    idx = dist.argmin(-1).long()  # (B, Hkv, N, P) in [0, 256)
-    words = idx.reshape(b, hkv, n, p // 8, 8)
+    sub = mapped.reshape(b, hkv, n, p, s).permute(1, 3, 0, 2, 4).reshape(hkv * p, b * n, s)
+    idx = torch.empty(hkv * p, b * n, dtype=torch.long, device=keys.device)
+    for i in range(0, b * n, chunk):
+        idx[:, i:i + chunk] = torch.baddbmm(norms, sub[:, i:i + chunk], minus_two_books).argmin(-1)
+    words = idx.reshape(hkv, p, b, n).permute(2, 0, 3, 1).reshape(b, hkv, n, p // 8, 8)
     shifts = torch.arange(0, 64, 8, dtype=torch.long, device=keys.device)
     return (words << shifts).sum(-1)  # bytes in distinct bit ranges: the sum is their OR (wraps as int64)
 
